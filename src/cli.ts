@@ -1,0 +1,171 @@
+#!/usr/bin/env node
+import { readFile } from 'node:fs/promises';
+import closeWithGrace from 'close-with-grace';
+import { validateSeed } from './auth-json.js';
+import { buildSnapshot, stateOf } from './credential.js';
+import { loadConfig, type Config } from './config.js';
+import { createPool, migrate } from './db.js';
+import { AuthJsonError, BrokerError, ConfigError } from './errors.js';
+import { readLatch } from './latch-store.js';
+import { createLogger, type Logger } from './logger.js';
+import { openDatabase, startBroker } from './runtime.js';
+import { SecretStore } from './secret-store.js';
+
+const USAGE = `usage: codex-auth-broker <command>
+
+  serve                 run the broker (HTTP API and the refresher)
+  seed <auth.json|->    validate a codex auth.json and store it as the shared login
+  status [--json]       print the stored credential's state (no secrets)
+  migrate               apply database migrations and exit
+
+Configuration is read from environment variables; see README.md.`;
+
+async function withStore<T>(config: Config, logger: Logger, fn: (store: SecretStore, db: ReturnType<typeof createPool>) => Promise<T>): Promise<T> {
+  const db = await openDatabase(config, logger);
+  const pool = createPool(db.url, logger, 2);
+  try {
+    await migrate(pool, logger);
+    return await fn(new SecretStore(pool, db.config.encryptionKey), pool);
+  } finally {
+    await pool.end().catch(() => undefined);
+    if (db.embedded?.owned) await db.embedded.stop().catch(() => undefined);
+  }
+}
+
+async function seed(config: Config, logger: Logger, file: string | undefined): Promise<number> {
+  if (!file) {
+    console.error('seed: name the auth.json file to store (or - for standard input)');
+    return 2;
+  }
+  let text: string;
+  try {
+    text = file === '-' ? await readStdin() : await readFile(file, 'utf8');
+  } catch (err) {
+    console.error(`seed: cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+    return 2;
+  }
+  let parsed;
+  try {
+    parsed = validateSeed(text);
+  } catch (err) {
+    if (err instanceof AuthJsonError) {
+      console.error(`seed: ${file} is not a usable codex login: ${err.message}. Nothing was stored.`);
+      return 2;
+    }
+    throw err;
+  }
+  const snap = buildSnapshot(Buffer.alloc(0), JSON.stringify(parsed.doc));
+  await withStore(config, logger, (store) => store.put(config.CODEX_AUTH_SECRET_KEY, JSON.stringify(parsed.doc)));
+  const exp = snap.claims.exp !== undefined ? new Date(snap.claims.exp * 1000).toISOString() : 'unknown';
+  console.log(
+    `stored the login under ${config.CODEX_AUTH_SECRET_KEY}: account ${snap.account.accountId ?? 'unknown'}, plan ${snap.account.planType ?? 'unknown'}, access token expires ${exp}`,
+  );
+  console.log('running brokers pick it up at once (NOTIFY codex_auth_changed). Delete the local auth.json copy: the broker owns this login now.');
+  return 0;
+}
+
+async function status(config: Config, logger: Logger, json: boolean): Promise<number> {
+  const report = await withStore(config, logger, async (store, pool) => {
+    const row = await store.read(config.CODEX_AUTH_SECRET_KEY);
+    if (!row) return { state: 'absent' as string, detail: 'no credential stored: run `codex-auth-broker seed auth.json`' };
+    let plaintext: string;
+    try {
+      plaintext = store.decrypt(row);
+    } catch (err) {
+      return { state: 'invalid', detail: (err as Error).message, encryptionVersion: row.version };
+    }
+    if (plaintext.trim() === '') return { state: 'absent', detail: 'the stored value is blank' };
+    let snap;
+    try {
+      snap = buildSnapshot(row.raw, plaintext);
+    } catch (err) {
+      return { state: 'invalid', detail: (err as Error).message };
+    }
+    const client = await pool.connect();
+    const latch = await readLatch(client, config.CODEX_AUTH_SECRET_KEY).finally(() => client.release());
+    const latched = latch !== undefined && latch.refreshTokenSha === snap.refreshTokenSha;
+    return {
+      state: stateOf(snap, latched, Date.now(), config.REFRESH_MARGIN_SECONDS),
+      accountId: snap.account.accountId ?? null,
+      planType: snap.account.planType ?? null,
+      accessTokenExpiresAt: snap.claims.exp !== undefined ? new Date(snap.claims.exp * 1000).toISOString() : null,
+      lastRefresh: snap.lastRefreshMs !== undefined ? new Date(snap.lastRefreshMs).toISOString() : null,
+      encryptionVersion: row.version,
+      updatedAt: row.updatedAt.toISOString(),
+      latch: latched ? { upstreamStatus: latch.status ?? null, upstreamCode: latch.code ?? null, at: latch.at.toISOString() } : null,
+    };
+  });
+  if (json) console.log(JSON.stringify(report, null, 2));
+  else for (const [k, v] of Object.entries(report)) console.log(`${k.padEnd(22)} ${typeof v === 'object' && v !== null ? JSON.stringify(v) : String(v)}`);
+  return report.state === 'fresh' || report.state === 'due' ? 0 : 3;
+}
+
+async function readStdin(): Promise<string> {
+  const chunks: Buffer[] = [];
+  for await (const c of process.stdin) chunks.push(c as Buffer);
+  return Buffer.concat(chunks).toString('utf8');
+}
+
+async function serve(config: Config, logger: Logger): Promise<void> {
+  const broker = await startBroker(config, logger);
+  closeWithGrace({ delay: (config.SHUTDOWN_TIMEOUT_SECONDS + 10) * 1000 }, async ({ signal, err }) => {
+    if (err) logger.error({ event: 'fatal', err: { message: err.message } }, 'shutting down after an unexpected error');
+    else logger.info({ event: 'shutdown', signal }, `received ${signal ?? 'shutdown'}; finishing any refresh in flight`);
+    await broker.close();
+    logger.flush();
+  });
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  if (!command || command === '--help' || command === '-h' || command === 'help') {
+    console.log(USAGE);
+    return command ? 0 : 2;
+  }
+  let config: Config;
+  try {
+    config = loadConfig(command === 'serve' ? process.env : { LOG_LEVEL: 'warn', ...process.env });
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      console.error(`codex-auth-broker: invalid configuration: ${err.message}`);
+      return 78;
+    }
+    throw err;
+  }
+  const logger = createLogger(config.LOG_LEVEL, command === 'serve' ? undefined : process.stderr);
+  try {
+    switch (command) {
+      case 'serve':
+        await serve(config, logger);
+        return -1;
+      case 'seed':
+        return await seed(config, logger, rest[0]);
+      case 'status':
+        return await status(config, logger, rest.includes('--json'));
+      case 'migrate': {
+        const db = await openDatabase(config, logger);
+        const pool = createPool(db.url, logger, 1);
+        try {
+          const applied = await migrate(pool, logger);
+          console.log(applied.length ? `applied migrations: ${applied.join(', ')}` : 'database is up to date');
+        } finally {
+          await pool.end();
+          if (db.embedded?.owned) await db.embedded.stop();
+        }
+        return 0;
+      }
+      default:
+        console.error(`unknown command: ${command}\n\n${USAGE}`);
+        return 2;
+    }
+  } catch (err) {
+    const msg = err instanceof BrokerError ? `${err.code}: ${err.message}` : (err as Error).message;
+    logger.fatal({ event: 'command_failed', command, err: { message: msg } }, `${command} failed: ${msg}`);
+    logger.flush();
+    console.error(`codex-auth-broker ${command}: ${msg}`);
+    return err instanceof ConfigError ? 78 : 1;
+  }
+}
+
+const code = await main(process.argv.slice(2));
+if (code >= 0) process.exitCode = code;

@@ -1,0 +1,125 @@
+import { hostname } from 'node:os';
+import { Type, type Static, type TSchema } from '@sinclair/typebox';
+import { Value } from '@sinclair/typebox/value';
+import { ConfigError, BrokerError } from './errors.js';
+import { parseEncryptionKey } from './lib/secret-crypto.js';
+
+const Seconds = (dflt: number, description: string) =>
+  Type.Number({ exclusiveMinimum: 0, maximum: 31_536_000, default: dflt, description: `${description} (seconds, > 0)` });
+
+/** The one schema of the broker's environment. Defaults and expectations live here only. */
+export const EnvSchema = Type.Object({
+  PORT: Type.Integer({ minimum: 0, maximum: 65535, default: 8080, description: 'a TCP port 0-65535' }),
+  HOST: Type.String({ minLength: 1, default: '127.0.0.1', description: 'an address to listen on' }),
+  DATABASE_URL: Type.Optional(Type.String({ description: 'a postgres:// or postgresql:// URL' })),
+  DATA_DIR: Type.String({ minLength: 1, default: './data', description: 'a directory path' }),
+  SECRETS_ENCRYPTION_KEY: Type.Optional(Type.String({ description: 'standard base64 of 32 bytes, or a raw 32-character string' })),
+  CODEX_AUTH_SECRET_KEY: Type.String({ minLength: 1, maxLength: 200, default: 'CODEX_AUTH_JSON', description: 'a non-empty key name' }),
+  OAUTH_TOKEN_URL: Type.String({ default: 'https://auth.openai.com/oauth/token', description: 'an http(s) URL' }),
+  OAUTH_CLIENT_ID: Type.String({ minLength: 1, default: 'app_EMoamEEZ73f0CkXaXp7hrann', description: 'a non-empty client id' }),
+  REFRESH_MARGIN_SECONDS: Seconds(86_400, 'refresh this long before expiry'),
+  REFRESH_CHECK_INTERVAL_SECONDS: Seconds(300, 'how often to check the credential'),
+  PERMANENT_FAILURE_BACKOFF_SECONDS: Seconds(3_600, 'wait after a permanent failure'),
+  SHIM_FORCED_REFRESH_FLOOR_SECONDS: Seconds(600, 'minimum age of a rotation before the shim may force another'),
+  TRANSIENT_BACKOFF_BASE_SECONDS: Seconds(15, 'first retry delay after a transient failure'),
+  UPSTREAM_TIMEOUT_SECONDS: Seconds(30, 'upstream request timeout'),
+  SHUTDOWN_TIMEOUT_SECONDS: Seconds(30, 'how long SIGTERM waits for an in-flight refresh'),
+  ADMIN_TOKEN: Type.Optional(Type.String({ minLength: 16, description: 'a secret of at least 16 characters' })),
+  METRICS_TOKEN: Type.Optional(Type.String({ minLength: 16, description: 'a secret of at least 16 characters' })),
+  REFRESH_TOKEN_EXPOSURE: Type.Union([Type.Literal('proxy'), Type.Literal('omit'), Type.Literal('raw')], {
+    default: 'proxy',
+    description: 'one of proxy, omit, raw',
+  }),
+  PLATFORM_WORKSPACE_TOKENS: Type.Boolean({ default: false, description: 'true or false' }),
+  LOG_LEVEL: Type.Union(
+    ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((l) => Type.Literal(l)),
+    { default: 'info', description: 'one of fatal, error, warn, info, debug, trace, silent' },
+  ),
+  REPLICA_ID: Type.Optional(Type.String({ minLength: 1, maxLength: 100, description: 'a short name for this replica' })),
+  EMBEDDED_PG_PORT: Type.Integer({ minimum: 0, maximum: 65535, default: 0, description: 'a TCP port 0-65535 (0: pick a free one)' }),
+  BROKER_ENV: Type.Optional(Type.String({ description: 'e.g. production' })),
+  MOLECULE_ENV: Type.Optional(Type.String({ description: 'e.g. prod' })),
+});
+export type Env = Static<typeof EnvSchema>;
+
+export interface Config extends Env {
+  /** Parsed SECRETS_ENCRYPTION_KEY; undefined when unset (the embedded mode may generate one). */
+  encryptionKey: Buffer | undefined;
+  production: boolean;
+  replicaId: string;
+}
+
+function expectation(schema: TSchema): string {
+  return typeof schema['description'] === 'string' ? schema['description'] : 'a valid value';
+}
+
+/** Validate the environment once at start; the first bad variable is named in the error. */
+export function loadConfig(source: NodeJS.ProcessEnv = process.env): Config {
+  const props = EnvSchema.properties as Record<string, TSchema>;
+  const picked: Record<string, unknown> = {};
+  const raw: Record<string, string> = {};
+  for (const name of Object.keys(props)) {
+    const value = source[name];
+    // An empty string is "unset": compose files and shells often export VAR= .
+    if (value !== undefined && value !== '') picked[name] = raw[name] = value.trim();
+  }
+  const fail = (name: string, fallback: string): never => {
+    const schema = props[name];
+    const got = name.endsWith('TOKEN') || name.includes('KEY') ? '(hidden)' : JSON.stringify(raw[name]);
+    throw new ConfigError(name, `expected ${schema ? expectation(schema) : fallback}, got ${got}`);
+  };
+  // TypeBox's Convert truncates an Integer ("80.5" -> 80, "1e3" -> 1): insist on digits.
+  for (const [name, schema] of Object.entries(props)) {
+    if (schema['type'] === 'integer' && raw[name] !== undefined && !/^\d+$/.test(raw[name])) fail(name, 'an integer');
+  }
+  const withDefaults = Value.Default(EnvSchema, picked) as Record<string, unknown>;
+  const converted = Value.Convert(EnvSchema, withDefaults);
+  const first = Value.Errors(EnvSchema, converted).First();
+  if (first) fail(first.path.replace(/^\//, '').split('/')[0] || 'environment', first.message);
+  const env = converted as Env;
+  if (env.DATABASE_URL !== undefined) checkDatabaseUrl(env.DATABASE_URL);
+  checkHttpUrl('OAUTH_TOKEN_URL', env.OAUTH_TOKEN_URL);
+
+  const production =
+    env.BROKER_ENV?.toLowerCase() === 'production' || ['prod', 'production'].includes(env.MOLECULE_ENV?.toLowerCase() ?? '');
+  let encryptionKey: Buffer | undefined;
+  if (env.SECRETS_ENCRYPTION_KEY !== undefined) {
+    try {
+      encryptionKey = parseEncryptionKey(env.SECRETS_ENCRYPTION_KEY);
+    } catch (err) {
+      throw new ConfigError('SECRETS_ENCRYPTION_KEY', err instanceof BrokerError ? err.message : 'invalid');
+    }
+  } else if (production) {
+    throw new ConfigError('SECRETS_ENCRYPTION_KEY', 'required when BROKER_ENV=production (or MOLECULE_ENV=prod/production); generate one with: openssl rand -base64 32');
+  }
+  return {
+    ...env,
+    encryptionKey,
+    production,
+    replicaId: env.REPLICA_ID ?? `${hostname()}-${process.pid}`,
+  };
+}
+
+function checkDatabaseUrl(value: string): void {
+  let url: URL;
+  try {
+    url = new URL(value);
+  } catch {
+    throw new ConfigError('DATABASE_URL', 'expected a postgres:// or postgresql:// URL, got something that does not parse as a URL');
+  }
+  if (url.protocol !== 'postgres:' && url.protocol !== 'postgresql:') {
+    throw new ConfigError('DATABASE_URL', `expected a postgres:// or postgresql:// URL, got scheme ${url.protocol}`);
+  }
+}
+
+function checkHttpUrl(name: string, value: string): void {
+  let url: URL;
+  try {
+    url = new URL(value);
+  } catch {
+    throw new ConfigError(name, `expected an http(s) URL, got ${JSON.stringify(value)}`);
+  }
+  if (url.protocol !== 'https:' && url.protocol !== 'http:') {
+    throw new ConfigError(name, `expected an http(s) URL, got scheme ${url.protocol}`);
+  }
+}

@@ -1,0 +1,62 @@
+import { readdir, readFile } from 'node:fs/promises';
+import pg from 'pg';
+import type { Logger } from './logger.js';
+
+export type Pool = pg.Pool;
+export type PoolClient = pg.PoolClient;
+
+const MIGRATIONS_DIR = new URL('../migrations/', import.meta.url);
+// Any fixed number works as long as every replica uses the same one: it serialises
+// concurrent migrators at start.
+const MIGRATION_LOCK = 727_274_101;
+
+export function createPool(connectionString: string, logger: Logger, max = 10): Pool {
+  const pool = new pg.Pool({ connectionString, max, connectionTimeoutMillis: 5_000, idleTimeoutMillis: 30_000 });
+  // An idle client losing its connection (database restart) must not crash the process.
+  pool.on('error', (err) => logger.warn({ event: 'db_idle_client_error', err: { message: err.message } }, 'idle database connection failed; the pool will reconnect'));
+  return pool;
+}
+
+export interface Migration {
+  version: number;
+  name: string;
+  sql: string;
+}
+
+export async function loadMigrations(): Promise<Migration[]> {
+  const files = (await readdir(MIGRATIONS_DIR)).filter((f) => /^\d{3}_.+\.sql$/.test(f)).sort();
+  return Promise.all(
+    files.map(async (f) => ({ version: Number(f.slice(0, 3)), name: f.replace(/\.sql$/, ''), sql: await readFile(new URL(f, MIGRATIONS_DIR), 'utf8') })),
+  );
+}
+
+/** Apply pending migrations in order, each in its own transaction, one migrator at a time. */
+export async function migrate(pool: Pool, logger: Logger): Promise<number[]> {
+  const migrations = await loadMigrations();
+  const client = await pool.connect();
+  const applied: number[] = [];
+  try {
+    await client.query('SELECT pg_advisory_lock($1)', [MIGRATION_LOCK]);
+    await client.query(`CREATE TABLE IF NOT EXISTS broker_schema_migrations (
+      version int PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())`);
+    const done = new Set((await client.query<{ version: number }>('SELECT version FROM broker_schema_migrations')).rows.map((r) => r.version));
+    for (const m of migrations) {
+      if (done.has(m.version)) continue;
+      await client.query('BEGIN');
+      try {
+        await client.query(m.sql);
+        await client.query('INSERT INTO broker_schema_migrations (version, name) VALUES ($1, $2)', [m.version, m.name]);
+        await client.query('COMMIT');
+      } catch (err) {
+        await client.query('ROLLBACK');
+        throw err;
+      }
+      applied.push(m.version);
+      logger.info({ event: 'migration_applied', version: m.version, name: m.name }, `applied migration ${m.name}`);
+    }
+  } finally {
+    await client.query('SELECT pg_advisory_unlock($1)', [MIGRATION_LOCK]).catch(() => undefined);
+    client.release();
+  }
+  return applied;
+}

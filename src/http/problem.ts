@@ -1,0 +1,48 @@
+import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
+
+export const PROBLEM_TYPE_BASE = 'https://codex-auth-broker.dev/problems/';
+
+export interface Problem {
+  status: number;
+  code: string;
+  title: string;
+  detail: string;
+  headers?: Record<string, string>;
+  extra?: Record<string, unknown>;
+}
+
+/** The one place problem+json is produced. Details never carry a token or a document. */
+export function sendProblem(reply: FastifyReply, p: Problem): FastifyReply {
+  for (const [k, v] of Object.entries(p.headers ?? {})) reply.header(k, v);
+  return reply
+    .code(p.status)
+    .type('application/problem+json')
+    .send({ type: `${PROBLEM_TYPE_BASE}${p.code}`, title: p.title, status: p.status, detail: p.detail, code: p.code, ...p.extra });
+}
+
+const TITLES: Record<number, string> = {
+  400: 'Bad Request',
+  401: 'Unauthorized',
+  403: 'Forbidden',
+  404: 'Not Found',
+  405: 'Method Not Allowed',
+  413: 'Payload Too Large',
+  415: 'Unsupported Media Type',
+  429: 'Too Many Requests',
+  431: 'Request Header Fields Too Large',
+  500: 'Internal Server Error',
+  503: 'Service Unavailable',
+};
+
+export function errorHandler(err: FastifyError, req: FastifyRequest, reply: FastifyReply): FastifyReply {
+  const status = err.statusCode && err.statusCode >= 400 && err.statusCode < 600 ? err.statusCode : 500;
+  if (status >= 500) req.log.error({ event: 'request_failed', err: { message: err.message, code: err.code } }, 'request failed');
+  const code = err.validation ? 'invalid_request' : (err.code ?? 'internal_error').toLowerCase();
+  // Validation and parser messages name the field, never echo values; a 500 says nothing internal.
+  const detail = status >= 500 ? 'the broker failed to handle this request; see its logs' : err.message;
+  return sendProblem(reply, { status, code, title: TITLES[status] ?? 'Error', detail });
+}
+
+export function notFoundHandler(req: FastifyRequest, reply: FastifyReply): FastifyReply {
+  return sendProblem(reply, { status: 404, code: 'not_found', title: 'Not Found', detail: `no route ${req.method} ${req.url.split('?')[0]}` });
+}

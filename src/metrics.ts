@@ -1,0 +1,58 @@
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+
+export const CREDENTIAL_STATES = ['absent', 'invalid', 'fresh', 'due', 'expired', 'latched'] as const;
+export type CredentialState = (typeof CREDENTIAL_STATES)[number];
+export const CHECK_RESULTS = ['fresh', 'due', 'inert', 'latched', 'locked_elsewhere', 'read_error'] as const;
+export type CheckResult = (typeof CHECK_RESULTS)[number];
+export const ATTEMPT_OUTCOMES = ['rotated', 'permanent_failure', 'transient_failure'] as const;
+export type AttemptOutcome = (typeof ATTEMPT_OUTCOMES)[number];
+
+/**
+ * Every metric of DESIGN.md, in one registry per app instance (two brokers in one test
+ * process must not share counters). No per-client label: thousands of workspaces would
+ * explode the series count.
+ */
+export function createMetrics(opts: { defaultMetrics?: boolean } = {}) {
+  const registry = new Registry();
+  if (opts.defaultMetrics !== false) collectDefaultMetrics({ register: registry, prefix: 'codex_broker_' });
+  const p = 'codex_broker_';
+  const registers = [registry];
+  const m = {
+    registry,
+    refreshAttempts: new Counter({ name: `${p}refresh_attempts_total`, help: 'Upstream refresh POSTs by outcome.', labelNames: ['outcome'], registers }),
+    refreshChecks: new Counter({ name: `${p}refresh_checks_total`, help: 'Refresh checks by result.', labelNames: ['result'], registers }),
+    accessTokenExpiry: new Gauge({ name: `${p}access_token_expiry_timestamp_seconds`, help: 'exp of the held access token (0 when none).', registers }),
+    lastRotation: new Gauge({ name: `${p}last_rotation_timestamp_seconds`, help: 'When the credential was last rotated (its last_refresh; 0 when unknown).', registers }),
+    credentialState: new Gauge({ name: `${p}credential_state`, help: '1 for the current state of the credential, 0 for the others.', labelNames: ['state'], registers }),
+    upstreamDuration: new Histogram({
+      name: `${p}upstream_request_duration_seconds`,
+      help: 'Duration of upstream refresh POSTs.',
+      buckets: [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+      registers,
+    }),
+    writebackPending: new Gauge({ name: `${p}writeback_pending`, help: '1 while a rotated credential is held in memory waiting to be written back.', registers }),
+    refreshLockHeld: new Gauge({ name: `${p}refresh_lock_held`, help: '1 while this replica holds the cross-replica refresh lock.', registers }),
+    tokenServed: new Counter({ name: `${p}token_served_total`, help: 'Credentials served to workspaces by route and result.', labelNames: ['route', 'result'], registers }),
+    clients: new Gauge({ name: `${p}clients`, help: 'Workspace clients by state.', labelNames: ['state'], registers }),
+    httpDuration: new Histogram({
+      name: `${p}http_request_duration_seconds`,
+      help: 'HTTP request duration by method, route and status code.',
+      labelNames: ['method', 'route', 'status_code'],
+      buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1],
+      registers,
+    }),
+  };
+  for (const o of ATTEMPT_OUTCOMES) m.refreshAttempts.inc({ outcome: o }, 0);
+  for (const r of CHECK_RESULTS) m.refreshChecks.inc({ result: r }, 0);
+  for (const s of CREDENTIAL_STATES) m.credentialState.set({ state: s }, s === 'absent' ? 1 : 0);
+  m.writebackPending.set(0);
+  m.refreshLockHeld.set(0);
+  m.accessTokenExpiry.set(0);
+  m.lastRotation.set(0);
+  return m;
+}
+export type BrokerMetrics = ReturnType<typeof createMetrics>;
+
+export function setCredentialState(m: BrokerMetrics, state: CredentialState): void {
+  for (const s of CREDENTIAL_STATES) m.credentialState.set({ state: s }, s === state ? 1 : 0);
+}

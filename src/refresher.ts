@@ -1,0 +1,539 @@
+import { mergeRotation, type RotationResponse } from './auth-json.js';
+import { buildSnapshot, stateOf, type Snapshot } from './credential.js';
+import type { PoolClient } from './db.js';
+import { isDue } from './due.js';
+import { BrokerError, UpstreamError } from './errors.js';
+import { readLatch, writeLatch, type Latch } from './latch-store.js';
+import type { Logger } from './logger.js';
+import { setCredentialState, type AttemptOutcome, type BrokerMetrics, type CheckResult, type CredentialState } from './metrics.js';
+import type { SecretStore, StoredRow } from './secret-store.js';
+import type { RefreshFn } from './upstream.js';
+
+export interface RefresherOptions {
+  store: SecretStore;
+  secretKey: string;
+  refresh: RefreshFn;
+  logger: Logger;
+  metrics: BrokerMetrics;
+  replicaId: string;
+  marginSeconds: number;
+  checkIntervalMs: number;
+  permanentBackoffMs: number;
+  transientBaseMs: number;
+  now?: () => number;
+  random?: () => number;
+}
+
+export interface SanitisedError {
+  code: string;
+  message: string;
+  status?: number | undefined;
+  upstreamCode?: string | undefined;
+  at: string;
+}
+
+export interface CycleReport {
+  check: CheckResult;
+  attempt?: AttemptOutcome;
+  /** The cycle ran while another was in flight and shared its result. */
+  joined?: boolean;
+  /** Due, but a transient backoff step has not elapsed: no POST. */
+  backoff?: boolean;
+  error?: SanitisedError;
+}
+
+export interface CycleOptions {
+  /** Refresh even if the token is fresh (admin refresh, shim forced refresh). */
+  force?: boolean;
+  /** Wait for another replica's lock instead of giving up (callers that need the outcome). */
+  waitForLock?: boolean;
+  /** Ignore a transient backoff step (an operator's explicit refresh). */
+  ignoreBackoff?: boolean;
+  reason?: string;
+}
+
+export interface Pending {
+  expectedRaw: Buffer;
+  plaintext: string;
+  since: number;
+}
+
+/**
+ * The one owner of the credential in this process. Single-flight inside the process
+ * (one in-flight promise that concurrent callers share) and across replicas (an advisory
+ * lock, a re-read under it, and a compare-and-set write), because the upstream refresh
+ * token is single-use: a second POST of the same token logs the whole fleet out.
+ */
+export class Refresher {
+  readonly #o: Required<Omit<RefresherOptions, 'now' | 'random'>>;
+  readonly #now: () => number;
+  readonly #random: () => number;
+  #snapshot: Snapshot | undefined;
+  #appliedSeq = 0;
+  #readSeq = 0;
+  #inflight: Promise<CycleReport> | undefined;
+  #latch: Latch | undefined;
+  #pending: Pending | undefined;
+  #consecutiveFailures = 0;
+  #nextAttemptAt = 0;
+  #nextCheckAt = 0;
+  #lastOutcome: { outcome: AttemptOutcome | CheckResult; at: number } | undefined;
+  #lastError: SanitisedError | undefined;
+  #lastLoggedProblem: string | undefined;
+  #lastRotationAt: number | undefined;
+  #lockHeld = false;
+  #timer: NodeJS.Timeout | undefined;
+  #running = false;
+  #stopping = false;
+  #readError: SanitisedError | undefined;
+
+  constructor(opts: RefresherOptions) {
+    const { now, random, ...rest } = opts;
+    this.#o = rest;
+    this.#now = now ?? Date.now;
+    this.#random = random ?? Math.random;
+  }
+
+  // ---- reading ---------------------------------------------------------------
+
+  /** The credential to serve: a pending rotation first (it is the only valid one), else the last read. */
+  current(): Snapshot | undefined {
+    return this.#snapshot;
+  }
+
+  get latched(): boolean {
+    return this.#latch !== undefined && this.#snapshot !== undefined && this.#latch.refreshTokenSha === this.#snapshot.refreshTokenSha;
+  }
+
+  get pending(): Pending | undefined {
+    return this.#pending;
+  }
+
+  get lockHeld(): boolean {
+    return this.#lockHeld;
+  }
+
+  get readError(): SanitisedError | undefined {
+    return this.#readError;
+  }
+
+  state(): CredentialState {
+    if (!this.#snapshot && this.#readError) return 'invalid';
+    return stateOf(this.#snapshot, this.latched, this.#now(), this.#o.marginSeconds);
+  }
+
+  status() {
+    const s = this.#snapshot;
+    const iso = (ms: number | undefined) => (ms === undefined ? null : new Date(ms).toISOString());
+    return {
+      state: this.state(),
+      secretKey: this.#o.secretKey,
+      accountId: s?.account.accountId ?? null,
+      planType: s?.account.planType ?? null,
+      accessTokenExpiresAt: s?.claims.exp !== undefined ? new Date(s.claims.exp * 1000).toISOString() : null,
+      lastRotationAt: iso(s?.lastRefreshMs ?? this.#lastRotationAt),
+      lastOutcome: this.#lastOutcome ? { outcome: this.#lastOutcome.outcome, at: iso(this.#lastOutcome.at) } : null,
+      lastError: this.#lastError ?? this.#readError ?? null,
+      consecutiveFailures: this.#consecutiveFailures,
+      nextCheckAt: this.#running ? iso(this.#nextCheckAt) : null,
+      nextAttemptNotBefore: this.#nextAttemptAt > this.#now() ? iso(this.#nextAttemptAt) : null,
+      latch: this.latched && this.#latch ? { upstreamStatus: this.#latch.status ?? null, upstreamCode: this.#latch.code ?? null, at: this.#latch.at.toISOString() } : null,
+      writebackPending: this.#pending !== undefined,
+      replicaId: this.#o.replicaId,
+      refreshLockHeld: this.#lockHeld,
+    };
+  }
+
+  /**
+   * Re-read the stored credential and adopt it (NOTIFY from another replica, a re-seed,
+   * start-up). Reads are sequenced so an older read never overwrites a newer one.
+   */
+  async reload(): Promise<void> {
+    const seq = ++this.#readSeq;
+    let row: StoredRow | null;
+    try {
+      row = await this.#o.store.read(this.#o.secretKey);
+    } catch (err) {
+      this.#problem('read_error', 'store_unreachable', `could not read the credential: ${(err as Error).message}`);
+      throw err;
+    }
+    this.#adoptRow(row, seq);
+  }
+
+  #adoptRow(row: StoredRow | null, seq: number): Snapshot | undefined {
+    if (seq < this.#appliedSeq) return this.#snapshot;
+    this.#appliedSeq = seq;
+    if (this.#pending) {
+      // A rotation the store does not hold yet is the only valid token; a row that still
+      // holds what the pending write expects is simply older.
+      if (row && row.raw.equals(this.#pending.expectedRaw)) return this.#snapshot;
+    }
+    if (!row) {
+      this.#setSnapshot(undefined);
+      this.#readError = undefined;
+      return undefined;
+    }
+    if (this.#snapshot && row.raw.equals(this.#snapshot.raw)) return this.#snapshot;
+    let plaintext: string;
+    try {
+      plaintext = this.#o.store.decrypt(row);
+    } catch (err) {
+      const code = err instanceof BrokerError ? err.code : 'DECRYPT_FAILED';
+      this.#setSnapshot(undefined);
+      this.#readError = this.#problem('read_error', code, (err as Error).message);
+      return undefined;
+    }
+    if (plaintext.trim() === '') {
+      this.#setSnapshot(undefined);
+      this.#readError = undefined;
+      return undefined;
+    }
+    try {
+      const snap = buildSnapshot(row.raw, plaintext);
+      this.#readError = undefined;
+      this.#setSnapshot(snap);
+      return snap;
+    } catch (err) {
+      this.#setSnapshot(undefined);
+      this.#readError = this.#problem('read_error', 'AUTH_JSON_INVALID', `stored credential is unusable: ${(err as Error).message}`);
+      return undefined;
+    }
+  }
+
+  #setSnapshot(snap: Snapshot | undefined): void {
+    this.#snapshot = snap;
+    const m = this.#o.metrics;
+    m.accessTokenExpiry.set(snap?.claims.exp ?? 0);
+    m.lastRotation.set(snap?.lastRefreshMs !== undefined ? snap.lastRefreshMs / 1000 : 0);
+    this.#publishState();
+  }
+
+  #publishState(): void {
+    setCredentialState(this.#o.metrics, this.state());
+  }
+
+  // ---- the cycle -------------------------------------------------------------
+
+  /**
+   * One refresh check. Concurrent callers share the cycle in flight: a caller that
+   * waited sees the rotated token instead of POSTing again.
+   */
+  runCycle(opts: CycleOptions = {}): Promise<CycleReport> {
+    if (this.#inflight) return this.#inflight.then((r) => ({ ...r, joined: true }));
+    const p = this.#cycle(opts).finally(() => {
+      this.#inflight = undefined;
+    });
+    this.#inflight = p;
+    return p;
+  }
+
+  get inflight(): Promise<CycleReport> | undefined {
+    return this.#inflight;
+  }
+
+  async #cycle(opts: CycleOptions): Promise<CycleReport> {
+    if (this.#pending) {
+      const landed = await this.#flushPending();
+      if (!landed) return this.#check('due', { error: this.#lastError });
+    }
+    const seq = ++this.#readSeq;
+    let row: StoredRow | null;
+    try {
+      row = await this.#o.store.read(this.#o.secretKey);
+    } catch (err) {
+      const e = this.#problem('read_error', 'STORE_UNAVAILABLE', `could not read the credential: ${(err as Error).message}`);
+      return this.#check('read_error', { error: e });
+    }
+    const snap = this.#adoptRow(row, seq);
+    if (!row || (!snap && !this.#readError)) {
+      this.#note('inert', 'credential_absent', `no credential stored under ${this.#o.secretKey}: nothing to refresh; seed one with \`codex-auth-broker seed auth.json\``, 'info');
+      return this.#check('inert');
+    }
+    if (!snap || !snap.parsed.tokens.refresh_token) {
+      // Unreadable or without a refresh token: never POST a guess.
+      if (snap) this.#readError = this.#problem('read_error', 'AUTH_JSON_INVALID', 'stored credential has no refresh_token; re-seed it');
+      return this.#check('read_error', { error: this.#readError });
+    }
+    if (this.latched) return this.#check('latched', { error: this.#lastError });
+    const now = this.#now();
+    if (!opts.force && !isDue(snap.claims, now, this.#o.marginSeconds)) return this.#check('fresh');
+    this.#o.metrics.refreshChecks.inc({ result: 'due' });
+    if (!opts.ignoreBackoff && now < this.#nextAttemptAt) {
+      return { check: 'due', backoff: true, ...(this.#lastError ? { error: this.#lastError } : {}) };
+    }
+    const locked = await this.#withLock(opts.waitForLock === true, (db) => this.#refreshUnderLock(db, snap, opts));
+    if (!locked) return this.#check('locked_elsewhere');
+    return locked;
+  }
+
+  #check(result: CheckResult, extra: Omit<CycleReport, 'check'> = {}): CycleReport {
+    this.#o.metrics.refreshChecks.inc({ result });
+    if (result !== 'fresh' || this.#lastOutcome === undefined) this.#lastOutcome = { outcome: result, at: this.#now() };
+    this.#publishState();
+    return { check: result, ...extra };
+  }
+
+  async #withLock(wait: boolean, fn: (db: PoolClient) => Promise<CycleReport>): Promise<CycleReport | undefined> {
+    try {
+      const r = await this.#o.store.withLock(this.#o.secretKey, wait, async (db) => {
+        this.#lockHeld = true;
+        this.#o.metrics.refreshLockHeld.set(1);
+        try {
+          return await fn(db);
+        } finally {
+          this.#lockHeld = false;
+          this.#o.metrics.refreshLockHeld.set(0);
+        }
+      });
+      return r?.value;
+    } catch (err) {
+      const e = this.#problem('read_error', 'STORE_UNAVAILABLE', `refresh lock unavailable: ${(err as Error).message}`);
+      return this.#check('read_error', { error: e });
+    }
+  }
+
+  async #refreshUnderLock(db: PoolClient, before: Snapshot, opts: CycleOptions): Promise<CycleReport> {
+    // Re-read under the lock: another replica may have rotated between our read and
+    // the lock, and POSTing the token we read first would be a reuse.
+    const seq = ++this.#readSeq;
+    const row = await this.#o.store.read(this.#o.secretKey, db);
+    const snap = this.#adoptRow(row, seq);
+    if (!snap || !snap.parsed.tokens.refresh_token) return this.#check('inert');
+    const now = this.#now();
+    const changed = !snap.raw.equals(before.raw);
+    if (changed && !isDue(snap.claims, now, this.#o.marginSeconds)) {
+      // Someone rotated (or re-seeded) while we waited: that is the outcome we wanted.
+      return this.#check('fresh');
+    }
+    if (!opts.force && !isDue(snap.claims, now, this.#o.marginSeconds)) return this.#check('fresh');
+    const shared = await readLatch(db, this.#o.secretKey);
+    if (shared && shared.refreshTokenSha === snap.refreshTokenSha) {
+      this.#latch = shared;
+      this.#publishState();
+      return this.#check('latched');
+    }
+    const refreshToken = snap.parsed.tokens.refresh_token;
+    const started = this.#now();
+    const timer = this.#o.metrics.upstreamDuration.startTimer();
+    let answer: RotationResponse;
+    try {
+      answer = await this.#o.refresh(refreshToken);
+    } catch (err) {
+      timer();
+      return this.#failed(db, snap, err, started);
+    }
+    timer();
+    return this.#rotated(db, snap, answer, opts.reason);
+  }
+
+  async #rotated(db: PoolClient, snap: Snapshot, answer: RotationResponse, reason: string | undefined): Promise<CycleReport> {
+    const now = this.#now();
+    const merged = mergeRotation(snap.parsed, answer, new Date(now));
+    const plaintext = JSON.stringify(merged);
+    this.#o.metrics.refreshAttempts.inc({ outcome: 'rotated' });
+    this.#consecutiveFailures = 0;
+    this.#nextAttemptAt = 0;
+    this.#lastError = undefined;
+    this.#lastRotationAt = now;
+    this.#lastOutcome = { outcome: 'rotated', at: now };
+    let written: boolean;
+    try {
+      written = await this.#o.store.compareAndSet(this.#o.secretKey, snap.raw, plaintext, db);
+    } catch (err) {
+      // The upstream has already burned the old token: losing this answer logs the fleet
+      // out. Keep it, serve it, and write it back until it lands.
+      this.#pending = { expectedRaw: snap.raw, plaintext, since: now };
+      this.#o.metrics.writebackPending.set(1);
+      this.#applyLocal(snap.raw, plaintext);
+      this.#o.logger.error(
+        { event: 'writeback_pending', secretKey: this.#o.secretKey, err: { message: (err as Error).message } },
+        'rotated the credential but could not write it back; serving it from memory and retrying the write-back: check the database',
+      );
+      return { check: 'due', attempt: 'rotated' };
+    }
+    if (!written) {
+      this.#o.logger.warn(
+        { event: 'rotation_discarded', secretKey: this.#o.secretKey },
+        'the stored credential changed during the refresh (re-seeded?); keeping the stored one and discarding this rotation',
+      );
+      await this.reload().catch(() => undefined);
+      return { check: 'due', attempt: 'rotated' };
+    }
+    const fresh = this.#applyLocal(undefined, plaintext, await this.#o.store.read(this.#o.secretKey, db).catch(() => null));
+    this.#o.logger.info(
+      {
+        event: 'rotation',
+        secretKey: this.#o.secretKey,
+        reason: reason ?? 'due',
+        accessTokenExpiresAt: fresh?.claims.exp !== undefined ? new Date(fresh.claims.exp * 1000).toISOString() : null,
+      },
+      'rotated the credential',
+    );
+    this.#lastLoggedProblem = undefined;
+    return { check: 'due', attempt: 'rotated' };
+  }
+
+  /** Adopt what we just wrote (or hold pending) without waiting for our own NOTIFY. */
+  #applyLocal(expectedRaw: Buffer | undefined, plaintext: string, row?: StoredRow | null): Snapshot | undefined {
+    const seq = ++this.#readSeq;
+    this.#appliedSeq = seq;
+    const raw = row ? row.raw : Buffer.concat([Buffer.from('pending:'), expectedRaw ?? Buffer.alloc(0)]);
+    try {
+      const snap = buildSnapshot(raw, plaintext);
+      this.#setSnapshot(snap);
+      return snap;
+    } catch {
+      return undefined;
+    }
+  }
+
+  async #failed(db: PoolClient, snap: Snapshot, err: unknown, started: number): Promise<CycleReport> {
+    const now = this.#now();
+    const ue = err instanceof UpstreamError ? err : new UpstreamError('transient', `refresh failed: ${(err as Error).message}`);
+    const e: SanitisedError = {
+      code: ue.kind === 'permanent' ? 'upstream_permanent' : 'upstream_transient',
+      message: ue.message,
+      status: ue.status,
+      upstreamCode: ue.upstreamCode,
+      at: new Date(now).toISOString(),
+    };
+    this.#lastError = e;
+    this.#consecutiveFailures += 1;
+    if (ue.kind === 'permanent') {
+      this.#latch = { refreshTokenSha: snap.refreshTokenSha, status: ue.status, code: ue.upstreamCode, at: new Date(now) };
+      await writeLatch(db, this.#o.secretKey, this.#latch, this.#o.replicaId).catch((werr: Error) =>
+        this.#o.logger.warn({ event: 'latch_not_shared', err: { message: werr.message } }, 'could not record the latch for other replicas'),
+      );
+      this.#o.metrics.refreshAttempts.inc({ outcome: 'permanent_failure' });
+      this.#lastOutcome = { outcome: 'permanent_failure', at: now };
+      this.#nextCheckAt = now + this.#o.permanentBackoffMs;
+      this.#o.logger.error(
+        { event: 'latched', secretKey: this.#o.secretKey, status: ue.status, upstreamCode: ue.upstreamCode, durationMs: now - started },
+        `the upstream refused the refresh token for good (${ue.upstreamCode ?? ue.status}); it will not be sent again. Log in again and run \`codex-auth-broker seed auth.json\` (or PUT /admin/credential)`,
+      );
+      this.#publishState();
+      return { check: 'due', attempt: 'permanent_failure', error: e };
+    }
+    const step = this.#backoffMs(this.#consecutiveFailures, ue.retryAfterMs);
+    this.#nextAttemptAt = now + step;
+    this.#o.metrics.refreshAttempts.inc({ outcome: 'transient_failure' });
+    this.#lastOutcome = { outcome: 'transient_failure', at: now };
+    this.#o.logger.warn(
+      { event: 'transient_failure', secretKey: this.#o.secretKey, status: ue.status, upstreamCode: ue.upstreamCode, retryInMs: step, consecutiveFailures: this.#consecutiveFailures },
+      `refresh failed, will retry: ${ue.message}`,
+    );
+    this.#publishState();
+    return { check: 'due', attempt: 'transient_failure', error: e };
+  }
+
+  /**
+   * Exponential from the base up to the check interval, with jitter so replicas and
+   * restarts do not retry in step, and never sooner than the upstream's Retry-After.
+   */
+  #backoffMs(failures: number, retryAfterMs: number | undefined): number {
+    const floor = Math.min(this.#o.transientBaseMs, this.#o.checkIntervalMs);
+    const ceiling = Math.max(floor, this.#o.checkIntervalMs);
+    const exp = Math.min(ceiling, floor * 2 ** Math.min(failures - 1, 30));
+    const jittered = Math.min(ceiling, Math.max(floor, exp * (0.8 + 0.4 * this.#random())));
+    return Math.max(jittered, retryAfterMs ?? 0);
+  }
+
+  async #flushPending(): Promise<boolean> {
+    const p = this.#pending;
+    if (!p) return true;
+    try {
+      const ok = await this.#o.store.compareAndSet(this.#o.secretKey, p.expectedRaw, p.plaintext);
+      this.#pending = undefined;
+      this.#o.metrics.writebackPending.set(0);
+      if (ok) {
+        this.#o.logger.info({ event: 'writeback_landed', secretKey: this.#o.secretKey }, 'the pending rotation is written back');
+      } else {
+        this.#o.logger.warn({ event: 'rotation_discarded', secretKey: this.#o.secretKey }, 'the stored credential changed while a rotation was pending; keeping the stored one');
+      }
+      await this.reload().catch(() => undefined);
+      return true;
+    } catch (err) {
+      this.#problem('writeback_pending', 'STORE_UNAVAILABLE', `write-back still failing: ${(err as Error).message}`);
+      return false;
+    }
+  }
+
+  // ---- logging helpers -------------------------------------------------------
+
+  /** Log a problem once per distinct kind; repeats go to debug so a 3 a.m. log stays readable. */
+  #problem(event: string, code: string, message: string): SanitisedError {
+    const e = { code, message, at: new Date(this.#now()).toISOString() };
+    this.#note(event, code, message, 'error');
+    return e;
+  }
+
+  #note(event: string, kind: string, message: string, level: 'info' | 'error'): void {
+    const key = `${event}:${kind}`;
+    if (this.#lastLoggedProblem === key) {
+      this.#o.logger.debug({ event, code: kind, secretKey: this.#o.secretKey }, message);
+      return;
+    }
+    this.#lastLoggedProblem = key;
+    this.#o.logger[level]({ event, code: kind, secretKey: this.#o.secretKey }, message);
+  }
+
+  // ---- the loop --------------------------------------------------------------
+
+  start(): void {
+    if (this.#running) return;
+    this.#running = true;
+    this.#schedule(0);
+  }
+
+  /** Trigger a check soon (a NOTIFY that may have changed due-ness or cleared a latch). */
+  poke(): void {
+    if (this.#running && !this.#stopping) this.#schedule(0);
+  }
+
+  #schedule(delayMs: number): void {
+    if (this.#timer) clearTimeout(this.#timer);
+    this.#nextCheckAt = this.#now() + delayMs;
+    this.#timer = setTimeout(() => void this.#tick(), delayMs);
+    this.#timer.unref();
+  }
+
+  async #tick(): Promise<void> {
+    this.#timer = undefined;
+    if (this.#stopping) return;
+    let report: CycleReport | undefined;
+    try {
+      report = await this.runCycle({ reason: 'scheduled' });
+    } catch (err) {
+      this.#problem('cycle_failed', 'INTERNAL', `refresh cycle failed unexpectedly: ${(err as Error).message}`);
+    }
+    if (this.#stopping || this.#timer) return;
+    const now = this.#now();
+    let delay = this.#o.checkIntervalMs;
+    if (report?.check === 'latched' || report?.attempt === 'permanent_failure') delay = this.#o.permanentBackoffMs;
+    else if (this.#pending) delay = Math.min(delay, this.#o.transientBaseMs);
+    else if (this.#nextAttemptAt > now) delay = Math.min(delay, this.#nextAttemptAt - now);
+    this.#schedule(Math.max(0, delay));
+  }
+
+  /** Stop scheduling and wait (bounded) for a refresh in flight to finish its write-back. */
+  async stop(timeoutMs: number): Promise<boolean> {
+    this.#stopping = true;
+    this.#running = false;
+    if (this.#timer) clearTimeout(this.#timer);
+    this.#timer = undefined;
+    const inflight = this.#inflight;
+    if (!inflight) return true;
+    let t: NodeJS.Timeout | undefined;
+    const finished = await Promise.race([
+      inflight.then(
+        () => true,
+        () => true,
+      ),
+      new Promise<boolean>((resolve) => {
+        t = setTimeout(() => resolve(false), timeoutMs);
+      }),
+    ]);
+    if (t) clearTimeout(t);
+    return finished;
+  }
+}

@@ -1,0 +1,109 @@
+import { readFile } from 'node:fs/promises';
+import type { FastifyInstance } from 'fastify';
+import type { BrokerCore } from '../broker.js';
+import { bearerToken, sameSecret, sha256 } from '../http/auth.js';
+import { sendProblem } from '../http/problem.js';
+import type { BrokerMetrics } from '../metrics.js';
+
+export interface OpsRoutesOptions {
+  core: BrokerCore;
+  metrics: BrokerMetrics;
+  adminToken: string | undefined;
+  metricsToken: string | undefined;
+  now: () => number;
+  /** Extra authorisation for /status (client tokens); admin is always accepted. */
+  isClient?: (token: string) => boolean;
+}
+
+const SPEC_URL = new URL('../../openapi.yaml', import.meta.url);
+
+/** Liveness, readiness, metrics and status: what operators, Prometheus and dashboards read. */
+export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Promise<void> {
+  const adminSha = o.adminToken ? sha256(o.adminToken) : undefined;
+  const metricsSha = o.metricsToken ? sha256(o.metricsToken) : undefined;
+  const { refresher } = o.core;
+
+  // Readiness asks the database at most once a second, however often it is probed.
+  let storeCheck: { at: number; ok: boolean; message?: string } | undefined;
+  const storeReachable = async (): Promise<{ ok: boolean; message?: string }> => {
+    const t = Date.now();
+    if (storeCheck && t - storeCheck.at < 1_000) return storeCheck;
+    try {
+      await o.core.pool.query('SELECT 1');
+      storeCheck = { at: t, ok: true };
+    } catch (err) {
+      storeCheck = { at: t, ok: false, message: (err as Error).message };
+    }
+    return storeCheck;
+  };
+
+  app.get('/healthz', async () => {
+    const state = refresher.state();
+    return {
+      status: state === 'fresh' || state === 'due' ? 'ok' : 'degraded',
+      credentialState: state,
+      writebackPending: refresher.pending !== undefined,
+      listener: o.core.listener.connected ? 'connected' : 'disconnected',
+      replicaId: refresher.status().replicaId,
+      uptimeSeconds: Math.round(process.uptime()),
+    };
+  });
+
+  app.get('/readyz', async (_req, reply) => {
+    const store = await storeReachable();
+    const snap = refresher.current();
+    const state = refresher.state();
+    const exp = snap?.claims.exp;
+    const unexpired = exp !== undefined && exp > o.now() / 1000;
+    const pending = refresher.pending !== undefined;
+    // A pending rotation is the only valid token: keep serving it even with the store down.
+    if (!store.ok && !pending) {
+      return sendProblem(reply, {
+        status: 503,
+        code: 'store_unreachable',
+        title: 'Service Unavailable',
+        detail: 'the database is unreachable; check DATABASE_URL and the database',
+        headers: { 'retry-after': '5' },
+      });
+    }
+    if (!unexpired) {
+      const code = !snap ? (state === 'invalid' ? 'credential_unreadable' : 'no_credential') : 'token_expired';
+      const detail =
+        code === 'no_credential'
+          ? 'no credential is stored: run `codex-auth-broker seed auth.json` or PUT /admin/credential'
+          : code === 'credential_unreadable'
+            ? `the stored credential cannot be read (${refresher.readError?.code ?? 'unknown'}); see /status and the logs`
+            : 'the held access token has expired; see /status for the last refresh error';
+      return sendProblem(reply, { status: 503, code, title: 'Service Unavailable', detail, headers: { 'retry-after': '30' } });
+    }
+    return { status: 'ready', credentialState: state, accessTokenExpiresAt: new Date((exp ?? 0) * 1000).toISOString(), writebackPending: pending };
+  });
+
+  app.get('/metrics', async (req, reply) => {
+    if (metricsSha) {
+      const t = bearerToken(req);
+      if (!t || !sameSecret(t, metricsSha)) {
+        return sendProblem(reply, { status: 401, code: 'unauthorized', title: 'Unauthorized', detail: 'a valid METRICS_TOKEN bearer token is required', headers: { 'www-authenticate': 'Bearer' } });
+      }
+    }
+    const body = await o.metrics.registry.metrics();
+    return reply.type(o.metrics.registry.contentType).send(body);
+  });
+
+  app.get('/status', async (req, reply) => {
+    const t = bearerToken(req);
+    const ok = t !== undefined && ((adminSha !== undefined && sameSecret(t, adminSha)) || (o.isClient?.(t) ?? false));
+    if (!ok) {
+      return sendProblem(reply, {
+        status: 401,
+        code: 'unauthorized',
+        title: 'Unauthorized',
+        detail: adminSha ? 'an ADMIN_TOKEN or client bearer token is required' : 'a client bearer token is required (ADMIN_TOKEN is not set)',
+        headers: { 'www-authenticate': 'Bearer' },
+      });
+    }
+    return { ...refresher.status(), listener: o.core.listener.connected ? 'connected' : 'disconnected' };
+  });
+
+  app.get('/openapi.yaml', async (_req, reply) => reply.type('application/yaml').send(await readFile(SPEC_URL, 'utf8')));
+}

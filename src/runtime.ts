@@ -1,0 +1,98 @@
+import { randomBytes } from 'node:crypto';
+import type { FastifyInstance } from 'fastify';
+import { buildApp } from './app.js';
+import { createBrokerCore, type BrokerCore } from './broker.js';
+import type { Config } from './config.js';
+import { ConfigError } from './errors.js';
+import { persistentSecret, startEmbeddedPostgres, type EmbeddedDatabase } from './embedded.js';
+import { parseEncryptionKey } from './lib/secret-crypto.js';
+import type { Logger } from './logger.js';
+import { createMetrics } from './metrics.js';
+
+export interface Database {
+  url: string;
+  embedded: EmbeddedDatabase | undefined;
+  config: Config;
+}
+
+/**
+ * DATABASE_URL, or the embedded default under DATA_DIR. In the embedded mode a missing
+ * SECRETS_ENCRYPTION_KEY is generated once and kept beside the data, so the credential
+ * is never stored in plaintext and a restart can still read it.
+ */
+export async function openDatabase(config: Config, logger: Logger): Promise<Database> {
+  if (config.DATABASE_URL) {
+    if (!config.encryptionKey) {
+      logger.warn(
+        { event: 'plaintext_storage' },
+        'SECRETS_ENCRYPTION_KEY is not set: the credential is stored unencrypted (encryption_version 0). Set it (openssl rand -base64 32) for anything but a test',
+      );
+    }
+    return { url: config.DATABASE_URL, embedded: undefined, config };
+  }
+  let cfg = config;
+  if (!config.encryptionKey) {
+    const { value, created } = await persistentSecret(config.DATA_DIR, 'secrets-encryption-key', () => randomBytes(32).toString('base64'));
+    let key: Buffer;
+    try {
+      key = parseEncryptionKey(value);
+    } catch (err) {
+      throw new ConfigError('SECRETS_ENCRYPTION_KEY', `the generated key file in DATA_DIR is invalid (${(err as Error).message}); restore it or remove it to start over`);
+    }
+    if (created) logger.info({ event: 'encryption_key_generated', dataDir: config.DATA_DIR }, 'generated SECRETS_ENCRYPTION_KEY into DATA_DIR (mode 0600); back it up with the data');
+    cfg = { ...config, encryptionKey: key };
+  }
+  const embedded = await startEmbeddedPostgres({ dataDir: config.DATA_DIR, port: config.EMBEDDED_PG_PORT, logger });
+  return { url: embedded.url, embedded, config: cfg };
+}
+
+export interface RunningBroker {
+  app: FastifyInstance;
+  core: BrokerCore;
+  db: Database;
+  address: string;
+  /** Stop refreshing (bounded wait for one in flight), stop serving, close the pool and the embedded database. */
+  close(): Promise<void>;
+}
+
+export async function startBroker(config: Config, logger: Logger): Promise<RunningBroker> {
+  const db = await openDatabase(config, logger);
+  const cfg = db.config;
+  const metrics = createMetrics();
+  let core: BrokerCore;
+  try {
+    core = await createBrokerCore({ config: cfg, databaseUrl: db.url, logger, metrics });
+  } catch (err) {
+    await db.embedded?.stop().catch(() => undefined);
+    throw err;
+  }
+  await core.start();
+  const app = await buildApp({ config: cfg, core, metrics, logger });
+  let address: string;
+  try {
+    address = await app.listen({ port: cfg.PORT, host: cfg.HOST });
+  } catch (err) {
+    await core.close(1_000);
+    await db.embedded?.stop().catch(() => undefined);
+    throw err;
+  }
+  logger.info({ event: 'listening', address, replicaId: cfg.replicaId, embedded: db.embedded !== undefined }, `codex-auth-broker listening on ${address}`);
+  let closing: Promise<void> | undefined;
+  return {
+    app,
+    core,
+    db,
+    address,
+    close() {
+      closing ??= (async () => {
+        const finished = await core.refresher.stop(cfg.SHUTDOWN_TIMEOUT_SECONDS * 1000);
+        if (!finished) logger.error({ event: 'shutdown_refresh_abandoned' }, 'a refresh was still in flight when the shutdown timeout ran out');
+        await app.close();
+        await core.close(0);
+        if (db.embedded?.owned) await db.embedded.stop().catch((err: Error) => logger.warn({ event: 'embedded_db_stop_failed', err: { message: err.message } }, 'could not stop the embedded Postgres'));
+        logger.info({ event: 'stopped' }, 'codex-auth-broker stopped');
+      })();
+      return closing;
+    },
+  };
+}

@@ -1,0 +1,151 @@
+import { request, type Dispatcher } from 'undici';
+import { UpstreamError } from './errors.js';
+import type { RotationResponse } from './auth-json.js';
+
+export const MAX_RESPONSE_BYTES = 1024 * 1024;
+
+const PERMANENT_CODES = new Set([
+  'refresh_token_expired',
+  'refresh_token_reused',
+  'refresh_token_invalidated',
+  'token_expired',
+  'account_deactivated',
+  'invalid_grant',
+]);
+const PERMANENT_400_PHRASES = ['invalid_grant', 'refresh token already used', 'already been used', 'token has been revoked'];
+
+export interface UpstreamClientOptions {
+  url: string;
+  clientId: string;
+  timeoutMs: number;
+  dispatcher?: Dispatcher | undefined;
+}
+
+/** The one seam to the upstream token endpoint: one POST, no retries (the caller owns retry policy). */
+export type RefreshFn = (refreshToken: string) => Promise<RotationResponse>;
+
+/** The error code an OAuth-ish body names: error.code, a string `error`, or a top-level `code`. */
+export function upstreamErrorCode(body: unknown): string | undefined {
+  if (typeof body !== 'object' || body === null) return undefined;
+  const b = body as Record<string, unknown>;
+  const err = b['error'];
+  if (typeof err === 'object' && err !== null) {
+    const c = (err as Record<string, unknown>)['code'];
+    if (typeof c === 'string') return c;
+  }
+  if (typeof err === 'string') return err;
+  if (typeof b['code'] === 'string') return b['code'];
+  return undefined;
+}
+
+export function parseRetryAfter(value: string | string[] | undefined, nowMs: number): number | undefined {
+  const v = Array.isArray(value) ? value[0] : value;
+  if (!v) return undefined;
+  if (/^\d+$/.test(v.trim())) return Number(v.trim()) * 1000;
+  const at = Date.parse(v);
+  return Number.isNaN(at) ? undefined : Math.max(0, at - nowMs);
+}
+
+/**
+ * Classify a non-200 answer. By code first, then by status: the upstream answers 401
+ * or 400 for the same code, and a permanent failure must latch whichever it uses.
+ */
+export function classifyFailure(status: number, text: string, retryAfterMs: number | undefined): UpstreamError {
+  let body: unknown;
+  try {
+    body = JSON.parse(text);
+  } catch {
+    body = undefined;
+  }
+  const code = upstreamErrorCode(body);
+  const details = { status, upstreamCode: code, retryAfterMs };
+  if (status >= 400 && status < 500) {
+    if (code && PERMANENT_CODES.has(code)) return new UpstreamError('permanent', `upstream refused the refresh token (${status} ${code})`, details);
+    if (status === 401 || status === 403) return new UpstreamError('permanent', `upstream refused the refresh token (${status})`, details);
+    if (status === 400) {
+      const lower = text.toLowerCase();
+      if (PERMANENT_400_PHRASES.some((p) => lower.includes(p))) {
+        return new UpstreamError('permanent', `upstream refused the refresh token (400 ${code ?? 'invalid_grant'})`, details);
+      }
+    }
+  }
+  return new UpstreamError('transient', `upstream answered ${status}${code ? ` ${code}` : ''}`, details);
+}
+
+function looksLikeJwt(v: string): boolean {
+  return v.split('.').length === 3;
+}
+
+/** A 200 is only a rotation when it carries a usable access token; anything else is transient. */
+export function parseRotation(text: string): RotationResponse {
+  let body: unknown;
+  try {
+    body = JSON.parse(text);
+  } catch {
+    throw new UpstreamError('transient', 'upstream answered 200 with a body that is not JSON', { status: 200 });
+  }
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) {
+    throw new UpstreamError('transient', 'upstream answered 200 with a body that is not a JSON object', { status: 200 });
+  }
+  const b = body as Record<string, unknown>;
+  if (b['error'] !== undefined) {
+    throw new UpstreamError('transient', `upstream answered 200 carrying an error${upstreamErrorCode(b) ? ` (${upstreamErrorCode(b)})` : ''}`, {
+      status: 200,
+      upstreamCode: upstreamErrorCode(b),
+    });
+  }
+  const at = b['access_token'];
+  if (typeof at !== 'string' || at === '') throw new UpstreamError('transient', 'upstream answered 200 without an access_token', { status: 200 });
+  if (!looksLikeJwt(at)) throw new UpstreamError('transient', 'upstream answered 200 with an access_token that is not a JWT', { status: 200 });
+  const str = (v: unknown) => (typeof v === 'string' && v !== '' ? v : undefined);
+  return { access_token: at, refresh_token: str(b['refresh_token']), id_token: str(b['id_token']) };
+}
+
+async function readCapped(body: AsyncIterable<Buffer>, cap: number): Promise<string | undefined> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of body) {
+    size += chunk.length;
+    if (size > cap) return undefined;
+    chunks.push(chunk);
+  }
+  return Buffer.concat(chunks).toString('utf8');
+}
+
+export function createUpstreamClient(opts: UpstreamClientOptions, now: () => number = Date.now): RefreshFn {
+  return async (refreshToken) => {
+    const signal = AbortSignal.timeout(opts.timeoutMs);
+    let res: Dispatcher.ResponseData;
+    try {
+      res = await request(opts.url, {
+        method: 'POST',
+        dispatcher: opts.dispatcher,
+        signal,
+        headers: { 'content-type': 'application/json', accept: 'application/json' },
+        body: JSON.stringify({ grant_type: 'refresh_token', client_id: opts.clientId, refresh_token: refreshToken }),
+        headersTimeout: opts.timeoutMs,
+        bodyTimeout: opts.timeoutMs,
+      });
+    } catch (err) {
+      const timedOut = signal.aborted;
+      throw new UpstreamError('transient', timedOut ? `upstream did not answer within ${opts.timeoutMs} ms` : `upstream unreachable (${(err as Error).name})`, {
+        cause: err,
+      });
+    }
+    let text: string | undefined;
+    try {
+      text = await readCapped(res.body, MAX_RESPONSE_BYTES);
+    } catch (err) {
+      throw new UpstreamError('transient', signal.aborted ? `upstream body not read within ${opts.timeoutMs} ms` : 'upstream body read failed', {
+        status: res.statusCode,
+        cause: err,
+      });
+    }
+    if (text === undefined) {
+      res.body.destroy();
+      throw new UpstreamError('transient', `upstream answered ${res.statusCode} with a body over ${MAX_RESPONSE_BYTES} bytes`, { status: res.statusCode });
+    }
+    if (res.statusCode === 200) return parseRotation(text);
+    throw classifyFailure(res.statusCode, text, parseRetryAfter(res.headers['retry-after'], now()));
+  };
+}

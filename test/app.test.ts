@@ -1,0 +1,264 @@
+import { strict as assert } from 'node:assert';
+import { after, before, describe, test } from 'node:test';
+import { decodeJwt } from 'jose';
+import { createTestApp, ADMIN_TOKEN, type TestApp } from './helpers/app.js';
+import { FakeUpstream } from './helpers/fake-upstream.js';
+import { findLeaks } from './helpers/logs.js';
+import { startTestPostgres, type TestPostgres } from './helpers/pg.js';
+
+const KEY = 'CODEX_AUTH_JSON';
+let pg: TestPostgres;
+const upstreams: FakeUpstream[] = [];
+const apps: TestApp[] = [];
+const bodies: string[] = [];
+
+before(async () => {
+  pg = await startTestPostgres();
+});
+after(async () => {
+  for (const a of apps) await a.close().catch(() => undefined);
+  for (const u of upstreams) await u.close();
+  await pg.stop();
+});
+
+async function setup(
+  opts: { now?: () => number; adminToken?: string | undefined; metricsToken?: string; databaseUrl?: string; start?: boolean; upstream?: FakeUpstream } = {},
+) {
+  const upstream = opts.upstream ?? (await FakeUpstream.start(opts.now ? { now: opts.now } : {}));
+  if (!opts.upstream) upstreams.push(upstream);
+  const databaseUrl = opts.databaseUrl ?? (await pg.newDatabase());
+  const t = await createTestApp({
+    databaseUrl,
+    upstreamUrl: upstream.url,
+    ...(opts.now ? { now: opts.now } : {}),
+    ...('adminToken' in opts ? { adminToken: opts.adminToken } : {}),
+    ...(opts.metricsToken ? { metricsToken: opts.metricsToken } : {}),
+    ...(opts.start === false ? { start: false } : {}),
+  });
+  apps.push(t);
+  return { upstream, databaseUrl, ...t };
+}
+
+async function get(t: TestApp, url: string, token?: string) {
+  const res = await t.app.inject({ method: 'GET', url, headers: token ? { authorization: `Bearer ${token}` } : {} });
+  bodies.push(res.body);
+  return res;
+}
+
+async function waitFor(cond: () => boolean, ms = 2_000): Promise<number> {
+  const start = Date.now();
+  while (!cond()) {
+    if (Date.now() - start > ms) throw new Error(`condition not met within ${ms} ms`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  return Date.now() - start;
+}
+
+describe('operator routes', () => {
+  test('/healthz is 200 and says degraded while no credential is stored', async () => {
+    const t = await setup();
+    const res = await get(t, '/healthz');
+    assert.equal(res.statusCode, 200);
+    const body = res.json();
+    assert.equal(body.status, 'degraded');
+    assert.equal(body.credentialState, 'absent');
+  });
+
+  test('/healthz is ok with a fresh credential', async () => {
+    const t = await setup();
+    await t.core.store.put(KEY, JSON.stringify(t.upstream.seed()));
+    await t.core.refresher.reload();
+    const res = await get(t, '/healthz');
+    assert.equal(res.statusCode, 200);
+    assert.equal(res.json().status, 'ok');
+    assert.equal(res.json().credentialState, 'fresh');
+  });
+
+  test('/readyz is 503 naming no_credential when nothing is stored', async () => {
+    const t = await setup();
+    const res = await get(t, '/readyz');
+    assert.equal(res.statusCode, 503);
+    assert.match(String(res.headers['content-type']), /application\/problem\+json/);
+    assert.equal(res.json().code, 'no_credential');
+    assert.ok(res.headers['retry-after']);
+  });
+
+  test('/readyz is 200 with an unexpired token and 503 token_expired once it expires', async () => {
+    let nowMs = Date.UTC(2026, 0, 1);
+    const t = await setup({ now: () => nowMs });
+    await t.core.store.put(KEY, JSON.stringify(t.upstream.seed()));
+    await t.core.refresher.reload();
+    assert.equal((await get(t, '/readyz')).statusCode, 200);
+    nowMs += 11 * 86_400_000;
+    const res = await get(t, '/readyz');
+    assert.equal(res.statusCode, 503);
+    assert.equal(res.json().code, 'token_expired');
+  });
+
+  test('/readyz is 503 credential_unreadable for a row of an unknown encryption version', async () => {
+    const t = await setup();
+    await t.core.store.put(KEY, JSON.stringify(t.upstream.seed()));
+    await t.core.pool.query('UPDATE global_secrets SET encryption_version = 7 WHERE key = $1', [KEY]);
+    await t.core.refresher.reload();
+    const res = await get(t, '/readyz');
+    assert.equal(res.statusCode, 503);
+    assert.equal(res.json().code, 'credential_unreadable');
+    const status = (await get(t, '/status', ADMIN_TOKEN)).json();
+    assert.equal(status.state, 'invalid');
+    assert.equal(status.lastError.code, 'ENCRYPTION_VERSION_UNKNOWN');
+  });
+
+  test('/metrics exposes every refresher metric of DESIGN.md in Prometheus text format', async () => {
+    const t = await setup();
+    await t.core.store.put(KEY, JSON.stringify(t.upstream.seed()));
+    await t.core.refresher.runCycle();
+    await get(t, '/healthz');
+    const res = await get(t, '/metrics');
+    assert.equal(res.statusCode, 200);
+    assert.match(String(res.headers['content-type']), /^text\/plain; version=0\.0\.4/);
+    for (const name of [
+      'codex_broker_refresh_attempts_total',
+      'codex_broker_refresh_checks_total',
+      'codex_broker_access_token_expiry_timestamp_seconds',
+      'codex_broker_last_rotation_timestamp_seconds',
+      'codex_broker_credential_state',
+      'codex_broker_upstream_request_duration_seconds',
+      'codex_broker_writeback_pending',
+      'codex_broker_refresh_lock_held',
+      'codex_broker_token_served_total',
+      'codex_broker_clients',
+      'codex_broker_http_request_duration_seconds',
+    ]) {
+      assert.match(res.body, new RegExp(`^# TYPE ${name} `, 'm'), name);
+    }
+    assert.match(res.body, /codex_broker_refresh_checks_total\{result="fresh"\} 1/);
+    assert.match(res.body, /codex_broker_credential_state\{state="fresh"\} 1/);
+    assert.match(res.body, /codex_broker_http_request_duration_seconds_count\{method="GET",route="\/healthz",status_code="200"\} 1/);
+  });
+
+  test('/metrics asks for METRICS_TOKEN when one is configured', async () => {
+    const t = await setup({ metricsToken: 'metrics-token-0123456789' });
+    assert.equal((await get(t, '/metrics')).statusCode, 401);
+    assert.equal((await get(t, '/metrics', 'metrics-token-0123456789')).statusCode, 200);
+  });
+
+  test('/status requires the admin token and reports the credential without any secret', async () => {
+    const t = await setup();
+    const doc = t.upstream.seed({ accountId: 'acct-1234', planType: 'team' });
+    await t.core.store.put(KEY, JSON.stringify(doc));
+    await t.core.refresher.runCycle();
+    assert.equal((await get(t, '/status')).statusCode, 401);
+    assert.equal((await get(t, '/status', 'wrong-token-wrong-token')).statusCode, 401);
+    const res = await get(t, '/status', ADMIN_TOKEN);
+    assert.equal(res.statusCode, 200);
+    const s = res.json();
+    assert.equal(s.state, 'fresh');
+    assert.equal(s.accountId, 'acct-1234');
+    assert.equal(s.planType, 'team');
+    assert.equal(s.consecutiveFailures, 0);
+    assert.equal(s.refreshLockHeld, false);
+    assert.equal(typeof s.replicaId, 'string');
+    assert.ok(s.nextCheckAt);
+    const exp = decodeJwt((doc as { tokens: { access_token: string } }).tokens.access_token).exp ?? 0;
+    assert.equal(s.accessTokenExpiresAt, new Date(exp * 1000).toISOString());
+    assert.deepEqual(findLeaks([res.body], t.upstream.issuedTokens()), []);
+  });
+
+  test('/status is closed to everyone when ADMIN_TOKEN is unset and there are no clients', async () => {
+    const t = await setup({ adminToken: undefined });
+    const res = await get(t, '/status', ADMIN_TOKEN);
+    assert.equal(res.statusCode, 401);
+    assert.equal(res.headers['www-authenticate'], 'Bearer');
+  });
+
+  test('unknown routes answer 404 problem+json', async () => {
+    const t = await setup();
+    const res = await get(t, '/nope');
+    assert.equal(res.statusCode, 404);
+    assert.match(String(res.headers['content-type']), /application\/problem\+json/);
+    assert.deepEqual(Object.keys(res.json()).sort(), ['code', 'detail', 'status', 'title', 'type']);
+  });
+
+  test('/openapi.yaml serves the spec', async () => {
+    const t = await setup();
+    const res = await get(t, '/openapi.yaml');
+    assert.equal(res.statusCode, 200);
+    assert.match(res.body, /^openapi: 3\./m);
+  });
+});
+
+describe('fan-out', () => {
+  test('NOTIFY codex_auth_changed: every instance reloads a re-seed at once', async () => {
+    const a = await setup();
+    const b = await setup({ databaseUrl: a.databaseUrl });
+    await waitFor(() => a.core.listener.connected && b.core.listener.connected);
+    const doc = a.upstream.seed();
+    await a.core.store.put(KEY, JSON.stringify(doc));
+    const exp = decodeJwt((doc as { tokens: { access_token: string } }).tokens.access_token).exp ?? 0;
+    const iso = new Date(exp * 1000).toISOString();
+    // The check interval is 300 s: only the NOTIFY can make this happen within 2 s.
+    const ms = await waitFor(() => b.core.refresher.status().accessTokenExpiresAt === iso);
+    assert.ok(ms < 2_000);
+    const res = await get(b, '/status', ADMIN_TOKEN);
+    assert.equal(res.json().accessTokenExpiresAt, iso);
+  });
+
+  test('NOTIFY codex_auth_changed: a rotation on one replica is adopted by the others', async () => {
+    let nowMs = Date.now();
+    const now = () => nowMs;
+    const upstream = await FakeUpstream.start({ now, accessLifetimeSec: 3_600 });
+    upstreams.push(upstream);
+    const a = await setup({ now, upstream, start: false });
+    const b = await setup({ now, upstream, databaseUrl: a.databaseUrl });
+    await waitFor(() => b.core.listener.connected);
+    await a.core.store.put(KEY, JSON.stringify(upstream.seed()));
+    await waitFor(() => b.core.refresher.state() === 'fresh');
+    nowMs += 40 * 60_000;
+    const report = await a.core.refresher.runCycle();
+    assert.equal(report.attempt, 'rotated');
+    const exp = decodeJwt(upstream.lastAccessToken() ?? '').exp ?? 0;
+    const iso = new Date(exp * 1000).toISOString();
+    // b's next check is 300 s away: only the NOTIFY can make this happen within 2 s.
+    await waitFor(() => b.core.refresher.status().accessTokenExpiresAt === iso);
+    assert.equal(upstream.posts, 1);
+    assert.equal(upstream.reuseAnswers, 0);
+  });
+
+  test('NOTIFY codex_auth_changed: a deleted credential is dropped everywhere', async () => {
+    const a = await setup();
+    const b = await setup({ databaseUrl: a.databaseUrl });
+    await waitFor(() => b.core.listener.connected);
+    await a.core.store.put(KEY, JSON.stringify(a.upstream.seed()));
+    await waitFor(() => b.core.refresher.state() === 'fresh');
+    await a.core.store.remove(KEY);
+    await waitFor(() => b.core.refresher.state() === 'absent');
+  });
+});
+
+describe('store outage', () => {
+  test('/readyz is 503 store_unreachable while the database is down, and recovers', async () => {
+    const t = await setup();
+    await t.core.store.put(KEY, JSON.stringify(t.upstream.seed()));
+    await t.core.refresher.reload();
+    await pg.stopServer();
+    try {
+      await new Promise((r) => setTimeout(r, 1_100));
+      const res = await get(t, '/readyz');
+      assert.equal(res.statusCode, 503);
+      assert.equal(res.json().code, 'store_unreachable');
+      assert.equal((await get(t, '/healthz')).statusCode, 200);
+    } finally {
+      await pg.startServer();
+    }
+    await new Promise((r) => setTimeout(r, 1_100));
+    const res = await get(t, '/readyz');
+    assert.equal(res.statusCode, 200);
+  });
+});
+
+test('no token value appears in any log line or response of the app tests', () => {
+  const secrets = [...upstreams.flatMap((u) => u.issuedTokens()), ADMIN_TOKEN];
+  const texts = [...apps.flatMap((a) => a.logs.lines), ...bodies];
+  assert.ok(texts.length > 0);
+  assert.deepEqual(findLeaks(texts, secrets), []);
+});

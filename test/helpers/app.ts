@@ -1,0 +1,88 @@
+import { randomBytes } from 'node:crypto';
+import type { FastifyInstance } from 'fastify';
+import { buildApp } from '../../src/app.js';
+import { createBrokerCore, type BrokerCore, type CoreConfig } from '../../src/broker.js';
+import { createMetrics, type BrokerMetrics } from '../../src/metrics.js';
+import { LogCapture } from './logs.js';
+
+export const ADMIN_TOKEN = 'admin-token-for-tests-0123456789';
+
+// Instances on one database share its key, as replicas of one deployment do.
+const keys = new Map<string, Buffer>();
+export function keyFor(databaseUrl: string): Buffer {
+  let k = keys.get(databaseUrl);
+  if (!k) {
+    k = randomBytes(32);
+    keys.set(databaseUrl, k);
+  }
+  return k;
+}
+
+export interface TestApp {
+  app: FastifyInstance;
+  core: BrokerCore;
+  metrics: BrokerMetrics;
+  logs: LogCapture;
+  close(): Promise<void>;
+}
+
+export interface TestAppOptions {
+  databaseUrl: string;
+  upstreamUrl: string;
+  now?: () => number;
+  random?: () => number;
+  config?: Partial<CoreConfig>;
+  adminToken?: string | undefined;
+  metricsToken?: string | undefined;
+  logs?: LogCapture;
+  /** Start the refresh loop and the change listener (default true). */
+  start?: boolean;
+}
+
+/** The app as serve builds it (core + HTTP), on a real Postgres, without listening. */
+export async function createTestApp(o: TestAppOptions): Promise<TestApp> {
+  const logs = o.logs ?? new LogCapture();
+  const metrics = createMetrics({ defaultMetrics: false });
+  const config: CoreConfig = {
+    CODEX_AUTH_SECRET_KEY: 'CODEX_AUTH_JSON',
+    OAUTH_TOKEN_URL: o.upstreamUrl,
+    OAUTH_CLIENT_ID: 'app_EMoamEEZ73f0CkXaXp7hrann',
+    REFRESH_MARGIN_SECONDS: 86_400,
+    REFRESH_CHECK_INTERVAL_SECONDS: 300,
+    PERMANENT_FAILURE_BACKOFF_SECONDS: 3_600,
+    TRANSIENT_BACKOFF_BASE_SECONDS: 15,
+    UPSTREAM_TIMEOUT_SECONDS: 5,
+    encryptionKey: keyFor(o.databaseUrl),
+    replicaId: `replica-${randomBytes(3).toString('hex')}`,
+    ...o.config,
+  };
+  const core = await createBrokerCore({
+    config,
+    databaseUrl: o.databaseUrl,
+    logger: logs.logger,
+    metrics,
+    poolSize: 4,
+    ...(o.now ? { now: o.now } : {}),
+    ...(o.random ? { random: o.random } : {}),
+  });
+  if (o.start !== false) await core.start();
+  const app = await buildApp({
+    config: { ADMIN_TOKEN: 'adminToken' in o ? o.adminToken : ADMIN_TOKEN, METRICS_TOKEN: o.metricsToken },
+    core,
+    metrics,
+    logger: logs.logger,
+    ...(o.now ? { now: o.now } : {}),
+  });
+  await app.ready();
+  return {
+    app,
+    core,
+    metrics,
+    logs,
+    async close() {
+      await core.refresher.stop(5_000);
+      await app.close();
+      await core.close(0);
+    },
+  };
+}

