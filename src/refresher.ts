@@ -86,6 +86,8 @@ export class Refresher {
   #running = false;
   #stopping = false;
   #readError: SanitisedError | undefined;
+  /** The store could not be read or locked; cleared by the next successful read. */
+  #storeError: SanitisedError | undefined;
 
   constructor(opts: RefresherOptions) {
     const { now, random, ...rest } = opts;
@@ -133,7 +135,7 @@ export class Refresher {
       accessTokenExpiresAt: s?.claims.exp !== undefined ? new Date(s.claims.exp * 1000).toISOString() : null,
       lastRotationAt: iso(s?.lastRefreshMs ?? this.#lastRotationAt),
       lastOutcome: this.#lastOutcome ? { outcome: this.#lastOutcome.outcome, at: iso(this.#lastOutcome.at) } : null,
-      lastError: this.#lastError ?? this.#readError ?? null,
+      lastError: this.#storeError ?? this.#lastError ?? this.#readError ?? null,
       consecutiveFailures: this.#consecutiveFailures,
       nextCheckAt: this.#running ? iso(this.#nextCheckAt) : null,
       nextAttemptNotBefore: this.#nextAttemptAt > this.#now() ? iso(this.#nextAttemptAt) : null,
@@ -154,7 +156,7 @@ export class Refresher {
     try {
       row = await this.#o.store.read(this.#o.secretKey);
     } catch (err) {
-      this.#problem('read_error', 'store_unreachable', `could not read the credential: ${(err as Error).message}`);
+      this.#storeError = this.#problem('read_error', 'STORE_UNAVAILABLE', `could not read the credential: ${(err as Error).message}`);
       throw err;
     }
     this.#adoptRow(row, seq);
@@ -163,6 +165,7 @@ export class Refresher {
   #adoptRow(row: StoredRow | null, seq: number): Snapshot | undefined {
     if (seq < this.#appliedSeq) return this.#snapshot;
     this.#appliedSeq = seq;
+    this.#storeError = undefined;
     if (this.#pending) {
       // A rotation the store does not hold yet is the only valid token; a row that still
       // holds what the pending write expects is simply older.
@@ -242,6 +245,7 @@ export class Refresher {
       row = await this.#o.store.read(this.#o.secretKey);
     } catch (err) {
       const e = this.#problem('read_error', 'STORE_UNAVAILABLE', `could not read the credential: ${(err as Error).message}`);
+      this.#storeError = e;
       return this.#check('read_error', { error: e });
     }
     const snap = this.#adoptRow(row, seq);
@@ -288,6 +292,7 @@ export class Refresher {
       return r?.value;
     } catch (err) {
       const e = this.#problem('read_error', 'STORE_UNAVAILABLE', `refresh lock unavailable: ${(err as Error).message}`);
+      this.#storeError = e;
       return this.#check('read_error', { error: e });
     }
   }

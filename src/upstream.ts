@@ -24,8 +24,17 @@ export interface UpstreamClientOptions {
 /** The one seam to the upstream token endpoint: one POST, no retries (the caller owns retry policy). */
 export type RefreshFn = (refreshToken: string) => Promise<RotationResponse>;
 
+// An error code is an identifier (refresh_token_reused, invalid_grant); anything else
+// (prose, an echoed token) is not repeated into messages, logs or /status.
+const ERROR_CODE_SHAPE = /^[A-Za-z0-9_.:-]{1,64}$/;
+
 /** The error code an OAuth-ish body names: error.code, a string `error`, or a top-level `code`. */
 export function upstreamErrorCode(body: unknown): string | undefined {
+  const code = rawErrorCode(body);
+  return code !== undefined && ERROR_CODE_SHAPE.test(code) ? code : undefined;
+}
+
+function rawErrorCode(body: unknown): string | undefined {
   if (typeof body !== 'object' || body === null) return undefined;
   const b = body as Record<string, unknown>;
   const err = b['error'];
@@ -42,6 +51,8 @@ export function parseRetryAfter(value: string | string[] | undefined, nowMs: num
   const v = Array.isArray(value) ? value[0] : value;
   if (!v) return undefined;
   if (/^\d+$/.test(v.trim())) return Number(v.trim()) * 1000;
+  // An HTTP-date names a day or month; V8's Date.parse would also read "1.5" or "-1" as dates.
+  if (!/[A-Za-z]/.test(v)) return undefined;
   const at = Date.parse(v);
   return Number.isNaN(at) ? undefined : Math.max(0, at - nowMs);
 }
@@ -112,40 +123,59 @@ async function readCapped(body: AsyncIterable<Buffer>, cap: number): Promise<str
   return Buffer.concat(chunks).toString('utf8');
 }
 
+/** The one secret this client knows is the token it sent: an upstream echo of it never reaches a message or a code. */
+function redact(err: UpstreamError, token: string): UpstreamError {
+  if (token === '' || (!err.message.includes(token) && !err.upstreamCode?.includes(token))) return err;
+  return new UpstreamError(err.kind, err.message.replaceAll(token, '[redacted]'), {
+    status: err.status,
+    upstreamCode: err.upstreamCode?.includes(token) ? undefined : err.upstreamCode,
+    retryAfterMs: err.retryAfterMs,
+    cause: err.cause,
+  });
+}
+
 export function createUpstreamClient(opts: UpstreamClientOptions, now: () => number = Date.now): RefreshFn {
   return async (refreshToken) => {
-    const signal = AbortSignal.timeout(opts.timeoutMs);
-    let res: Dispatcher.ResponseData;
     try {
-      res = await request(opts.url, {
-        method: 'POST',
-        dispatcher: opts.dispatcher,
-        signal,
-        headers: { 'content-type': 'application/json', accept: 'application/json' },
-        body: JSON.stringify({ grant_type: 'refresh_token', client_id: opts.clientId, refresh_token: refreshToken }),
-        headersTimeout: opts.timeoutMs,
-        bodyTimeout: opts.timeoutMs,
-      });
+      return await refreshOnce(opts, now, refreshToken);
     } catch (err) {
-      const timedOut = signal.aborted;
-      throw new UpstreamError('transient', timedOut ? `upstream did not answer within ${opts.timeoutMs} ms` : `upstream unreachable (${(err as Error).name})`, {
-        cause: err,
-      });
+      throw err instanceof UpstreamError ? redact(err, refreshToken) : err;
     }
-    let text: string | undefined;
-    try {
-      text = await readCapped(res.body, MAX_RESPONSE_BYTES);
-    } catch (err) {
-      throw new UpstreamError('transient', signal.aborted ? `upstream body not read within ${opts.timeoutMs} ms` : 'upstream body read failed', {
-        status: res.statusCode,
-        cause: err,
-      });
-    }
-    if (text === undefined) {
-      res.body.destroy();
-      throw new UpstreamError('transient', `upstream answered ${res.statusCode} with a body over ${MAX_RESPONSE_BYTES} bytes`, { status: res.statusCode });
-    }
-    if (res.statusCode === 200) return parseRotation(text);
-    throw classifyFailure(res.statusCode, text, parseRetryAfter(res.headers['retry-after'], now()));
   };
+}
+
+async function refreshOnce(opts: UpstreamClientOptions, now: () => number, refreshToken: string): Promise<RotationResponse> {
+  const signal = AbortSignal.timeout(opts.timeoutMs);
+  let res: Dispatcher.ResponseData;
+  try {
+    res = await request(opts.url, {
+      method: 'POST',
+      dispatcher: opts.dispatcher,
+      signal,
+      headers: { 'content-type': 'application/json', accept: 'application/json' },
+      body: JSON.stringify({ grant_type: 'refresh_token', client_id: opts.clientId, refresh_token: refreshToken }),
+      headersTimeout: opts.timeoutMs,
+      bodyTimeout: opts.timeoutMs,
+    });
+  } catch (err) {
+    const timedOut = signal.aborted;
+    throw new UpstreamError('transient', timedOut ? `upstream did not answer within ${opts.timeoutMs} ms` : `upstream unreachable (${(err as Error).name})`, {
+      cause: err,
+    });
+  }
+  let text: string | undefined;
+  try {
+    text = await readCapped(res.body, MAX_RESPONSE_BYTES);
+  } catch (err) {
+    throw new UpstreamError('transient', signal.aborted ? `upstream body not read within ${opts.timeoutMs} ms` : 'upstream body read failed', {
+      status: res.statusCode,
+      cause: err,
+    });
+  }
+  if (text === undefined) {
+    res.body.destroy();
+    throw new UpstreamError('transient', `upstream answered ${res.statusCode} with a body over ${MAX_RESPONSE_BYTES} bytes`, { status: res.statusCode });
+  }
+  if (res.statusCode === 200) return parseRotation(text);
+  throw classifyFailure(res.statusCode, text, parseRetryAfter(res.headers['retry-after'], now()));
 }

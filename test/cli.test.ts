@@ -1,0 +1,277 @@
+import { strict as assert } from 'node:assert';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { createCipheriv, randomBytes } from 'node:crypto';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import pg from 'pg';
+import { FakeUpstream } from './helpers/fake-upstream.js';
+import { findLeaks } from './helpers/logs.js';
+import { freePort, startTestPostgres, type TestPostgres } from './helpers/pg.js';
+
+const ROOT = path.resolve(import.meta.dirname, '..');
+const CLI = path.join(ROOT, 'src', 'cli.ts');
+const KEY_B64 = randomBytes(32).toString('base64');
+const outputs: string[] = [];
+let pgServer: TestPostgres;
+let upstream: FakeUpstream;
+const tmpDirs: string[] = [];
+
+before(async () => {
+  pgServer = await startTestPostgres();
+  upstream = await FakeUpstream.start();
+});
+after(async () => {
+  await upstream.close();
+  await pgServer.stop();
+  for (const d of tmpDirs) fs.rmSync(d, { recursive: true, force: true });
+});
+
+function tmpDir(): string {
+  const d = fs.mkdtempSync(path.join(os.tmpdir(), 'cab-cli-'));
+  tmpDirs.push(d);
+  return d;
+}
+
+/** The environment a user would have: none of the broker's variables unless given. */
+function cleanEnv(extra: Record<string, string>): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = {};
+  for (const [k, v] of Object.entries(process.env)) {
+    if (/^(PORT|HOST|DATABASE_URL|DATA_DIR|SECRETS_ENCRYPTION_KEY|ADMIN_TOKEN|LOG_LEVEL|BROKER_ENV|MOLECULE_ENV|NODE_TEST_CONTEXT)$/.test(k)) continue;
+    env[k] = v;
+  }
+  return { ...env, ...extra };
+}
+
+interface Run {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+function run(args: string[], env: Record<string, string>, input?: string): Promise<Run> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, ['--import', 'tsx', CLI, ...args], { cwd: ROOT, env: cleanEnv(env), stdio: ['pipe', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    child.on('error', reject);
+    child.on('close', (code) => {
+      outputs.push(stdout, stderr);
+      resolve({ code, stdout, stderr });
+    });
+    child.stdin.end(input ?? '');
+  });
+}
+
+function writeJson(dir: string, name: string, value: unknown): string {
+  const f = path.join(dir, name);
+  fs.writeFileSync(f, typeof value === 'string' ? value : JSON.stringify(value, null, 2));
+  return f;
+}
+
+async function rowBytes(url: string): Promise<Buffer | undefined> {
+  const c = new pg.Client({ connectionString: url });
+  await c.connect();
+  try {
+    const r = await c.query<{ encrypted_value: Buffer }>("SELECT encrypted_value FROM global_secrets WHERE key = 'CODEX_AUTH_JSON'");
+    return r.rows[0]?.encrypted_value;
+  } finally {
+    await c.end();
+  }
+}
+
+describe('configuration', () => {
+  for (const [name, value, expects] of [
+    ['REFRESH_CHECK_INTERVAL_SECONDS', 'five', /REFRESH_CHECK_INTERVAL_SECONDS: expected/],
+    ['SECRETS_ENCRYPTION_KEY', randomBytes(31).toString('base64'), /SECRETS_ENCRYPTION_KEY: .*31 bytes/],
+    ['DATABASE_URL', 'not a url', /DATABASE_URL: expected a postgres/],
+    ['PORT', '70000', /PORT: expected a TCP port/],
+    ['REFRESH_TOKEN_EXPOSURE', 'leak', /REFRESH_TOKEN_EXPOSURE: expected one of proxy, omit, raw/],
+  ] as const) {
+    test(`bad configuration exits non-zero naming the variable: ${name}`, async () => {
+      const r = await run(['serve'], { [name]: value, DATA_DIR: tmpDir() });
+      assert.notEqual(r.code, 0);
+      assert.equal(r.code, 78);
+      assert.match(r.stderr, expects);
+      assert.match(r.stderr, new RegExp(name));
+    });
+  }
+
+  test('production refuses to start without SECRETS_ENCRYPTION_KEY', async () => {
+    const r = await run(['serve'], { BROKER_ENV: 'production', DATABASE_URL: pgServer.baseUrl });
+    assert.equal(r.code, 78);
+    assert.match(r.stderr, /SECRETS_ENCRYPTION_KEY: required when BROKER_ENV=production/);
+  });
+});
+
+describe('seed and status', () => {
+  test('seed validates and stores a login; status prints its state without secrets', async () => {
+    const url = await pgServer.newDatabase();
+    const dir = tmpDir();
+    const doc = upstream.seed({ accountId: 'acct-seed', planType: 'plus' });
+    const env = { DATABASE_URL: url, SECRETS_ENCRYPTION_KEY: KEY_B64 };
+    const seeded = await run(['seed', writeJson(dir, 'auth.json', doc)], env);
+    assert.equal(seeded.code, 0, seeded.stderr);
+    assert.match(seeded.stdout, /stored the login under CODEX_AUTH_JSON: account acct-seed, plan plus/);
+    const stored = await rowBytes(url);
+    assert.ok(stored);
+    // Encrypted (version 1): the token is not in the stored bytes.
+    assert.ok(!stored.toString('latin1').includes((doc as { tokens: { refresh_token: string } }).tokens.refresh_token));
+    const st = await run(['status', '--json'], env);
+    assert.equal(st.code, 0, st.stderr);
+    const report = JSON.parse(st.stdout);
+    assert.equal(report.state, 'fresh');
+    assert.equal(report.accountId, 'acct-seed');
+    assert.equal(report.encryptionVersion, 1);
+    const human = await run(['status'], env);
+    assert.match(human.stdout, /^state\s+fresh$/m);
+  });
+
+  test('seed rejects a bad file with a clear error and leaves the store untouched', async () => {
+    const url = await pgServer.newDatabase();
+    const dir = tmpDir();
+    const env = { DATABASE_URL: url, SECRETS_ENCRYPTION_KEY: KEY_B64 };
+    assert.equal((await run(['seed', writeJson(dir, 'good.json', upstream.seed())], env)).code, 0);
+    const before = await rowBytes(url);
+    const good = upstream.seed() as { tokens: Record<string, string> };
+    const cases: Array<[string, unknown, RegExp]> = [
+      ['not-json', '{"tokens": ', /document: is not valid JSON/],
+      ['array', [1, 2], /document: must be a JSON object/],
+      ['no-tokens', { OPENAI_API_KEY: null }, /tokens: is missing/],
+      ['empty-refresh', { tokens: { ...good.tokens, refresh_token: '' } }, /tokens.refresh_token: must be a non-empty string/],
+      ['bad-access', { tokens: { ...good.tokens, access_token: 'opaque' } }, /tokens.access_token: must be a three-part JWT/],
+      ['bad-id', { tokens: { ...good.tokens, id_token: 'a.b.c' } }, /tokens.id_token/],
+      ['proto', `{"__proto__": {"x": 1}, "tokens": ${JSON.stringify(good.tokens)}}`, /__proto__/],
+    ];
+    for (const [name, body, expected] of cases) {
+      const r = await run(['seed', writeJson(dir, `${name}.json`, body)], env);
+      assert.equal(r.code, 2, `${name}: ${r.stderr}`);
+      assert.match(r.stderr, expected, name);
+      assert.match(r.stderr, /Nothing was stored/);
+    }
+    const missing = await run(['seed', path.join(dir, 'absent.json')], env);
+    assert.equal(missing.code, 2);
+    assert.match(missing.stderr, /cannot read .*ENOENT/);
+    assert.deepEqual(await rowBytes(url), before);
+  });
+
+  test('seed reads standard input with -', async () => {
+    const url = await pgServer.newDatabase();
+    const r = await run(['seed', '-'], { DATABASE_URL: url, SECRETS_ENCRYPTION_KEY: KEY_B64 }, JSON.stringify(upstream.seed()));
+    assert.equal(r.code, 0, r.stderr);
+  });
+
+  test('a row written with v1 by an independent implementation of the platform format is read', async () => {
+    const url = await pgServer.newDatabase();
+    const env = { DATABASE_URL: url, SECRETS_ENCRYPTION_KEY: KEY_B64 };
+    assert.equal((await run(['migrate'], env)).code, 0);
+    // The platform's Go code: AES-256-GCM, nonce(12) || ciphertext || tag(16), no AAD.
+    const plaintext = Buffer.from(JSON.stringify(upstream.seed({ accountId: 'acct-platform' })));
+    const nonce = randomBytes(12);
+    const c = createCipheriv('aes-256-gcm', Buffer.from(KEY_B64, 'base64'), nonce);
+    const sealed = Buffer.concat([nonce, c.update(plaintext), c.final(), c.getAuthTag()]);
+    const client = new pg.Client({ connectionString: url });
+    await client.connect();
+    await client.query("INSERT INTO global_secrets (key, encrypted_value, encryption_version) VALUES ('CODEX_AUTH_JSON', $1, 1)", [sealed]);
+    await client.end();
+    const st = await run(['status', '--json'], env);
+    const report = JSON.parse(st.stdout);
+    assert.equal(report.state, 'fresh');
+    assert.equal(report.accountId, 'acct-platform');
+  });
+
+  test('status names a v1 row with no key and a version-7 row clearly', async () => {
+    const url = await pgServer.newDatabase();
+    const env = { DATABASE_URL: url, SECRETS_ENCRYPTION_KEY: KEY_B64 };
+    assert.equal((await run(['seed', '-'], env, JSON.stringify(upstream.seed()))).code, 0);
+    const noKey = JSON.parse((await run(['status', '--json'], { DATABASE_URL: url })).stdout);
+    assert.equal(noKey.state, 'invalid');
+    assert.match(noKey.detail, /SECRETS_ENCRYPTION_KEY is not set/);
+    const client = new pg.Client({ connectionString: url });
+    await client.connect();
+    await client.query('UPDATE global_secrets SET encryption_version = 7');
+    await client.end();
+    const v7 = await run(['status', '--json'], env);
+    assert.equal(v7.code, 3);
+    assert.match(JSON.parse(v7.stdout).detail, /encryption_version 7/);
+  });
+});
+
+describe('serve on the embedded default', () => {
+  function startServe(dir: string, port: number, extra: Record<string, string> = {}): { child: ChildProcess; out: () => string } {
+    // The README's start command, with only a port and a data directory of the test's own.
+    const child = spawn('npm', ['start'], { cwd: ROOT, env: cleanEnv({ PORT: String(port), DATA_DIR: dir, ...extra }), stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+    let out = '';
+    child.stdout?.on('data', (d: Buffer) => (out += d.toString()));
+    child.stderr?.on('data', (d: Buffer) => (out += d.toString()));
+    return { child, out: () => out };
+  }
+
+  async function waitHealthy(port: number, out: () => string, ms = 60_000): Promise<number> {
+    const start = Date.now();
+    for (;;) {
+      try {
+        const r = await fetch(`http://127.0.0.1:${port}/healthz`);
+        if (r.status === 200) return Date.now() - start;
+      } catch {
+        /* not up yet */
+      }
+      if (Date.now() - start > ms) throw new Error(`broker did not become healthy: ${out()}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+
+  function stop(child: ChildProcess): Promise<number | null> {
+    return new Promise((resolve) => {
+      child.once('close', (code) => resolve(code));
+      // What a terminal's Ctrl-C or an orchestrator does: signal the whole group.
+      process.kill(-(child.pid ?? 0), 'SIGTERM');
+    });
+  }
+
+  test('the start command brings up /healthz with no Postgres and no environment, and a restart reuses the data', async () => {
+    const parent = tmpDir();
+    const dir = path.join(parent, 'data');
+    const blocked = await run(['migrate'], { DATA_DIR: dir });
+    assert.equal(blocked.code, 1);
+    assert.match(blocked.stderr, /cannot enter .*mode 700/, 'as root, a DATA_DIR the postgres user cannot reach is named');
+    fs.chmodSync(parent, 0o755);
+    const port = await freePort();
+    const first = startServe(dir, port);
+    const startMs = await waitHealthy(port, first.out);
+    console.log(`# embedded default: healthy ${startMs} ms after spawn (first start, initdb included)`);
+    const keyFile = path.join(dir, 'secrets-encryption-key');
+    assert.equal(fs.statSync(keyFile).mode & 0o777, 0o600);
+    const key = fs.readFileSync(keyFile, 'utf8');
+    // The CLI attaches to the running embedded database.
+    const doc = upstream.seed({ accountId: 'acct-embedded' });
+    const seeded = await run(['seed', '-'], { DATA_DIR: dir }, JSON.stringify(doc));
+    assert.equal(seeded.code, 0, seeded.stderr);
+    const ready = await fetch(`http://127.0.0.1:${port}/readyz`);
+    assert.equal(ready.status, 200);
+    // npm itself dies of the signal (code null); the broker must have shut down in order.
+    assert.ok([0, null].includes(await stop(first.child)));
+    outputs.push(first.out());
+    assert.match(first.out(), /"event":"embedded_db_stopped"/);
+    assert.match(first.out(), /"event":"stopped"/);
+
+    const second = startServe(dir, port);
+    const restartMs = await waitHealthy(port, second.out);
+    console.log(`# embedded default: healthy ${restartMs} ms after spawn (restart, data reused)`);
+    assert.equal(fs.readFileSync(keyFile, 'utf8'), key);
+    const r = await fetch(`http://127.0.0.1:${port}/readyz`);
+    assert.equal(r.status, 200, 'the seeded login survived the restart');
+    assert.ok([0, null].includes(await stop(second.child)));
+    outputs.push(second.out());
+    assert.match(second.out(), /"event":"stopped"/);
+    assert.doesNotMatch(second.out(), /embedded_db_init/);
+  });
+});
+
+test('no token value appears in any output of the CLI or the service', () => {
+  assert.ok(outputs.length > 0);
+  assert.deepEqual(findLeaks(outputs, [...upstream.issuedTokens(), KEY_B64]), []);
+});
