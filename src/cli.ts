@@ -6,7 +6,7 @@ import { buildSnapshot, stateOf } from './credential.js';
 import { loadConfig, type Config } from './config.js';
 import { createPool, migrate } from './db.js';
 import { AuthJsonError, BrokerError, ConfigError } from './errors.js';
-import { readLatch } from './latch-store.js';
+import { readLatch } from './refresh-guards.js';
 import { createLogger, type Logger } from './logger.js';
 import { openDatabase, startBroker } from './runtime.js';
 import { SecretStore } from './secret-store.js';

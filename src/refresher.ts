@@ -3,7 +3,7 @@ import { buildSnapshot, stateOf, type Snapshot } from './credential.js';
 import type { PoolClient } from './db.js';
 import { isDue } from './due.js';
 import { BrokerError, UpstreamError } from './errors.js';
-import { readLatch, writeLatch, type Latch } from './latch-store.js';
+import { clearBackoff, readBackoff, readLatch, writeBackoff, writeLatch, type Latch } from './refresh-guards.js';
 import type { Logger } from './logger.js';
 import { setCredentialState, type AttemptOutcome, type BrokerMetrics, type CheckResult, type CredentialState } from './metrics.js';
 import type { SecretStore, StoredRow } from './secret-store.js';
@@ -194,6 +194,7 @@ export class Refresher {
     try {
       const snap = buildSnapshot(row.raw, plaintext);
       this.#readError = undefined;
+      if (this.#snapshot && snap.refreshTokenSha !== this.#snapshot.refreshTokenSha) this.#newRefreshToken();
       this.#setSnapshot(snap);
       return snap;
     } catch (err) {
@@ -201,6 +202,13 @@ export class Refresher {
       this.#readError = this.#problem('read_error', 'AUTH_JSON_INVALID', `stored credential is unusable: ${(err as Error).message}`);
       return undefined;
     }
+  }
+
+  /** A different refresh token (rotated elsewhere, or re-seeded): old failures no longer apply. */
+  #newRefreshToken(): void {
+    this.#consecutiveFailures = 0;
+    this.#nextAttemptAt = 0;
+    this.#lastError = undefined;
   }
 
   #setSnapshot(snap: Snapshot | undefined): void {
@@ -272,6 +280,8 @@ export class Refresher {
 
   #check(result: CheckResult, extra: Omit<CycleReport, 'check'> = {}): CycleReport {
     this.#o.metrics.refreshChecks.inc({ result });
+    // Healthy again: the next problem, even one seen before, deserves a log line.
+    if (result === 'fresh') this.#lastLoggedProblem = undefined;
     if (result !== 'fresh' || this.#lastOutcome === undefined) this.#lastOutcome = { outcome: result, at: this.#now() };
     this.#publishState();
     return { check: result, ...extra };
@@ -303,7 +313,8 @@ export class Refresher {
     const seq = ++this.#readSeq;
     const row = await this.#o.store.read(this.#o.secretKey, db);
     const snap = this.#adoptRow(row, seq);
-    if (!snap || !snap.parsed.tokens.refresh_token) return this.#check('inert');
+    if (!row) return this.#check('inert');
+    if (!snap || !snap.parsed.tokens.refresh_token) return this.#check(this.#readError ? 'read_error' : 'inert', { error: this.#readError });
     const now = this.#now();
     const changed = !snap.raw.equals(before.raw);
     if (changed && !isDue(snap.claims, now, this.#o.marginSeconds)) {
@@ -316,6 +327,16 @@ export class Refresher {
       this.#latch = shared;
       this.#publishState();
       return this.#check('latched');
+    }
+    if (!opts.ignoreBackoff) {
+      // Another replica's failed attempt counts here too: one POST per backoff step, fleet-wide.
+      const step = await readBackoff(db, this.#o.secretKey);
+      if (step && step.refreshTokenSha === snap.refreshTokenSha && step.notBefore > now) {
+        this.#nextAttemptAt = Math.max(this.#nextAttemptAt, step.notBefore);
+        this.#consecutiveFailures = Math.max(this.#consecutiveFailures, step.failures);
+        return { check: 'due', backoff: true, ...(this.#lastError ? { error: this.#lastError } : {}) };
+      }
+      if (step && step.refreshTokenSha === snap.refreshTokenSha) this.#consecutiveFailures = Math.max(this.#consecutiveFailures, step.failures);
     }
     const refreshToken = snap.parsed.tokens.refresh_token;
     const started = this.#now();
@@ -356,6 +377,7 @@ export class Refresher {
       );
       return { check: 'due', attempt: 'rotated' };
     }
+    if (written) await clearBackoff(db, this.#o.secretKey).catch(() => undefined);
     if (!written) {
       this.#o.logger.warn(
         { event: 'rotation_discarded', secretKey: this.#o.secretKey },
@@ -421,6 +443,9 @@ export class Refresher {
     }
     const step = this.#backoffMs(this.#consecutiveFailures, ue.retryAfterMs);
     this.#nextAttemptAt = now + step;
+    await writeBackoff(db, this.#o.secretKey, { refreshTokenSha: snap.refreshTokenSha, notBefore: now + step, failures: this.#consecutiveFailures }, this.#o.replicaId).catch(
+      (werr: Error) => this.#o.logger.warn({ event: 'backoff_not_shared', err: { message: werr.message } }, 'could not record the backoff step for other replicas'),
+    );
     this.#o.metrics.refreshAttempts.inc({ outcome: 'transient_failure' });
     this.#lastOutcome = { outcome: 'transient_failure', at: now };
     this.#o.logger.warn(

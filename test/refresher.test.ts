@@ -558,6 +558,39 @@ test('honours Retry-After', async (t) => {
   assert.equal(upstream.posts, 4);
 });
 
+test('the backoff step is shared: another replica does not POST before Retry-After', async (t) => {
+  const { databaseUrl, upstream, broker: a } = await setup(t, { broker: { random: () => 0.5 } });
+  const b = await newBroker(t, databaseUrl, upstream.url, { key: a.key ?? null, random: () => 0.5 });
+  await put(a, dueSeed(upstream));
+  upstream.fault({ kind: 'status', status: 429, headers: { 'retry-after': '600' } });
+  assert.equal((await a.refresher.runCycle()).attempt, 'transient_failure');
+  const start = nowMs;
+  nowMs = start + 30 * SEC;
+  const r = await b.refresher.runCycle();
+  assert.equal(r.backoff, true, 'b saw a\'s backoff step');
+  assert.equal(upstream.posts, 1);
+  assert.equal(b.refresher.status().nextAttemptNotBefore, new Date(start + 600 * SEC).toISOString());
+  nowMs = start + 600 * SEC;
+  assert.equal((await b.refresher.runCycle()).attempt, 'rotated');
+  assert.equal(upstream.posts, 2);
+  assert.equal(upstream.reuseAnswers, 0);
+  // The rotation cleared the shared step: the next due cycle is not held back.
+  nowMs += 9.5 * DAY;
+  assert.equal((await a.refresher.runCycle()).attempt, 'rotated');
+});
+
+test('a re-seed clears the failure count and the backoff of the old token', async (t) => {
+  const { upstream, broker } = await setup(t, { broker: { random: () => 0.5 } });
+  await put(broker, dueSeed(upstream));
+  upstream.fault({ kind: 'status', status: 503 });
+  assert.equal((await broker.refresher.runCycle()).attempt, 'transient_failure');
+  assert.equal(broker.refresher.status().consecutiveFailures, 1);
+  await put(broker, dueSeed(upstream));
+  const r = await broker.refresher.runCycle();
+  assert.equal(r.attempt, 'rotated', 'the new login is not held back by the old one\'s backoff');
+  assert.equal(broker.refresher.status().consecutiveFailures, 0);
+});
+
 test('16 concurrent cycles give exactly 1 POST and 1 write', async (t) => {
   const { databaseUrl, upstream, broker } = await setup(t);
   await put(broker, dueSeed(upstream));

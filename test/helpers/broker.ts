@@ -1,9 +1,10 @@
 import { randomBytes } from 'node:crypto';
-import { createPool, migrate, type Pool } from '../../src/db.js';
+import { createBrokerCore } from '../../src/broker.js';
+import type { Pool } from '../../src/db.js';
 import { createMetrics, type BrokerMetrics } from '../../src/metrics.js';
-import { Refresher, type RefresherOptions } from '../../src/refresher.js';
-import { SecretStore } from '../../src/secret-store.js';
-import { createUpstreamClient } from '../../src/upstream.js';
+import type { Refresher } from '../../src/refresher.js';
+import type { SecretStore } from '../../src/secret-store.js';
+import type { RefreshFn } from '../../src/upstream.js';
 import { LogCapture } from './logs.js';
 
 export const SECRET_KEY = 'CODEX_AUTH_JSON';
@@ -18,47 +19,62 @@ export interface TestBroker {
   close(): Promise<void>;
 }
 
-export interface TestBrokerOptions extends Partial<Omit<RefresherOptions, 'store' | 'logger' | 'metrics'>> {
+export interface TestBrokerOptions {
   databaseUrl: string;
   upstreamUrl: string;
   /** Encryption key; default a random one. Pass null for plaintext (version 0) storage. */
   key?: Buffer | null;
   timeoutMs?: number;
   logs?: LogCapture;
+  refresh?: RefreshFn;
+  now?: () => number;
+  random?: () => number;
+  replicaId?: string;
+  secretKey?: string;
+  marginSeconds?: number;
+  checkIntervalMs?: number;
+  permanentBackoffMs?: number;
+  transientBaseMs?: number;
 }
 
-/** A refresher wired to a real Postgres and the fake upstream, as serve wires it. */
+/**
+ * The core exactly as serve wires it (createBrokerCore), on a real Postgres and the fake
+ * upstream, without the change listener or the timer unless the test starts them.
+ */
 export async function createTestBroker(o: TestBrokerOptions): Promise<TestBroker> {
   const logs = o.logs ?? new LogCapture();
-  const pool = createPool(o.databaseUrl, logs.logger, 4);
-  await migrate(pool, logs.logger);
   const key = o.key === null ? undefined : (o.key ?? randomBytes(32));
-  const store = new SecretStore(pool, key);
   const metrics = createMetrics({ defaultMetrics: false });
-  const refresher = new Refresher({
-    store,
-    secretKey: o.secretKey ?? SECRET_KEY,
-    refresh: o.refresh ?? createUpstreamClient({ url: o.upstreamUrl, clientId: 'app_EMoamEEZ73f0CkXaXp7hrann', timeoutMs: o.timeoutMs ?? 5_000 }, o.now),
+  const core = await createBrokerCore({
+    config: {
+      CODEX_AUTH_SECRET_KEY: o.secretKey ?? SECRET_KEY,
+      OAUTH_TOKEN_URL: o.upstreamUrl,
+      OAUTH_CLIENT_ID: 'app_EMoamEEZ73f0CkXaXp7hrann',
+      REFRESH_MARGIN_SECONDS: o.marginSeconds ?? 86_400,
+      REFRESH_CHECK_INTERVAL_SECONDS: (o.checkIntervalMs ?? 300_000) / 1000,
+      PERMANENT_FAILURE_BACKOFF_SECONDS: (o.permanentBackoffMs ?? 3_600_000) / 1000,
+      TRANSIENT_BACKOFF_BASE_SECONDS: (o.transientBaseMs ?? 15_000) / 1000,
+      UPSTREAM_TIMEOUT_SECONDS: (o.timeoutMs ?? 5_000) / 1000,
+      encryptionKey: key,
+      replicaId: o.replicaId ?? `test-${randomBytes(3).toString('hex')}`,
+    },
+    databaseUrl: o.databaseUrl,
     logger: logs.logger,
     metrics,
-    replicaId: o.replicaId ?? `test-${randomBytes(3).toString('hex')}`,
-    marginSeconds: o.marginSeconds ?? 86_400,
-    checkIntervalMs: o.checkIntervalMs ?? 300_000,
-    permanentBackoffMs: o.permanentBackoffMs ?? 3_600_000,
-    transientBaseMs: o.transientBaseMs ?? 15_000,
+    poolSize: 4,
+    ...(o.refresh ? { refresh: o.refresh } : {}),
     ...(o.now ? { now: o.now } : {}),
     ...(o.random ? { random: o.random } : {}),
   });
   return {
-    pool,
-    store,
-    refresher,
+    pool: core.pool,
+    store: core.store,
+    refresher: core.refresher,
     metrics,
     logs,
     key,
-    async close() {
-      await refresher.stop(5_000);
-      await pool.end();
+    close: async () => {
+      await core.close(5_000);
     },
   };
 }

@@ -26,3 +26,33 @@ export async function writeLatch(db: PoolClient, secretKey: string, latch: Latch
     [secretKey, latch.refreshTokenSha, latch.status ?? null, latch.code ?? null, replicaId, latch.at],
   );
 }
+
+export interface Backoff {
+  refreshTokenSha: string;
+  notBefore: number;
+  failures: number;
+}
+
+export async function readBackoff(db: PoolClient, secretKey: string): Promise<Backoff | undefined> {
+  const r = await db.query<{ refresh_token_sha256: string; not_before: Date; consecutive_failures: number }>(
+    'SELECT refresh_token_sha256, not_before, consecutive_failures FROM broker_backoff WHERE secret_key = $1',
+    [secretKey],
+  );
+  const row = r.rows[0];
+  return row ? { refreshTokenSha: row.refresh_token_sha256, notBefore: row.not_before.getTime(), failures: row.consecutive_failures } : undefined;
+}
+
+export async function writeBackoff(db: PoolClient, secretKey: string, b: Backoff, replicaId: string): Promise<void> {
+  await db.query(
+    `INSERT INTO broker_backoff (secret_key, refresh_token_sha256, not_before, consecutive_failures, updated_by)
+     VALUES ($1, $2, $3, $4, $5)
+     ON CONFLICT (secret_key) DO UPDATE SET refresh_token_sha256 = EXCLUDED.refresh_token_sha256,
+       not_before = EXCLUDED.not_before, consecutive_failures = EXCLUDED.consecutive_failures,
+       updated_by = EXCLUDED.updated_by, updated_at = now()`,
+    [secretKey, b.refreshTokenSha, new Date(b.notBefore), b.failures, replicaId],
+  );
+}
+
+export async function clearBackoff(db: PoolClient, secretKey: string): Promise<void> {
+  await db.query('DELETE FROM broker_backoff WHERE secret_key = $1', [secretKey]);
+}
