@@ -5,10 +5,15 @@ import type { Config } from './config.js';
 import { errorHandler, notFoundHandler, sendProblem } from './http/problem.js';
 import type { Logger } from './logger.js';
 import type { BrokerMetrics } from './metrics.js';
+import { adminRoutes } from './routes/admin.js';
 import { opsRoutes } from './routes/ops.js';
+import { shimRoutes } from './routes/shim.js';
+import { workspaceRoutes } from './routes/workspace.js';
+import { DocumentRenderer } from './serving.js';
 
 export interface AppOptions {
-  config: Pick<Config, 'ADMIN_TOKEN' | 'METRICS_TOKEN'>;
+  config: Pick<Config, 'ADMIN_TOKEN' | 'METRICS_TOKEN' | 'CODEX_AUTH_SECRET_KEY'> &
+    Partial<Pick<Config, 'REFRESH_TOKEN_EXPOSURE' | 'PLATFORM_WORKSPACE_TOKENS' | 'SHIM_FORCED_REFRESH_FLOOR_SECONDS'>>;
   core: BrokerCore;
   metrics: BrokerMetrics;
   logger: Logger;
@@ -50,12 +55,41 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     },
   });
 
+  const now = o.now ?? Date.now;
+  const { core, metrics } = o;
+  const renderer = new DocumentRenderer(core.refresher, o.config.REFRESH_TOKEN_EXPOSURE ?? 'proxy', now);
   await app.register(opsRoutes, {
-    core: o.core,
-    metrics: o.metrics,
+    core,
+    metrics,
     adminToken: o.config.ADMIN_TOKEN,
     metricsToken: o.config.METRICS_TOKEN,
-    now: o.now ?? Date.now,
+    now,
+    isClient: (token) => core.clients.authenticate(token) !== undefined,
+    beforeScrape: () => {
+      const counts = core.clients.counts(renderer.currentGeneration());
+      for (const [state, n] of Object.entries(counts)) metrics.clients.set({ state }, n);
+    },
   });
+  await app.register(workspaceRoutes, { clients: core.clients, renderer, metrics, now, platformTokens: o.config.PLATFORM_WORKSPACE_TOKENS === true });
+  await app.register(shimRoutes, {
+    clients: core.clients,
+    renderer,
+    refresher: core.refresher,
+    metrics,
+    now,
+    forcedRefreshFloorMs: (o.config.SHIM_FORCED_REFRESH_FLOOR_SECONDS ?? 600) * 1000,
+  });
+  if (o.config.ADMIN_TOKEN) {
+    await app.register(adminRoutes, {
+      adminToken: o.config.ADMIN_TOKEN,
+      pool: core.pool,
+      store: core.store,
+      secretKey: o.config.CODEX_AUTH_SECRET_KEY,
+      refresher: core.refresher,
+      clients: core.clients,
+      renderer,
+      credentialSecret: core.credentialSecret,
+    });
+  }
   return app;
 }

@@ -1,11 +1,13 @@
 import type { Dispatcher } from 'undici';
 import { ChangeListener } from './change-listener.js';
+import { CLIENTS_CHANNEL, loadCredentialSecret } from './clients/credentials.js';
+import { ClientRegistry } from './clients/registry.js';
 import type { Config } from './config.js';
 import { createPool, migrate, type Pool } from './db.js';
 import type { Logger } from './logger.js';
 import type { BrokerMetrics } from './metrics.js';
 import { Refresher } from './refresher.js';
-import { SecretStore } from './secret-store.js';
+import { CHANGE_CHANNEL, SecretStore } from './secret-store.js';
 import { createUpstreamClient, type RefreshFn } from './upstream.js';
 
 export type CoreConfig = Pick<
@@ -20,7 +22,8 @@ export type CoreConfig = Pick<
   | 'UPSTREAM_TIMEOUT_SECONDS'
   | 'encryptionKey'
   | 'replicaId'
->;
+> &
+  Partial<Pick<Config, 'PLATFORM_WORKSPACE_TOKENS'>>;
 
 export interface BrokerCoreOptions {
   config: CoreConfig;
@@ -33,12 +36,18 @@ export interface BrokerCoreOptions {
   now?: () => number;
   random?: () => number;
   poolSize?: number;
+  /** How often clients are reloaded without a NOTIFY (platform tokens have none) and last-seen facts flushed. */
+  clientReloadMs?: number;
+  clientFlushMs?: number;
 }
 
 export interface BrokerCore {
   pool: Pool;
   store: SecretStore;
   refresher: Refresher;
+  clients: ClientRegistry;
+  /** The secret behind broker refresh credentials (see clients/credentials.ts). */
+  credentialSecret: Buffer;
   listener: ChangeListener;
   /** Load the credential, start listening for changes and start the refresh loop. */
   start(): Promise<void>;
@@ -59,6 +68,14 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     throw err;
   }
   const store = new SecretStore(pool, config.encryptionKey);
+  let credentialSecret: Buffer;
+  try {
+    credentialSecret = await loadCredentialSecret(pool, config.encryptionKey);
+  } catch (err) {
+    await pool.end().catch(() => undefined);
+    throw err;
+  }
+  const clients = new ClientRegistry({ pool, logger, credentialSecret, platformTokens: config.PLATFORM_WORKSPACE_TOKENS === true });
   const refresh =
     o.refresh ??
     createUpstreamClient(
@@ -79,10 +96,17 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     ...(o.now ? { now: o.now } : {}),
     ...(o.random ? { random: o.random } : {}),
   });
+  const reloadClients = () =>
+    clients.reload().catch((err: Error) => logger.warn({ event: 'clients_reload_failed', err: { message: err.message } }, 'could not reload clients; serving the last known set'));
   const listener = new ChangeListener({
     connectionString: o.databaseUrl,
     logger,
-    onChange: (key) => {
+    channels: [CHANGE_CHANNEL, CLIENTS_CHANNEL],
+    onNotify: (channel, key) => {
+      if (channel === CLIENTS_CHANNEL) {
+        void reloadClients();
+        return;
+      }
       if (key !== undefined && key !== config.CODEX_AUTH_SECRET_KEY) return;
       // Reload first so a client never gets the burned token; then re-check, since a
       // re-seed may be due or may clear a latch.
@@ -92,18 +116,29 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
         .catch(() => undefined);
     },
   });
+  const timers: NodeJS.Timeout[] = [];
+  const flush = () =>
+    clients.flush().catch((err: Error) => logger.debug({ event: 'clients_flush_failed', err: { message: err.message } }, 'could not record client last-seen facts; will retry'));
   return {
     pool,
     store,
     refresher,
+    clients,
+    credentialSecret,
     listener,
     async start() {
       await refresher.reload().catch(() => undefined);
+      await clients.reload();
       await listener.start();
       refresher.start();
+      timers.push(setInterval(() => void reloadClients(), o.clientReloadMs ?? (config.PLATFORM_WORKSPACE_TOKENS ? 5_000 : 30_000)));
+      timers.push(setInterval(() => void flush(), o.clientFlushMs ?? 2_000));
+      for (const t of timers) t.unref();
     },
     async close(timeoutMs) {
       const finished = await refresher.stop(timeoutMs);
+      for (const t of timers) clearInterval(t);
+      await flush();
       await listener.close();
       await pool.end().catch(() => undefined);
       return finished;

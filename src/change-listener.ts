@@ -1,17 +1,17 @@
 import pg from 'pg';
 import type { Logger } from './logger.js';
-import { CHANGE_CHANNEL } from './secret-store.js';
 
 export interface ChangeListenerOptions {
   connectionString: string;
   logger: Logger;
-  /** Called with the changed key, or with undefined after a reconnect (changes may have been missed). */
-  onChange: (key: string | undefined) => void;
+  channels: string[];
+  /** Called with the channel and payload, or with an undefined payload for every channel after a reconnect (changes may have been missed). */
+  onNotify: (channel: string, payload: string | undefined) => void;
   retryMs?: number;
 }
 
 /**
- * LISTEN codex_auth_changed on a dedicated connection so every replica reloads the
+ * LISTEN (codex_auth_changed, codex_auth_clients_changed) on a dedicated connection so every replica reloads the
  * moment the credential changes, instead of serving a burned token until its next check.
  * Reconnects on its own; after a reconnect it reports a change, since notifications sent
  * while it was away are lost.
@@ -51,16 +51,16 @@ export class ChangeListener {
     client.on('error', lost);
     client.on('end', () => lost());
     client.on('notification', (msg) => {
-      if (msg.channel === CHANGE_CHANNEL) this.#o.onChange(msg.payload);
+      if (this.#o.channels.includes(msg.channel)) this.#o.onNotify(msg.channel, msg.payload);
     });
     this.#client = client;
     try {
       await client.connect();
-      await client.query(`LISTEN ${CHANGE_CHANNEL}`);
+      for (const ch of this.#o.channels) await client.query(`LISTEN ${client.escapeIdentifier(ch)}`);
       this.#connected = true;
       if (isReconnect) {
         this.#o.logger.info({ event: 'listener_restored' }, 'change listener reconnected');
-        this.#o.onChange(undefined);
+        for (const ch of this.#o.channels) this.#o.onNotify(ch, undefined);
       }
     } catch (err) {
       if (!isReconnect && !this.#closed) {

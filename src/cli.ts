@@ -8,6 +8,8 @@ import { createPool, migrate } from './db.js';
 import { AuthJsonError, BrokerError, ConfigError } from './errors.js';
 import { readLatch } from './refresh-guards.js';
 import { createLogger, type Logger } from './logger.js';
+import { ClientInputError, createClient, listClients, revokeClient } from './clients/client-store.js';
+import { loadCredentialSecret } from './clients/credentials.js';
 import { openDatabase, startBroker } from './runtime.js';
 import { SecretStore } from './secret-store.js';
 
@@ -17,15 +19,23 @@ const USAGE = `usage: codex-auth-broker <command>
   seed <auth.json|->    validate a codex auth.json and store it as the shared login
   status [--json]       print the stored credential's state (no secrets)
   migrate               apply database migrations and exit
+  clients add <name> [--workspace <uuid>]
+                        create a workspace client; prints its token and refresh credential once
+  clients list          list clients (never their tokens)
+  clients revoke <name> revoke a client on every replica
 
 Configuration is read from environment variables; see README.md.`;
 
-async function withStore<T>(config: Config, logger: Logger, fn: (store: SecretStore, db: ReturnType<typeof createPool>) => Promise<T>): Promise<T> {
+async function withStore<T>(
+  config: Config,
+  logger: Logger,
+  fn: (store: SecretStore, db: ReturnType<typeof createPool>, key: Buffer | undefined) => Promise<T>,
+): Promise<T> {
   const db = await openDatabase(config, logger);
   const pool = createPool(db.url, logger, 2);
   try {
     await migrate(pool, logger);
-    return await fn(new SecretStore(pool, db.config.encryptionKey), pool);
+    return await fn(new SecretStore(pool, db.config.encryptionKey), pool, db.config.encryptionKey);
   } finally {
     await pool.end().catch(() => undefined);
     if (db.embedded?.owned) await db.embedded.stop().catch(() => undefined);
@@ -100,6 +110,52 @@ async function status(config: Config, logger: Logger, json: boolean): Promise<nu
   return report.state === 'fresh' || report.state === 'due' ? 0 : 3;
 }
 
+async function clients(config: Config, logger: Logger, args: string[]): Promise<number> {
+  const [sub, name] = args;
+  return withStore(config, logger, async (_store, pool, key) => {
+    switch (sub) {
+      case 'add': {
+        const wi = args.indexOf('--workspace');
+        const workspace = wi >= 0 ? args[wi + 1] : undefined;
+        try {
+          const c = await createClient(pool, await loadCredentialSecret(pool, key), name, workspace);
+          console.log(`client ${c.name} created${c.workspaceId ? ` for workspace ${c.workspaceId}` : ''}. Shown once, store them now:`);
+          console.log(`token               ${c.token}`);
+          console.log(`refresh credential  ${c.refreshCredential}`);
+          return 0;
+        } catch (err) {
+          if (err instanceof ClientInputError) {
+            console.error(`clients add: ${err.message}`);
+            return 2;
+          }
+          throw err;
+        }
+      }
+      case 'list': {
+        const rows = await listClients(pool);
+        if (rows.length === 0) console.log('no clients');
+        for (const r of rows) console.log(`${r.name.padEnd(32)} ${(r.workspaceId ?? '-').padEnd(36)} ${r.tokenPrefix}…  last used ${r.lastUsedAt ?? 'never'}`);
+        return 0;
+      }
+      case 'revoke': {
+        if (!name) {
+          console.error('clients revoke: name the client');
+          return 2;
+        }
+        if (!(await revokeClient(pool, name))) {
+          console.error(`clients revoke: no live client named ${name}`);
+          return 1;
+        }
+        console.log(`revoked ${name}; every replica drops it at once`);
+        return 0;
+      }
+      default:
+        console.error('usage: codex-auth-broker clients add <name> [--workspace <uuid>] | list | revoke <name>');
+        return 2;
+    }
+  });
+}
+
 async function readStdin(): Promise<string> {
   const chunks: Buffer[] = [];
   for await (const c of process.stdin) chunks.push(c as Buffer);
@@ -142,6 +198,8 @@ export async function main(argv: string[]): Promise<number> {
         return await seed(config, logger, rest[0]);
       case 'status':
         return await status(config, logger, rest.includes('--json'));
+      case 'clients':
+        return await clients(config, logger, rest);
       case 'migrate': {
         const db = await openDatabase(config, logger);
         const pool = createPool(db.url, logger, 1);

@@ -12,7 +12,8 @@ export type BrokerErrorCode =
   | 'AUTH_JSON_INVALID'
   | 'UPSTREAM_PERMANENT'
   | 'UPSTREAM_TRANSIENT'
-  | 'STORE_UNAVAILABLE';
+  | 'STORE_UNAVAILABLE'
+  | 'CLIENT_INVALID';
 
 export class BrokerError extends Error {
   readonly code: BrokerErrorCode;

@@ -49,6 +49,8 @@ export interface CycleOptions {
   waitForLock?: boolean;
   /** Ignore a transient backoff step (an operator's explicit refresh). */
   ignoreBackoff?: boolean;
+  /** With force: only when the stored credential's last rotation is older than this (the shim's floor). */
+  onlyIfOlderThanMs?: number;
   reason?: string;
 }
 
@@ -72,6 +74,7 @@ export class Refresher {
   #appliedSeq = 0;
   #readSeq = 0;
   #inflight: Promise<CycleReport> | undefined;
+  #inflightForced = false;
   #latch: Latch | undefined;
   #pending: Pending | undefined;
   #consecutiveFailures = 0;
@@ -230,11 +233,18 @@ export class Refresher {
    * waited sees the rotated token instead of POSTing again.
    */
   runCycle(opts: CycleOptions = {}): Promise<CycleReport> {
-    if (this.#inflight) return this.#inflight.then((r) => ({ ...r, joined: true }));
+    if (this.#inflight) {
+      // A forced caller does not settle for a plain check's answer: it queues behind it,
+      // and the forced callers queued together share one forced cycle.
+      if (opts.force && !this.#inflightForced) return this.#inflight.then(() => this.runCycle(opts));
+      return this.#inflight.then((r) => ({ ...r, joined: true }));
+    }
     const p = this.#cycle(opts).finally(() => {
       this.#inflight = undefined;
+      this.#inflightForced = false;
     });
     this.#inflight = p;
+    this.#inflightForced = opts.force === true;
     return p;
   }
 
@@ -269,6 +279,7 @@ export class Refresher {
     if (this.latched) return this.#check('latched', { error: this.#lastError });
     const now = this.#now();
     if (!opts.force && !isDue(snap.claims, now, this.#o.marginSeconds)) return this.#check('fresh');
+    if (opts.force && this.#rotatedWithin(snap, now, opts.onlyIfOlderThanMs)) return this.#check('fresh');
     this.#o.metrics.refreshChecks.inc({ result: 'due' });
     if (!opts.ignoreBackoff && now < this.#nextAttemptAt) {
       return { check: 'due', backoff: true, ...(this.#lastError ? { error: this.#lastError } : {}) };
@@ -276,6 +287,10 @@ export class Refresher {
     const locked = await this.#withLock(opts.waitForLock === true, (db) => this.#refreshUnderLock(db, snap, opts));
     if (!locked) return this.#check('locked_elsewhere');
     return locked;
+  }
+
+  #rotatedWithin(snap: Snapshot, now: number, ms: number | undefined): boolean {
+    return ms !== undefined && snap.lastRefreshMs !== undefined && now - snap.lastRefreshMs < ms;
   }
 
   #check(result: CheckResult, extra: Omit<CycleReport, 'check'> = {}): CycleReport {
@@ -317,11 +332,12 @@ export class Refresher {
     if (!snap || !snap.parsed.tokens.refresh_token) return this.#check(this.#readError ? 'read_error' : 'inert', { error: this.#readError });
     const now = this.#now();
     const changed = !snap.raw.equals(before.raw);
-    if (changed && !isDue(snap.claims, now, this.#o.marginSeconds)) {
+    if (changed && (opts.force || !isDue(snap.claims, now, this.#o.marginSeconds))) {
       // Someone rotated (or re-seeded) while we waited: that is the outcome we wanted.
       return this.#check('fresh');
     }
     if (!opts.force && !isDue(snap.claims, now, this.#o.marginSeconds)) return this.#check('fresh');
+    if (opts.force && this.#rotatedWithin(snap, now, opts.onlyIfOlderThanMs)) return this.#check('fresh');
     const shared = await readLatch(db, this.#o.secretKey);
     if (shared && shared.refreshTokenSha === snap.refreshTokenSha) {
       this.#latch = shared;

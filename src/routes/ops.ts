@@ -13,6 +13,8 @@ export interface OpsRoutesOptions {
   now: () => number;
   /** Extra authorisation for /status (client tokens); admin is always accepted. */
   isClient?: (token: string) => boolean;
+  /** Refresh gauges that are computed rather than tracked (clients by state). */
+  beforeScrape?: () => void;
 }
 
 const SPEC_URL = new URL('../../openapi.yaml', import.meta.url);
@@ -86,6 +88,7 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
         return sendProblem(reply, { status: 401, code: 'unauthorized', title: 'Unauthorized', detail: 'a valid METRICS_TOKEN bearer token is required', headers: { 'www-authenticate': 'Bearer' } });
       }
     }
+    o.beforeScrape?.();
     const body = await o.metrics.registry.metrics();
     return reply.type(o.metrics.registry.contentType).send(body);
   });

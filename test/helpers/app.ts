@@ -37,6 +37,10 @@ export interface TestAppOptions {
   logs?: LogCapture;
   /** Start the refresh loop and the change listener (default true). */
   start?: boolean;
+  exposure?: 'proxy' | 'omit' | 'raw';
+  floorSeconds?: number;
+  platformTokens?: boolean;
+  clientReloadMs?: number;
 }
 
 /** The app as serve builds it (core + HTTP), on a real Postgres, without listening. */
@@ -54,6 +58,7 @@ export async function createTestApp(o: TestAppOptions): Promise<TestApp> {
     UPSTREAM_TIMEOUT_SECONDS: 5,
     encryptionKey: keyFor(o.databaseUrl),
     replicaId: `replica-${randomBytes(3).toString('hex')}`,
+    PLATFORM_WORKSPACE_TOKENS: o.platformTokens === true,
     ...o.config,
   };
   const core = await createBrokerCore({
@@ -62,12 +67,20 @@ export async function createTestApp(o: TestAppOptions): Promise<TestApp> {
     logger: logs.logger,
     metrics,
     poolSize: 4,
+    ...(o.clientReloadMs ? { clientReloadMs: o.clientReloadMs } : {}),
     ...(o.now ? { now: o.now } : {}),
     ...(o.random ? { random: o.random } : {}),
   });
   if (o.start !== false) await core.start();
   const app = await buildApp({
-    config: { ADMIN_TOKEN: 'adminToken' in o ? o.adminToken : ADMIN_TOKEN, METRICS_TOKEN: o.metricsToken },
+    config: {
+      ADMIN_TOKEN: 'adminToken' in o ? o.adminToken : ADMIN_TOKEN,
+      METRICS_TOKEN: o.metricsToken,
+      CODEX_AUTH_SECRET_KEY: config.CODEX_AUTH_SECRET_KEY,
+      REFRESH_TOKEN_EXPOSURE: o.exposure ?? 'proxy',
+      PLATFORM_WORKSPACE_TOKENS: o.platformTokens === true,
+      SHIM_FORCED_REFRESH_FLOOR_SECONDS: o.floorSeconds ?? 600,
+    },
     core,
     metrics,
     logger: logs.logger,

@@ -1,0 +1,164 @@
+import { timingSafeEqual } from 'node:crypto';
+import type { Pool } from '../db.js';
+import type { Logger } from '../logger.js';
+import { refreshCredential, sha256 } from './credentials.js';
+
+export type ClientKind = 'broker' | 'platform';
+
+export interface Client {
+  /** broker_clients.id, or `platform:<workspace id>` for a platform workspace token. */
+  id: string;
+  name: string;
+  kind: ClientKind;
+  workspaceId: string | null;
+  tokenSha: Buffer;
+  /** The derived broker refresh credential (proxy mode serves it, /oauth/token accepts it). */
+  refreshCredential: string;
+  lastSeenAt: number | undefined;
+  lastGeneration: string | undefined;
+}
+
+export interface ClientCounts {
+  active: number;
+  stale: number;
+  never_seen: number;
+}
+
+/**
+ * Every client credential, held in memory and reloaded on change, so that serving a
+ * workspace costs no database query. Lookups are by SHA-256 of the presented secret,
+ * then confirmed with a constant-time compare.
+ */
+export class ClientRegistry {
+  readonly #pool: Pool;
+  readonly #logger: Logger;
+  readonly #secret: Buffer;
+  readonly #platformTokens: boolean;
+  #byToken = new Map<string, Client>();
+  #byCredential = new Map<string, Client>();
+  readonly #dirty = new Set<Client>();
+  #loadSeq = 0;
+  #platformTableMissingLogged = false;
+
+  constructor(o: { pool: Pool; logger: Logger; credentialSecret: Buffer; platformTokens: boolean }) {
+    this.#pool = o.pool;
+    this.#logger = o.logger;
+    this.#secret = o.credentialSecret;
+    this.#platformTokens = o.platformTokens;
+  }
+
+  get size(): number {
+    return this.#byToken.size;
+  }
+
+  /** Reload every client from the database (start, NOTIFY, periodic safety net). */
+  async reload(): Promise<void> {
+    const seq = ++this.#loadSeq;
+    const rows = await this.#pool.query<{ id: string; name: string; workspace_id: string | null; token_sha256: Buffer; last_used_at: Date | null; last_served_generation: string | null }>(
+      'SELECT id, name, workspace_id, token_sha256, last_used_at, last_served_generation FROM broker_clients WHERE revoked_at IS NULL',
+    );
+    const byToken = new Map<string, Client>();
+    const byCredential = new Map<string, Client>();
+    const add = (c: Client) => {
+      byToken.set(c.tokenSha.toString('hex'), c);
+      byCredential.set(sha256(c.refreshCredential).toString('hex'), c);
+    };
+    for (const r of rows.rows) {
+      const prev = this.#byToken.get(r.token_sha256.toString('hex'));
+      add({
+        id: r.id,
+        name: r.name,
+        kind: 'broker',
+        workspaceId: r.workspace_id,
+        tokenSha: r.token_sha256,
+        refreshCredential: prev?.refreshCredential ?? refreshCredential(this.#secret, r.token_sha256),
+        // Keep what this replica saw more recently than its last flush.
+        lastSeenAt: Math.max(prev?.lastSeenAt ?? 0, r.last_used_at?.getTime() ?? 0) || undefined,
+        lastGeneration: prev && (prev.lastSeenAt ?? 0) >= (r.last_used_at?.getTime() ?? 0) ? prev.lastGeneration : (r.last_served_generation ?? undefined),
+      });
+    }
+    if (this.#platformTokens) {
+      for (const c of await this.#loadPlatformTokens()) {
+        const prev = this.#byToken.get(c.tokenSha.toString('hex'));
+        add({ ...c, lastSeenAt: prev?.lastSeenAt, lastGeneration: prev?.lastGeneration });
+      }
+    }
+    if (seq !== this.#loadSeq) return; // a newer reload finished first
+    this.#byToken = byToken;
+    this.#byCredential = byCredential;
+  }
+
+  async #loadPlatformTokens(): Promise<Client[]> {
+    const exists = await this.#pool.query<{ t: string | null }>("SELECT to_regclass('workspace_auth_tokens')::text AS t");
+    if (!exists.rows[0]?.t) {
+      if (!this.#platformTableMissingLogged) {
+        this.#platformTableMissingLogged = true;
+        this.#logger.warn({ event: 'platform_tokens_unavailable' }, 'PLATFORM_WORKSPACE_TOKENS is true but the database has no workspace_auth_tokens table; only broker clients can read');
+      }
+      return [];
+    }
+    // Read-only use of the platform's table.
+    const r = await this.#pool.query<{ workspace_id: string; token_hash: Buffer }>('SELECT workspace_id::text AS workspace_id, token_hash FROM workspace_auth_tokens WHERE revoked_at IS NULL');
+    return r.rows.map((row) => ({
+      id: `platform:${row.workspace_id}`,
+      name: `workspace:${row.workspace_id}`,
+      kind: 'platform' as const,
+      workspaceId: row.workspace_id,
+      tokenSha: row.token_hash,
+      refreshCredential: refreshCredential(this.#secret, row.token_hash),
+      lastSeenAt: undefined,
+      lastGeneration: undefined,
+    }));
+  }
+
+  /** The client a bearer token belongs to, if it is live. No database query. */
+  authenticate(token: string): Client | undefined {
+    const sha = sha256(token);
+    const c = this.#byToken.get(sha.toString('hex'));
+    return c && timingSafeEqual(c.tokenSha, sha) ? c : undefined;
+  }
+
+  /** The client a broker refresh credential belongs to, if it is live. */
+  byRefreshCredential(credential: string): Client | undefined {
+    const sha = sha256(credential);
+    const c = this.#byCredential.get(sha.toString('hex'));
+    return c && timingSafeEqual(sha256(c.refreshCredential), sha) ? c : undefined;
+  }
+
+  markServed(c: Client, generation: string, now: number): void {
+    c.lastSeenAt = now;
+    c.lastGeneration = generation;
+    if (c.kind === 'broker') this.#dirty.add(c);
+  }
+
+  counts(currentGeneration: string | undefined): ClientCounts {
+    const out: ClientCounts = { active: 0, stale: 0, never_seen: 0 };
+    for (const c of this.#byToken.values()) {
+      if (c.lastSeenAt === undefined) out.never_seen += 1;
+      else if (currentGeneration !== undefined && c.lastGeneration === currentGeneration) out.active += 1;
+      else out.stale += 1;
+    }
+    return out;
+  }
+
+  /** Write last-seen facts in one statement for every client served since the last flush. */
+  async flush(): Promise<number> {
+    if (this.#dirty.size === 0) return 0;
+    const batch = [...this.#dirty];
+    this.#dirty.clear();
+    try {
+      await this.#pool.query(
+        `UPDATE broker_clients AS c SET
+           last_used_at = GREATEST(c.last_used_at, v.seen),
+           last_served_generation = CASE WHEN c.last_used_at IS NULL OR v.seen >= c.last_used_at THEN v.gen ELSE c.last_served_generation END
+         FROM unnest($1::uuid[], $2::timestamptz[], $3::text[]) AS v(id, seen, gen)
+         WHERE c.id = v.id`,
+        [batch.map((c) => c.id), batch.map((c) => new Date(c.lastSeenAt ?? 0)), batch.map((c) => c.lastGeneration ?? null)],
+      );
+    } catch (err) {
+      for (const c of batch) this.#dirty.add(c);
+      throw err;
+    }
+    return batch.length;
+  }
+}

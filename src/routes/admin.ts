@@ -1,0 +1,98 @@
+import type { FastifyInstance } from 'fastify';
+import { validateSeed } from '../auth-json.js';
+import { ClientInputError, createClient, listClients, revokeClient } from '../clients/client-store.js';
+import type { ClientRegistry } from '../clients/registry.js';
+import type { Pool } from '../db.js';
+import { AuthJsonError } from '../errors.js';
+import { bearerToken, sameSecret, sha256 } from '../http/auth.js';
+import { sendProblem } from '../http/problem.js';
+import type { Refresher } from '../refresher.js';
+import type { SecretStore } from '../secret-store.js';
+import type { DocumentRenderer } from '../serving.js';
+
+export interface AdminRoutesOptions {
+  adminToken: string;
+  pool: Pool;
+  store: SecretStore;
+  secretKey: string;
+  refresher: Refresher;
+  clients: ClientRegistry;
+  renderer: DocumentRenderer;
+  credentialSecret: Buffer;
+}
+
+/** Operator routes behind ADMIN_TOKEN. Registered only when ADMIN_TOKEN is set. */
+export async function adminRoutes(app: FastifyInstance, o: AdminRoutesOptions): Promise<void> {
+  const adminSha = sha256(o.adminToken);
+  app.addHook('onRequest', async (req, reply) => {
+    const t = bearerToken(req);
+    if (!t || !sameSecret(t, adminSha)) {
+      return sendProblem(reply, { status: 401, code: 'unauthorized', title: 'Unauthorized', detail: 'the ADMIN_TOKEN bearer token is required', headers: { 'www-authenticate': 'Bearer' } });
+    }
+    return undefined;
+  });
+
+  app.put('/admin/credential', async (req, reply) => {
+    let parsed;
+    try {
+      parsed = validateSeed(req.body);
+    } catch (err) {
+      if (err instanceof AuthJsonError) {
+        return sendProblem(reply, { status: 400, code: 'invalid_credential', title: 'Bad Request', detail: err.message, extra: { field: err.field } });
+      }
+      throw err;
+    }
+    await o.store.put(o.secretKey, JSON.stringify(parsed.doc));
+    await o.refresher.reload();
+    req.log.info({ event: 'reseeded', secretKey: o.secretKey }, 'the login was replaced through PUT /admin/credential');
+    return o.refresher.status();
+  });
+
+  app.post('/admin/refresh', async () => {
+    const report = await o.refresher.runCycle({ force: true, waitForLock: true, ignoreBackoff: true, reason: 'admin' });
+    return { outcome: report.attempt ?? report.check, report, status: o.refresher.status() };
+  });
+
+  app.post('/admin/clients', async (req, reply) => {
+    const b = (req.body ?? {}) as Record<string, unknown>;
+    try {
+      const created = await createClient(o.pool, o.credentialSecret, b['name'], b['workspaceId']);
+      await o.clients.reload();
+      req.log.info({ event: 'client_added', client: created.name }, `added client ${created.name}`);
+      return reply.code(201).header('cache-control', 'no-store').send(created);
+    } catch (err) {
+      if (err instanceof ClientInputError) {
+        const conflict = /already exists/.test(err.message);
+        return sendProblem(reply, { status: conflict ? 409 : 400, code: conflict ? 'client_exists' : 'invalid_client', title: conflict ? 'Conflict' : 'Bad Request', detail: err.message, extra: { field: err.field } });
+      }
+      throw err;
+    }
+  });
+
+  app.get('/admin/clients', async () => {
+    // This replica's latest sightings first; the others flush theirs every few seconds.
+    await o.clients.flush().catch(() => 0);
+    const current = o.renderer.currentGeneration();
+    const rows = await listClients(o.pool);
+    return {
+      clients: rows.map((r) => ({
+        name: r.name,
+        workspaceId: r.workspaceId,
+        tokenPrefix: r.tokenPrefix,
+        createdAt: r.createdAt,
+        lastUsedAt: r.lastUsedAt,
+        holdsCurrentToken: current !== undefined && r.lastServedGeneration === current,
+        state: r.lastUsedAt === null ? 'never_seen' : r.lastServedGeneration === current ? 'active' : 'stale',
+      })),
+    };
+  });
+
+  app.delete<{ Params: { name: string } }>('/admin/clients/:name', async (req, reply) => {
+    if (!(await revokeClient(o.pool, req.params.name))) {
+      return sendProblem(reply, { status: 404, code: 'not_found', title: 'Not Found', detail: `no live client named ${req.params.name}` });
+    }
+    await o.clients.reload();
+    req.log.info({ event: 'client_revoked', client: req.params.name }, `revoked client ${req.params.name}`);
+    return reply.code(204).send();
+  });
+}

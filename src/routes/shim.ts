@@ -1,0 +1,89 @@
+import type { FastifyInstance, FastifyReply } from 'fastify';
+import { splitServedRefreshToken } from '../clients/credentials.js';
+import type { ClientRegistry } from '../clients/registry.js';
+import type { BrokerMetrics } from '../metrics.js';
+import type { Refresher } from '../refresher.js';
+import type { DocumentRenderer } from '../serving.js';
+
+export interface ShimRoutesOptions {
+  clients: ClientRegistry;
+  renderer: DocumentRenderer;
+  refresher: Refresher;
+  metrics: BrokerMetrics;
+  now: () => number;
+  forcedRefreshFloorMs: number;
+}
+
+const ROUTE = '/oauth/token';
+
+/** Errors shaped like the upstream token endpoint's, which is what codex parses. */
+function oauthError(reply: FastifyReply, status: number, code: string, message: string, type = 'invalid_request_error') {
+  return reply.code(status).type('application/json; charset=utf-8').send({ error: { message, type, code } });
+}
+
+/**
+ * The refresh shim stock codex points at (CODEX_REFRESH_TOKEN_URL_OVERRIDE). Usually the
+ * caller simply holds an older token than the broker: it gets the current one and the
+ * upstream hears nothing. Only a caller that already holds the current token, reports it
+ * rejected, and past the floor, triggers one forced refresh shared by every caller and
+ * replica waiting at that moment: a storm costs at most one upstream POST.
+ */
+export async function shimRoutes(app: FastifyInstance, o: ShimRoutesOptions): Promise<void> {
+  app.addContentTypeParser('application/x-www-form-urlencoded', { parseAs: 'string' }, (_req, body, done) => {
+    done(null, Object.fromEntries(new URLSearchParams(String(body))));
+  });
+
+  app.post(ROUTE, async (req, reply) => {
+    const served = (result: string) => o.metrics.tokenServed.inc({ route: ROUTE, result });
+    const body = req.body;
+    if (typeof body !== 'object' || body === null || Array.isArray(body)) {
+      served('bad_request');
+      return oauthError(reply, 400, 'invalid_request', 'expected a JSON or form body with grant_type=refresh_token and refresh_token');
+    }
+    const b = body as Record<string, unknown>;
+    if (b['grant_type'] !== 'refresh_token') {
+      served('bad_request');
+      return oauthError(reply, 400, 'unsupported_grant_type', 'only grant_type=refresh_token is supported');
+    }
+    const presented = b['refresh_token'];
+    if (typeof presented !== 'string' || presented === '') {
+      served('bad_request');
+      return oauthError(reply, 400, 'invalid_request', 'refresh_token must be a non-empty string');
+    }
+    const { credential, generation } = splitServedRefreshToken(presented);
+    const client = o.clients.byRefreshCredential(credential);
+    if (!client) {
+      served('unauthorized');
+      return oauthError(reply, 401, 'refresh_token_invalidated', 'This refresh token is not a live credential of this broker. Run the workspace sync again or ask an operator for a client.');
+    }
+    let current = o.renderer.tokens();
+    if (current && generation === current.generation) {
+      if (b['refresh_reason'] === 'unauthorized_recovery') {
+        await o.refresher.runCycle({ force: true, waitForLock: true, onlyIfOlderThanMs: o.forcedRefreshFloorMs, reason: 'shim_unauthorized_recovery' });
+      } else if (o.refresher.state() === 'due' || o.refresher.state() === 'expired') {
+        await o.refresher.runCycle({ waitForLock: true, reason: 'shim_stale' });
+      }
+      current = o.renderer.tokens();
+    }
+    const nowSec = o.now() / 1000;
+    if (!current || (current.exp !== undefined && current.exp <= nowSec)) {
+      const latch = o.refresher.status().latch;
+      if (latch && current) {
+        served('unauthorized');
+        return oauthError(reply, 401, latch.upstreamCode ?? 'refresh_token_invalidated', 'The shared login was refused upstream; an operator must log in again and re-seed the broker.');
+      }
+      served('unavailable');
+      reply.header('retry-after', '30');
+      return oauthError(reply, 503, 'temporarily_unavailable', 'The broker holds no unexpired token right now; retry shortly.', 'server_error');
+    }
+    o.clients.markServed(client, current.generation, o.now());
+    served('ok');
+    return reply.header('cache-control', 'no-store').send({
+      access_token: current.accessToken,
+      ...(current.idToken ? { id_token: current.idToken } : {}),
+      refresh_token: `${client.refreshCredential}.${current.generation}`,
+      token_type: 'Bearer',
+      expires_in: current.exp !== undefined ? Math.max(0, Math.floor(current.exp - nowSec)) : 0,
+    });
+  });
+}

@@ -1,0 +1,89 @@
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { UUID } from '../clients/client-store.js';
+import type { Client, ClientRegistry } from '../clients/registry.js';
+import { bearerToken } from '../http/auth.js';
+import { sendProblem } from '../http/problem.js';
+import type { BrokerMetrics } from '../metrics.js';
+import type { DocumentRenderer, Rendered } from '../serving.js';
+
+export interface WorkspaceRoutesOptions {
+  clients: ClientRegistry;
+  renderer: DocumentRenderer;
+  metrics: BrokerMetrics;
+  now: () => number;
+  /** Platform workspace tokens are accepted on the drop-in route only. */
+  platformTokens: boolean;
+}
+
+function matches(ifNoneMatch: string | undefined, etag: string): boolean {
+  if (!ifNoneMatch) return false;
+  if (ifNoneMatch.trim() === '*') return true;
+  return ifNoneMatch.split(',').some((t) => t.trim().replace(/^W\//, '') === etag);
+}
+
+/** What every workspace polls: the current login, at no database cost. */
+export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOptions): Promise<void> {
+  const served = (route: string, result: string) => o.metrics.tokenServed.inc({ route, result });
+
+  const unauthorized = (reply: FastifyReply, route: string) => {
+    served(route, 'unauthorized');
+    return sendProblem(reply, {
+      status: 401,
+      code: 'unauthorized',
+      title: 'Unauthorized',
+      detail: 'a valid client bearer token is required (missing, unknown or revoked)',
+      headers: { 'www-authenticate': 'Bearer' },
+    });
+  };
+
+  /** Authenticate, check availability, render; undefined when a reply was already sent. */
+  const prepare = (req: FastifyRequest, reply: FastifyReply, route: string, allowPlatform: boolean): { client: Client; doc: Rendered } | undefined => {
+    const token = bearerToken(req);
+    const client = token ? o.clients.authenticate(token) : undefined;
+    if (!client || (client.kind === 'platform' && !allowPlatform)) {
+      unauthorized(reply, route);
+      return undefined;
+    }
+    const why = o.renderer.unavailable();
+    if (why) {
+      served(route, 'unavailable');
+      sendProblem(reply, { status: 503, code: why.code, title: 'Service Unavailable', detail: why.detail, headers: { 'retry-after': '30' } });
+      return undefined;
+    }
+    return { client, doc: o.renderer.render(client) };
+  };
+
+  const send = (req: FastifyRequest, reply: FastifyReply, route: string, client: Client, etag: string, generation: string, body: string) => {
+    o.clients.markServed(client, generation, o.now());
+    reply.header('etag', etag).header('cache-control', 'no-store');
+    if (matches(req.headers['if-none-match'], etag)) {
+      served(route, 'not_modified');
+      return reply.code(304).send();
+    }
+    served(route, 'ok');
+    return reply.type('application/json; charset=utf-8').send(body);
+  };
+
+  app.get('/codex-auth', async (req, reply) => {
+    const ready = prepare(req, reply, '/codex-auth', false);
+    if (!ready) return reply;
+    return send(req, reply, '/codex-auth', ready.client, ready.doc.etag, ready.doc.generation, ready.doc.body);
+  });
+
+  const dropIn = '/workspaces/:id/secrets/values';
+  app.get<{ Params: { id: string } }>(dropIn, async (req, reply) => {
+    if (!UUID.test(req.params.id)) {
+      served(dropIn, 'bad_request');
+      return sendProblem(reply, { status: 400, code: 'invalid_workspace_id', title: 'Bad Request', detail: 'the workspace id must be a UUID' });
+    }
+    const ready = prepare(req, reply, dropIn, o.platformTokens);
+    if (!ready) return reply;
+    if (ready.client.workspaceId !== null && ready.client.workspaceId.toLowerCase() !== req.params.id.toLowerCase()) {
+      served(dropIn, 'not_found');
+      return sendProblem(reply, { status: 404, code: 'not_found', title: 'Not Found', detail: 'no such workspace for this token' });
+    }
+    // The platform's shape: a flat object whose CODEX_AUTH_JSON member is auth.json as a string.
+    const body = JSON.stringify({ CODEX_AUTH_JSON: ready.doc.body });
+    return send(req, reply, dropIn, ready.client, `"${ready.doc.etag.slice(1, -1)}-v"`, ready.doc.generation, body);
+  });
+}

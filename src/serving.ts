@@ -1,0 +1,128 @@
+import { createHash } from 'node:crypto';
+import type { JsonObject } from './auth-json.js';
+import { generationOf } from './clients/credentials.js';
+import type { Client } from './clients/registry.js';
+import type { Snapshot } from './credential.js';
+import type { Refresher } from './refresher.js';
+
+export type Exposure = 'proxy' | 'omit' | 'raw';
+
+export interface Rendered {
+  body: string;
+  etag: string;
+  generation: string;
+}
+
+export type Unavailable = { code: 'no_credential' | 'token_expired'; detail: string };
+
+// A string no real document can contain, replaced by each client's refresh credential.
+const SLOT = '\u0000codex-auth-broker:refresh_token\u0000';
+
+interface Template {
+  snap: Snapshot;
+  pre: string;
+  post: string;
+  generation: string;
+  /** Same bytes for every client (omit, raw): rendered once. */
+  shared: Rendered | undefined;
+}
+
+function etagOf(body: string): string {
+  return `"${createHash('sha256').update(body).digest('base64url').slice(0, 32)}"`;
+}
+
+/**
+ * The auth.json codex reads, as stored, with tokens.refresh_token per the exposure policy.
+ * Rendered from a per-snapshot template: serving costs a string concatenation and a
+ * hash, never a database query.
+ */
+export class DocumentRenderer {
+  readonly #refresher: Refresher;
+  readonly #exposure: Exposure;
+  readonly #now: () => number;
+  #template: Template | undefined;
+
+  constructor(refresher: Refresher, exposure: Exposure, now: () => number = Date.now) {
+    this.#refresher = refresher;
+    this.#exposure = exposure;
+    this.#now = now;
+  }
+
+  /** Why nothing can be served right now, or undefined when a token is usable. */
+  unavailable(): Unavailable | undefined {
+    const snap = this.#refresher.current();
+    if (!snap || !snap.parsed.tokens.access_token) {
+      return { code: 'no_credential', detail: 'the broker holds no usable login; an operator must seed one (codex-auth-broker seed)' };
+    }
+    // A latched credential whose access token still works is the best the fleet has.
+    if (snap.claims.exp !== undefined && snap.claims.exp <= this.#now() / 1000) {
+      return { code: 'token_expired', detail: 'the held access token has expired and could not be refreshed yet; see /status' };
+    }
+    return undefined;
+  }
+
+  currentGeneration(): string | undefined {
+    const at = this.#refresher.current()?.parsed.tokens.access_token;
+    return at ? generationOf(at) : undefined;
+  }
+
+  #templateFor(snap: Snapshot): Template {
+    if (this.#template?.snap === snap) return this.#template;
+    const doc = codexDocument(snap);
+    const tokens = doc['tokens'] as JsonObject;
+    const generation = generationOf(String(tokens['access_token']));
+    let shared: Rendered | undefined;
+    let pre = '';
+    let post = '';
+    if (this.#exposure === 'proxy') {
+      tokens['refresh_token'] = SLOT;
+      const text = JSON.stringify(doc);
+      const at = text.indexOf(JSON.stringify(SLOT));
+      pre = text.slice(0, at);
+      post = text.slice(at + JSON.stringify(SLOT).length);
+    } else {
+      // codex rejects a file whose refresh_token is not a string: omit serves an empty one.
+      if (this.#exposure === 'omit') tokens['refresh_token'] = '';
+      const body = JSON.stringify(doc);
+      shared = { body, etag: etagOf(body), generation };
+    }
+    this.#template = { snap, pre, post, generation, shared };
+    return this.#template;
+  }
+
+  /** The served document for one client. Call only when unavailable() is undefined. */
+  render(client: Client): Rendered {
+    const snap = this.#refresher.current();
+    if (!snap) throw new Error('render called with no credential');
+    const t = this.#templateFor(snap);
+    if (t.shared) return t.shared;
+    const body = t.pre + JSON.stringify(`${client.refreshCredential}.${t.generation}`) + t.post;
+    return { body, etag: etagOf(body), generation: t.generation };
+  }
+
+  /** The current tokens for the refresh shim's answer. */
+  tokens(): { accessToken: string; idToken: string | undefined; exp: number | undefined; generation: string } | undefined {
+    const snap = this.#refresher.current();
+    const at = snap?.parsed.tokens.access_token;
+    if (!snap || !at) return undefined;
+    return { accessToken: at, idToken: snap.parsed.tokens.id_token, exp: snap.claims.exp, generation: generationOf(at) };
+  }
+}
+
+/**
+ * The stored document in the shape codex reads. A nested document is served as stored;
+ * a flat one (the original refresher accepted both) is lifted into `tokens`, since codex
+ * cannot read flat tokens.
+ */
+export function codexDocument(snap: Snapshot): JsonObject {
+  const doc = structuredClone(snap.parsed.doc);
+  if (snap.parsed.shape === 'nested') return doc;
+  const tokens: JsonObject = {};
+  for (const f of ['id_token', 'access_token', 'refresh_token', 'account_id'] as const) {
+    if (f in doc) {
+      tokens[f] = doc[f];
+      delete doc[f];
+    }
+  }
+  return { OPENAI_API_KEY: null, ...doc, tokens };
+}
