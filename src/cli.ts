@@ -188,7 +188,10 @@ export async function main(argv: string[]): Promise<number> {
     }
     throw err;
   }
-  const logger = createLogger(config.LOG_LEVEL, command === 'serve' ? undefined : process.stderr);
+  const logger =
+    command === 'serve'
+      ? createLogger(config.LOG_LEVEL, undefined, { pretty: config.LOG_FORMAT === 'pretty' || (config.LOG_FORMAT === 'auto' && process.stdout.isTTY === true) })
+      : createLogger(config.LOG_LEVEL, process.stderr);
   try {
     switch (command) {
       case 'serve':

@@ -35,6 +35,10 @@ export const EnvSchema = Type.Object({
     ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((l) => Type.Literal(l)),
     { default: 'info', description: 'one of fatal, error, warn, info, debug, trace, silent' },
   ),
+  LOG_FORMAT: Type.Union([Type.Literal('auto'), Type.Literal('json'), Type.Literal('pretty')], {
+    default: 'auto',
+    description: 'one of auto (pretty in a terminal), json, pretty',
+  }),
   REPLICA_ID: Type.Optional(Type.String({ minLength: 1, maxLength: 100, description: 'a short name for this replica' })),
   EMBEDDED_PG_PORT: Type.Integer({ minimum: 0, maximum: 65535, default: 0, description: 'a TCP port 0-65535 (0: pick a free one)' }),
   BROKER_ENV: Type.Optional(Type.String({ description: 'e.g. production' })),

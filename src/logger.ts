@@ -1,4 +1,4 @@
-import { pino, destination as pinoDestination, stdTimeFunctions, type Logger as PinoLogger, type DestinationStream } from 'pino';
+import { pino, destination as pinoDestination, stdTimeFunctions, transport as pinoTransport, type Logger as PinoLogger, type DestinationStream } from 'pino';
 
 export type Logger = PinoLogger;
 
@@ -23,7 +23,19 @@ export const REDACT_PATHS = [
   'headers.authorization',
 ];
 
-export function createLogger(level: string, destination?: DestinationStream): Logger {
+/**
+ * JSON lines by default (what log collectors want); pretty lines when a person watches a
+ * terminal and pino-pretty is installed (a dev dependency: absent from the image).
+ */
+export function createLogger(level: string, destination?: DestinationStream, opts: { pretty?: boolean } = {}): Logger {
+  if (!destination && opts.pretty) {
+    try {
+      const transport = pinoTransport({ target: 'pino-pretty', options: { colorize: true, translateTime: 'SYS:HH:MM:ss.l', ignore: 'pid,hostname,service' } });
+      return pino({ level, base: { service: 'codex-auth-broker' }, redact: { paths: REDACT_PATHS, censor: '[redacted]' } }, transport as DestinationStream);
+    } catch {
+      // pino-pretty not installed: fall through to JSON.
+    }
+  }
   return pino(
     {
       level,
