@@ -60,7 +60,7 @@ const ms = (s: number) => Math.round(s * 1000);
 /** The framework-free core, wired the one way serve, the CLI and the tests use it. */
 export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore> {
   const { config, logger } = o;
-  const pool = createPool(o.databaseUrl, logger, o.poolSize);
+  const pool = createPool(o.databaseUrl, logger, o.poolSize, () => o.metrics.dbQueries.inc());
   try {
     await migrate(pool, logger);
   } catch (err) {

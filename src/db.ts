@@ -10,10 +10,25 @@ const MIGRATIONS_DIR = new URL('../migrations/', import.meta.url);
 // concurrent migrators at start.
 const MIGRATION_LOCK = 727_274_101;
 
-export function createPool(connectionString: string, logger: Logger, max = 10): Pool {
+/**
+ * A pool that counts every query it (or a client checked out of it) sends: the proof
+ * that serving a workspace costs no database round-trip. `onQuery` is the seam the
+ * metrics and the tests read.
+ */
+export function createPool(connectionString: string, logger: Logger, max = 10, onQuery?: () => void): Pool {
   const pool = new pg.Pool({ connectionString, max, connectionTimeoutMillis: 5_000, idleTimeoutMillis: 30_000 });
   // An idle client losing its connection (database restart) must not crash the process.
   pool.on('error', (err) => logger.warn({ event: 'db_idle_client_error', err: { message: err.message } }, 'idle database connection failed; the pool will reconnect'));
+  if (onQuery) {
+    // Pool.query checks a client out and calls client.query, so counting at the client counts both paths once.
+    pool.on('connect', (client) => {
+      const original = client.query.bind(client) as (...args: unknown[]) => unknown;
+      (client as unknown as { query: (...args: unknown[]) => unknown }).query = (...args: unknown[]) => {
+        onQuery();
+        return original(...args);
+      };
+    });
+  }
   return pool;
 }
 

@@ -34,6 +34,7 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}) {
     refreshLockHeld: new Gauge({ name: `${p}refresh_lock_held`, help: '1 while this replica holds the cross-replica refresh lock.', registers }),
     tokenServed: new Counter({ name: `${p}token_served_total`, help: 'Credentials served to workspaces by route and result.', labelNames: ['route', 'result'], registers }),
     clients: new Gauge({ name: `${p}clients`, help: 'Workspace clients by state.', labelNames: ['state'], registers }),
+    dbQueries: new Counter({ name: `${p}db_queries_total`, help: 'Queries sent to the database (the serving path sends none).', registers }),
     httpDuration: new Histogram({
       name: `${p}http_request_duration_seconds`,
       help: 'HTTP request duration by method, route and status code.',

@@ -38,6 +38,7 @@ export class ClientRegistry {
   #byCredential = new Map<string, Client>();
   readonly #dirty = new Set<Client>();
   #loadSeq = 0;
+  #appliedSeq = 0;
   #platformTableMissingLogged = false;
 
   constructor(o: { pool: Pool; logger: Logger; credentialSecret: Buffer; platformTokens: boolean }) {
@@ -83,7 +84,10 @@ export class ClientRegistry {
         add({ ...c, lastSeenAt: prev?.lastSeenAt, lastGeneration: prev?.lastGeneration });
       }
     }
-    if (seq !== this.#loadSeq) return; // a newer reload finished first
+    // Apply unless a reload that started later has already been applied: an older read
+    // must never overwrite a newer one (a revoked client would come back).
+    if (seq < this.#appliedSeq) return;
+    this.#appliedSeq = seq;
     this.#byToken = byToken;
     this.#byCredential = byCredential;
   }

@@ -41,6 +41,7 @@ export interface TestAppOptions {
   floorSeconds?: number;
   platformTokens?: boolean;
   clientReloadMs?: number;
+  clientFlushMs?: number;
 }
 
 /** The app as serve builds it (core + HTTP), on a real Postgres, without listening. */
@@ -68,6 +69,7 @@ export async function createTestApp(o: TestAppOptions): Promise<TestApp> {
     metrics,
     poolSize: 4,
     ...(o.clientReloadMs ? { clientReloadMs: o.clientReloadMs } : {}),
+    ...(o.clientFlushMs ? { clientFlushMs: o.clientFlushMs } : {}),
     ...(o.now ? { now: o.now } : {}),
     ...(o.random ? { random: o.random } : {}),
   });

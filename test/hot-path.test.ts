@@ -1,0 +1,65 @@
+import { strict as assert } from 'node:assert';
+import { after, before, test } from 'node:test';
+import { createTestApp, ADMIN_TOKEN, type TestApp } from './helpers/app.js';
+import { FakeUpstream } from './helpers/fake-upstream.js';
+import { startTestPostgres, type TestPostgres } from './helpers/pg.js';
+
+let pg: TestPostgres;
+let upstream: FakeUpstream;
+let t: TestApp;
+
+before(async () => {
+  pg = await startTestPostgres();
+  upstream = await FakeUpstream.start();
+  // Background work (client reloads, last-seen flushes, the refresh check) is slowed right
+  // down so that only the requests themselves could issue queries during the count.
+  t = await createTestApp({ databaseUrl: await pg.newDatabase(), upstreamUrl: upstream.url, clientReloadMs: 3_600_000, clientFlushMs: 3_600_000 });
+});
+after(async () => {
+  await t.close();
+  await upstream.close();
+  await pg.stop();
+});
+
+async function queries(): Promise<number> {
+  const m = await t.metrics.dbQueries.get();
+  return m.values[0]?.value ?? 0;
+}
+
+test('zero database queries per served request in steady state', async () => {
+  const admin = { authorization: `Bearer ${ADMIN_TOKEN}` };
+  assert.equal((await t.app.inject({ method: 'PUT', url: '/admin/credential', headers: admin, payload: upstream.seed() })).statusCode, 200);
+  const clients: Array<{ token: string; workspaceId: string | null }> = [];
+  for (let i = 0; i < 20; i++) {
+    const r = await t.app.inject({ method: 'POST', url: '/admin/clients', headers: admin, payload: { name: `ws-${i}`, workspaceId: i % 2 ? null : `00000000-0000-4000-8000-${String(i).padStart(12, '0')}` } });
+    assert.equal(r.statusCode, 201);
+    clients.push(r.json() as { token: string; workspaceId: string | null });
+  }
+  // Warm-up: the first render builds the document template.
+  const first = await t.app.inject({ url: '/codex-auth', headers: { authorization: `Bearer ${clients[0]?.token}` } });
+  const doc = first.json() as { tokens: { refresh_token: string } };
+  const before = await queries();
+  assert.ok(before > 0, 'the counter counts (setup issued queries)');
+  let served = 0;
+  for (let round = 0; round < 25; round++) {
+    for (const c of clients) {
+      const auth = { authorization: `Bearer ${c.token}` };
+      const ok = await t.app.inject({ url: '/codex-auth', headers: auth });
+      assert.equal(ok.statusCode, 200, ok.body);
+      const nm = await t.app.inject({ url: '/codex-auth', headers: { ...auth, 'if-none-match': String(ok.headers.etag) } });
+      assert.equal(nm.statusCode, 304);
+      const ws = c.workspaceId ?? '11111111-1111-4111-8111-111111111111';
+      const drop = await t.app.inject({ url: `/workspaces/${ws}/secrets/values`, headers: { ...auth, 'x-molecule-org-id': 'org' } });
+      assert.equal(drop.statusCode, 200, drop.body);
+      served += 3;
+    }
+    // A stale-caller shim call and the health probes are on the hot path too.
+    const shim = await t.app.inject({ method: 'POST', url: '/oauth/token', payload: { grant_type: 'refresh_token', refresh_token: `${doc.tokens.refresh_token.split('.')[0]}.stale`, client_id: 'x' } });
+    assert.equal(shim.statusCode, 200, shim.body);
+    assert.equal((await t.app.inject({ url: '/healthz' })).statusCode, 200);
+    served += 2;
+  }
+  const after = await queries();
+  assert.equal(after - before, 0, `${after - before} queries for ${served} served requests`);
+  assert.equal(upstream.posts, 0);
+});
