@@ -128,6 +128,7 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     listener,
     async start() {
       await refresher.reload().catch(() => undefined);
+      await refresher.checkUnfinished().catch((err: Error) => logger.warn({ event: 'audit_unreadable', err: { message: err.message } }, 'could not read broker_refresh_events'));
       await clients.reload();
       await listener.start();
       refresher.start();

@@ -1,5 +1,6 @@
 import { mergeRotation, type RotationResponse } from './auth-json.js';
-import { buildSnapshot, stateOf, type Snapshot } from './credential.js';
+import { recordIntent, recordOutcome, unfinishedIntents, type RefreshEvent } from './audit.js';
+import { buildSnapshot, shortHash, stateOf, type Snapshot } from './credential.js';
 import type { PoolClient } from './db.js';
 import { isDue } from './due.js';
 import { BrokerError, UpstreamError } from './errors.js';
@@ -91,6 +92,7 @@ export class Refresher {
   #readError: SanitisedError | undefined;
   /** The store could not be read or locked; cleared by the next successful read. */
   #storeError: SanitisedError | undefined;
+  #unfinished: RefreshEvent[] = [];
 
   constructor(opts: RefresherOptions) {
     const { now, random, ...rest } = opts;
@@ -144,6 +146,7 @@ export class Refresher {
       nextAttemptNotBefore: this.#nextAttemptAt > this.#now() ? iso(this.#nextAttemptAt) : null,
       latch: this.latched && this.#latch ? { upstreamStatus: this.#latch.status ?? null, upstreamCode: this.#latch.code ?? null, at: this.#latch.at.toISOString() } : null,
       writebackPending: this.#pending !== undefined,
+      unfinishedRefreshes: this.#unfinished.map((e) => ({ id: e.id, replicaId: e.replicaId, startedAt: e.startedAt })),
       replicaId: this.#o.replicaId,
       refreshLockHeld: this.#lockHeld,
     };
@@ -355,17 +358,57 @@ export class Refresher {
       if (step && step.refreshTokenSha === snap.refreshTokenSha) this.#consecutiveFailures = Math.max(this.#consecutiveFailures, step.failures);
     }
     const refreshToken = snap.parsed.tokens.refresh_token;
-    const started = this.#now();
+    // The audit intent goes in before the POST; a store that cannot take it gets no POST.
+    let eventId: number;
+    try {
+      eventId = await recordIntent(db, { secretKey: this.#o.secretKey, replicaId: this.#o.replicaId, reason: opts.reason ?? 'due', refreshTokenSha8: shortHash(refreshToken) });
+    } catch (err) {
+      this.#storeError = this.#problem('read_error', 'STORE_UNAVAILABLE', `could not record the refresh intent, not refreshing: ${(err as Error).message}`);
+      return this.#check('read_error', { error: this.#storeError });
+    }
+    const started = Date.now();
     const timer = this.#o.metrics.upstreamDuration.startTimer();
     let answer: RotationResponse;
     try {
       answer = await this.#o.refresh(refreshToken);
     } catch (err) {
       timer();
-      return this.#failed(db, snap, err, started);
+      const report = await this.#failed(db, snap, err, started);
+      const ue = err instanceof UpstreamError ? err : undefined;
+      await this.#audit(db, eventId, { outcome: report.attempt ?? 'transient_failure', status: ue?.status, code: ue?.upstreamCode, durationMs: Date.now() - started });
+      return report;
     }
     timer();
-    return this.#rotated(db, snap, answer, opts.reason);
+    const report = await this.#rotated(db, snap, answer, opts.reason);
+    await this.#audit(db, eventId, {
+      outcome: this.#pending ? 'rotated_writeback_pending' : 'rotated',
+      status: 200,
+      durationMs: Date.now() - started,
+      newRefreshTokenSha8: answer.refresh_token ? shortHash(answer.refresh_token) : undefined,
+    });
+    return report;
+  }
+
+  async #audit(db: PoolClient, id: number, o: Parameters<typeof recordOutcome>[2]): Promise<void> {
+    await recordOutcome(db, id, o).catch((err: Error) =>
+      this.#o.logger.warn({ event: 'audit_outcome_lost', eventId: id, err: { message: err.message } }, 'could not record the outcome of a refresh in broker_refresh_events'),
+    );
+  }
+
+  /**
+   * Report refresh intents that never got an outcome: a crash between an upstream POST
+   * and its record, where the upstream may have rotated a token nobody kept.
+   */
+  async checkUnfinished(olderThanMs = 120_000): Promise<RefreshEvent[]> {
+    const found = await unfinishedIntents(this.#o.store.pool, this.#o.secretKey, olderThanMs);
+    this.#unfinished = found;
+    for (const e of found) {
+      this.#o.logger.error(
+        { event: 'unfinished_refresh', eventId: e.id, replicaId: e.replicaId, startedAt: e.startedAt, refreshTokenSha8: e.refreshTokenSha8 },
+        'a refresh POST has no recorded outcome (a crash mid-refresh?): if the broker now gets refresh_token_reused, log in again and re-seed; see GET /admin/events',
+      );
+    }
+    return found;
   }
 
   async #rotated(db: PoolClient, snap: Snapshot, answer: RotationResponse, reason: string | undefined): Promise<CycleReport> {

@@ -6,6 +6,7 @@ import type { Pool } from '../db.js';
 import { AuthJsonError } from '../errors.js';
 import { bearerToken, sameSecret, sha256 } from '../http/auth.js';
 import { sendProblem } from '../http/problem.js';
+import { latestEvents } from '../audit.js';
 import type { Refresher } from '../refresher.js';
 import type { SecretStore } from '../secret-store.js';
 import type { DocumentRenderer } from '../serving.js';
@@ -51,6 +52,14 @@ export async function adminRoutes(app: FastifyInstance, o: AdminRoutesOptions): 
   app.post('/admin/refresh', async () => {
     const report = await o.refresher.runCycle({ force: true, waitForLock: true, ignoreBackoff: true, reason: 'admin' });
     return { outcome: report.attempt ?? report.check, report, status: o.refresher.status() };
+  });
+
+  app.get<{ Querystring: { limit?: string } }>('/admin/events', async (req, reply) => {
+    const limit = req.query.limit === undefined ? 50 : Number(req.query.limit);
+    if (!Number.isInteger(limit) || limit < 1 || limit > 1000) {
+      return sendProblem(reply, { status: 400, code: 'invalid_limit', title: 'Bad Request', detail: 'limit must be an integer from 1 to 1000', extra: { field: 'limit' } });
+    }
+    return { events: await latestEvents(o.pool, o.secretKey, limit) };
   });
 
   app.post('/admin/clients', async (req, reply) => {
