@@ -6,6 +6,7 @@ import type { Config } from './config.js';
 import { createPool, migrate, type Pool } from './db.js';
 import type { Logger } from './logger.js';
 import type { BrokerMetrics } from './metrics.js';
+import { RotationJournal } from './journal.js';
 import { Refresher } from './refresher.js';
 import { CHANGE_CHANNEL, SecretStore } from './secret-store.js';
 import { createUpstreamClient, type RefreshFn } from './upstream.js';
@@ -39,6 +40,8 @@ export interface BrokerCoreOptions {
   /** How often clients are reloaded without a NOTIFY (platform tokens have none) and last-seen facts flushed. */
   clientReloadMs?: number;
   clientFlushMs?: number;
+  /** Where rotations are journaled before their write-back (DATA_DIR); needs an encryption key. */
+  journalDir?: string;
 }
 
 export interface BrokerCore {
@@ -95,7 +98,11 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     transientBaseMs: ms(config.TRANSIENT_BACKOFF_BASE_SECONDS),
     ...(o.now ? { now: o.now } : {}),
     ...(o.random ? { random: o.random } : {}),
+    journal: o.journalDir && config.encryptionKey ? new RotationJournal(o.journalDir, config.encryptionKey) : undefined,
   });
+  if (o.journalDir && !config.encryptionKey) {
+    logger.warn({ event: 'journal_disabled' }, 'no SECRETS_ENCRYPTION_KEY: rotations are not journaled to DATA_DIR (it would hold a plaintext token)');
+  }
   const reloadClients = () =>
     clients.reload().catch((err: Error) => logger.warn({ event: 'clients_reload_failed', err: { message: err.message } }, 'could not reload clients; serving the last known set'));
   const listener = new ChangeListener({
@@ -127,6 +134,8 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     credentialSecret,
     listener,
     async start() {
+      // A rotation journaled before a crash lands before anything may refresh.
+      await refresher.recoverJournal();
       await refresher.reload().catch(() => undefined);
       await refresher.checkUnfinished().catch((err: Error) => logger.warn({ event: 'audit_unreadable', err: { message: err.message } }, 'could not read broker_refresh_events'));
       await clients.reload();

@@ -5,6 +5,7 @@ import type { PoolClient } from './db.js';
 import { isDue } from './due.js';
 import { BrokerError, UpstreamError } from './errors.js';
 import { clearBackoff, readBackoff, readLatch, writeBackoff, writeLatch, type Latch } from './refresh-guards.js';
+import type { RotationJournal } from './journal.js';
 import type { Logger } from './logger.js';
 import { setCredentialState, type AttemptOutcome, type BrokerMetrics, type CheckResult, type CredentialState } from './metrics.js';
 import type { SecretStore, StoredRow } from './secret-store.js';
@@ -23,6 +24,8 @@ export interface RefresherOptions {
   transientBaseMs: number;
   now?: () => number;
   random?: () => number;
+  /** Local encrypted copy of a rotation until its write-back lands (absent: no key to encrypt it with). */
+  journal?: RotationJournal | undefined;
 }
 
 export interface SanitisedError {
@@ -68,7 +71,8 @@ export interface Pending {
  * token is single-use: a second POST of the same token logs the whole fleet out.
  */
 export class Refresher {
-  readonly #o: Required<Omit<RefresherOptions, 'now' | 'random'>>;
+  readonly #o: Required<Omit<RefresherOptions, 'now' | 'random' | 'journal'>>;
+  readonly #journal: RotationJournal | undefined;
   readonly #now: () => number;
   readonly #random: () => number;
   #snapshot: Snapshot | undefined;
@@ -95,8 +99,9 @@ export class Refresher {
   #unfinished: RefreshEvent[] = [];
 
   constructor(opts: RefresherOptions) {
-    const { now, random, ...rest } = opts;
+    const { now, random, journal, ...rest } = opts;
     this.#o = rest;
+    this.#journal = journal;
     this.#now = now ?? Date.now;
     this.#random = random ?? Math.random;
   }
@@ -396,6 +401,34 @@ export class Refresher {
   }
 
   /**
+   * At start, before any refresh: a journaled rotation whose write-back never landed is
+   * written now, if the row still holds what was read before its POST; otherwise it is
+   * stale (it landed, or the login was re-seeded since) and is discarded.
+   */
+  async recoverJournal(): Promise<'none' | 'recovered' | 'already_landed' | 'stale'> {
+    if (!this.#journal) return 'none';
+    const entry = await this.#journal.read(this.#o.secretKey);
+    if (!entry) return 'none';
+    const row = await this.#o.store.read(this.#o.secretKey);
+    let outcome: 'recovered' | 'already_landed' | 'stale';
+    if (row && row.raw.equals(entry.expectedRaw)) {
+      outcome = (await this.#o.store.compareAndSet(this.#o.secretKey, entry.expectedRaw, entry.plaintext)) ? 'recovered' : 'stale';
+    } else if (row && this.#o.store.decrypt(row) === entry.plaintext) {
+      outcome = 'already_landed';
+    } else {
+      outcome = 'stale';
+    }
+    await this.#journal.clear(this.#o.secretKey);
+    if (outcome === 'recovered') {
+      this.#o.logger.warn({ event: 'journal_recovered', secretKey: this.#o.secretKey, rotatedAt: entry.at }, 'wrote back a rotation journaled before a crash; no token was lost');
+    } else {
+      this.#o.logger.info({ event: 'journal_discarded', secretKey: this.#o.secretKey, rotatedAt: entry.at, reason: outcome }, `discarded a journaled rotation (${outcome === 'stale' ? 'the stored credential changed since' : 'it had already landed'})`);
+    }
+    await this.reload().catch(() => undefined);
+    return outcome;
+  }
+
+  /**
    * Report refresh intents that never got an outcome: a crash between an upstream POST
    * and its record, where the upstream may have rotated a token nobody kept.
    */
@@ -421,6 +454,10 @@ export class Refresher {
     this.#lastError = undefined;
     this.#lastRotationAt = now;
     this.#lastOutcome = { outcome: 'rotated', at: now };
+    // Durable before the write-back: a crash from here on must not lose the only valid token.
+    await this.#journal
+      ?.write({ secretKey: this.#o.secretKey, expectedRaw: snap.raw, plaintext, at: new Date(now).toISOString() })
+      .catch((err: Error) => this.#o.logger.error({ event: 'journal_failed', err: { message: err.message } }, 'could not journal the rotation to DATA_DIR; check the disk'));
     let written: boolean;
     try {
       written = await this.#o.store.compareAndSet(this.#o.secretKey, snap.raw, plaintext, db);
@@ -437,6 +474,7 @@ export class Refresher {
       return { check: 'due', attempt: 'rotated' };
     }
     if (written) await clearBackoff(db, this.#o.secretKey).catch(() => undefined);
+    await this.#journal?.clear(this.#o.secretKey).catch(() => undefined);
     if (!written) {
       this.#o.logger.warn(
         { event: 'rotation_discarded', secretKey: this.#o.secretKey },
@@ -533,6 +571,7 @@ export class Refresher {
     try {
       const ok = await this.#o.store.compareAndSet(this.#o.secretKey, p.expectedRaw, p.plaintext);
       this.#pending = undefined;
+      await this.#journal?.clear(this.#o.secretKey).catch(() => undefined);
       this.#o.metrics.writebackPending.set(0);
       if (ok) {
         this.#o.logger.info({ event: 'writeback_landed', secretKey: this.#o.secretKey }, 'the pending rotation is written back');

@@ -61,7 +61,7 @@ export async function startBroker(config: Config, logger: Logger): Promise<Runni
   const metrics = createMetrics();
   let core: BrokerCore;
   try {
-    core = await createBrokerCore({ config: cfg, databaseUrl: db.url, logger, metrics });
+    core = await createBrokerCore({ config: cfg, databaseUrl: db.url, logger, metrics, journalDir: cfg.DATA_DIR });
   } catch (err) {
     await db.embedded?.stop().catch(() => undefined);
     throw err;

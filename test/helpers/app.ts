@@ -42,6 +42,7 @@ export interface TestAppOptions {
   platformTokens?: boolean;
   clientReloadMs?: number;
   clientFlushMs?: number;
+  journalDir?: string;
 }
 
 /** The app as serve builds it (core + HTTP), on a real Postgres, without listening. */
@@ -70,6 +71,7 @@ export async function createTestApp(o: TestAppOptions): Promise<TestApp> {
     poolSize: 4,
     ...(o.clientReloadMs ? { clientReloadMs: o.clientReloadMs } : {}),
     ...(o.clientFlushMs ? { clientFlushMs: o.clientFlushMs } : {}),
+    ...(o.journalDir ? { journalDir: o.journalDir } : {}),
     ...(o.now ? { now: o.now } : {}),
     ...(o.random ? { random: o.random } : {}),
   });
