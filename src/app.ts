@@ -14,7 +14,12 @@ import { DocumentRenderer } from './serving.js';
 
 export interface AppOptions {
   config: Pick<Config, 'ADMIN_TOKEN' | 'METRICS_TOKEN' | 'CODEX_AUTH_SECRET_KEY'> &
-    Partial<Pick<Config, 'REFRESH_TOKEN_EXPOSURE' | 'PLATFORM_WORKSPACE_TOKENS' | 'SHIM_FORCED_REFRESH_FLOOR_SECONDS'>>;
+    Partial<
+      Pick<
+        Config,
+        'REFRESH_TOKEN_EXPOSURE' | 'PLATFORM_WORKSPACE_TOKENS' | 'SHIM_FORCED_REFRESH_FLOOR_SECONDS' | 'MAX_EVENT_LOOP_DELAY_MS' | 'MAX_HEAP_USED_BYTES' | 'MAX_RSS_BYTES'
+      >
+    >;
   core: BrokerCore;
   metrics: BrokerMetrics;
   logger: Logger;
@@ -48,8 +53,12 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     o.metrics.httpDuration.observe({ method: req.method, route, status_code: String(reply.statusCode) }, reply.elapsedTime / 1000);
   });
 
+  // Shed request load before it queues; the refresher runs on timers, not requests, so a
+  // due refresh is never starved by it.
   await app.register(underPressure, {
-    maxEventLoopDelay: 1000,
+    maxEventLoopDelay: o.config.MAX_EVENT_LOOP_DELAY_MS ?? 1000,
+    maxHeapUsedBytes: o.config.MAX_HEAP_USED_BYTES ?? 0,
+    maxRssBytes: o.config.MAX_RSS_BYTES ?? 0,
     retryAfter: 5,
     pressureHandler: (_req, reply, type, value) => {
       sendProblem(reply, {

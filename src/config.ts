@@ -35,6 +35,9 @@ export const EnvSchema = Type.Object({
     ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((l) => Type.Literal(l)),
     { default: 'info', description: 'one of fatal, error, warn, info, debug, trace, silent' },
   ),
+  MAX_EVENT_LOOP_DELAY_MS: Type.Integer({ minimum: 0, default: 1000, description: 'milliseconds of event-loop delay before shedding load (0: off)' }),
+  MAX_HEAP_USED_BYTES: Type.Integer({ minimum: 0, default: 0, description: 'heap bytes before shedding load (0: off)' }),
+  MAX_RSS_BYTES: Type.Integer({ minimum: 0, default: 0, description: 'resident bytes before shedding load (0: off)' }),
   LOG_FORMAT: Type.Union([Type.Literal('auto'), Type.Literal('json'), Type.Literal('pretty')], {
     default: 'auto',
     description: 'one of auto (pretty in a terminal), json, pretty',
