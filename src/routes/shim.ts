@@ -1,4 +1,4 @@
-import type { FastifyInstance, FastifyReply } from 'fastify';
+import type { FastifyError, FastifyInstance, FastifyReply } from 'fastify';
 import { splitServedRefreshToken } from '../clients/credentials.js';
 import type { ClientRegistry } from '../clients/registry.js';
 import type { BrokerMetrics } from '../metrics.js';
@@ -31,6 +31,21 @@ function oauthError(reply: FastifyReply, status: number, code: string, message: 
 export async function shimRoutes(app: FastifyInstance, o: ShimRoutesOptions): Promise<void> {
   app.addContentTypeParser('application/x-www-form-urlencoded', { parseAs: 'string' }, (_req, body, done) => {
     done(null, Object.fromEntries(new URLSearchParams(String(body))));
+  });
+  // Body-parser failures (malformed or empty JSON, an unsupported media type, too large)
+  // reach this scope's error handler before the route runs: answer them like the upstream
+  // (400 invalid_request, as OAuth token endpoints do), never with the rest of the API's
+  // problem+json, which codex cannot read.
+  app.setErrorHandler((err: FastifyError, req, reply) => {
+    const status = err.statusCode ?? 500;
+    if (status < 400 || status >= 500) {
+      req.log.error({ event: 'request_failed', err: { message: err.message, code: err.code } }, 'request failed');
+      o.metrics.tokenServed.inc({ route: ROUTE, result: 'error' });
+      return oauthError(reply, 500, 'server_error', 'the broker failed to handle this request; see its logs', 'server_error');
+    }
+    o.metrics.tokenServed.inc({ route: ROUTE, result: 'bad_request' });
+    // Parser messages describe the body's shape, never its values.
+    return oauthError(reply, 400, 'invalid_request', err.message);
   });
 
   app.post(ROUTE, async (req, reply) => {
