@@ -80,7 +80,8 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     adminToken: o.config.ADMIN_TOKEN,
     metricsToken: o.config.METRICS_TOKEN,
     now,
-    isClient: (token) => core.clients.authenticate(token) !== undefined,
+    // Platform workspace tokens are for the drop-in route only.
+    isClient: (token) => core.clients.authenticate(token)?.kind === 'broker',
     beforeScrape: () => {
       const counts = core.clients.counts(renderer.currentGeneration());
       for (const [state, n] of Object.entries(counts)) metrics.clients.set({ state }, n);

@@ -40,7 +40,8 @@ export function validateClientInput(name: unknown, workspaceId: unknown): { name
   if (workspaceId !== undefined && workspaceId !== null && (typeof workspaceId !== 'string' || !UUID.test(workspaceId))) {
     throw new ClientInputError('workspaceId', 'must be a UUID when given');
   }
-  return { name, workspaceId: (workspaceId as string | null | undefined) ?? null };
+  // Postgres stores a uuid in lower case: answer the create in the form every later read shows.
+  return { name, workspaceId: typeof workspaceId === 'string' ? workspaceId.toLowerCase() : null };
 }
 
 export async function createClient(pool: Pool, secret: Buffer, nameIn: unknown, workspaceIn?: unknown): Promise<NewClient> {
