@@ -20,6 +20,11 @@ export function sendProblem(reply: FastifyReply, p: Problem): FastifyReply {
     .send({ type: `${PROBLEM_TYPE_BASE}${p.code}`, title: p.title, status: p.status, detail: p.detail, code: p.code, ...p.extra });
 }
 
+/** 401 with the challenge every client route sends. */
+export function sendUnauthorized(reply: FastifyReply, detail: string): FastifyReply {
+  return sendProblem(reply, { status: 401, code: 'unauthorized', title: 'Unauthorized', detail, headers: { 'www-authenticate': 'Bearer' } });
+}
+
 const TITLES: Record<number, string> = {
   400: 'Bad Request',
   401: 'Unauthorized',

@@ -5,7 +5,7 @@ import type { ClientRegistry } from '../clients/registry.js';
 import type { Pool } from '../db.js';
 import { AuthJsonError } from '../errors.js';
 import { bearerToken, sameSecret, sha256 } from '../http/auth.js';
-import { sendProblem } from '../http/problem.js';
+import { sendProblem, sendUnauthorized } from '../http/problem.js';
 import { latestEvents } from '../audit.js';
 import type { Refresher } from '../refresher.js';
 import type { SecretStore } from '../secret-store.js';
@@ -28,7 +28,7 @@ export async function adminRoutes(app: FastifyInstance, o: AdminRoutesOptions): 
   app.addHook('onRequest', async (req, reply) => {
     const t = bearerToken(req);
     if (!t || !sameSecret(t, adminSha)) {
-      return sendProblem(reply, { status: 401, code: 'unauthorized', title: 'Unauthorized', detail: 'the ADMIN_TOKEN bearer token is required', headers: { 'www-authenticate': 'Bearer' } });
+      return sendUnauthorized(reply, 'the ADMIN_TOKEN bearer token is required');
     }
     return undefined;
   });

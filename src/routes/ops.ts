@@ -2,7 +2,7 @@ import { readFile } from 'node:fs/promises';
 import type { FastifyInstance } from 'fastify';
 import type { BrokerCore } from '../broker.js';
 import { bearerToken, sameSecret, sha256 } from '../http/auth.js';
-import { sendProblem } from '../http/problem.js';
+import { sendProblem, sendUnauthorized } from '../http/problem.js';
 import type { BrokerMetrics } from '../metrics.js';
 
 export interface OpsRoutesOptions {
@@ -85,7 +85,7 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
     if (metricsSha) {
       const t = bearerToken(req);
       if (!t || !sameSecret(t, metricsSha)) {
-        return sendProblem(reply, { status: 401, code: 'unauthorized', title: 'Unauthorized', detail: 'a valid METRICS_TOKEN bearer token is required', headers: { 'www-authenticate': 'Bearer' } });
+        return sendUnauthorized(reply, 'a valid METRICS_TOKEN bearer token is required');
       }
     }
     o.beforeScrape?.();
@@ -97,13 +97,7 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
     const t = bearerToken(req);
     const ok = t !== undefined && ((adminSha !== undefined && sameSecret(t, adminSha)) || (o.isClient?.(t) ?? false));
     if (!ok) {
-      return sendProblem(reply, {
-        status: 401,
-        code: 'unauthorized',
-        title: 'Unauthorized',
-        detail: adminSha ? 'an ADMIN_TOKEN or client bearer token is required' : 'a client bearer token is required (ADMIN_TOKEN is not set)',
-        headers: { 'www-authenticate': 'Bearer' },
-      });
+      return sendUnauthorized(reply, adminSha ? 'an ADMIN_TOKEN or client bearer token is required' : 'a client bearer token is required (ADMIN_TOKEN is not set)');
     }
     return { ...refresher.status(), listener: o.core.listener.connected ? 'connected' : 'disconnected' };
   });

@@ -2,7 +2,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { UUID } from '../clients/client-store.js';
 import type { Client, ClientRegistry } from '../clients/registry.js';
 import { bearerToken } from '../http/auth.js';
-import { sendProblem } from '../http/problem.js';
+import { sendProblem, sendUnauthorized } from '../http/problem.js';
 import type { BrokerMetrics } from '../metrics.js';
 import type { DocumentRenderer, Rendered } from '../serving.js';
 
@@ -27,13 +27,7 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
 
   const unauthorized = (reply: FastifyReply, route: string) => {
     served(route, 'unauthorized');
-    return sendProblem(reply, {
-      status: 401,
-      code: 'unauthorized',
-      title: 'Unauthorized',
-      detail: 'a valid client bearer token is required (missing, unknown or revoked)',
-      headers: { 'www-authenticate': 'Bearer' },
-    });
+    return sendUnauthorized(reply, 'a valid client bearer token is required (missing, unknown or revoked)');
   };
 
   /** Authenticate, check availability, render; undefined when a reply was already sent. */
