@@ -14,7 +14,11 @@ export type AttemptOutcome = (typeof ATTEMPT_OUTCOMES)[number];
  */
 export function createMetrics(opts: { defaultMetrics?: boolean } = {}) {
   const registry = new Registry();
-  if (opts.defaultMetrics !== false) collectDefaultMetrics({ register: registry, prefix: 'codex_broker_' });
+  if (opts.defaultMetrics !== false) {
+    collectDefaultMetrics({ register: registry, prefix: 'codex_broker_' });
+    // Gauges named *_total break Prometheus conventions (promtool check metrics rejects them).
+    for (const name of ['nodejs_active_handles_total', 'nodejs_active_requests_total', 'nodejs_active_resources_total']) registry.removeSingleMetric(`codex_broker_${name}`);
+  }
   const p = 'codex_broker_';
   const registers = [registry];
   const m = {

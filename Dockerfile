@@ -1,0 +1,48 @@
+# syntax=docker/dockerfile:1
+#
+# codex-auth-broker image: compiled JavaScript and production dependencies only.
+# No embedded Postgres, no codex CLI, no test tools (they are devDependencies), so the
+# image needs DATABASE_URL (see docker-compose.yml). test/deploy.test.ts checks the rules
+# this file follows; `docker build -t codex-auth-broker .` builds it.
+
+ARG NODE_IMAGE=node:20-bookworm-slim
+
+# ---- build: dev dependencies, tsc -> dist/ -------------------------------------------
+FROM ${NODE_IMAGE} AS build
+WORKDIR /app
+COPY package.json package-lock.json ./
+# Dev dependencies (tsc, @types). tsc needs neither install scripts nor the optional
+# platform binaries (embedded Postgres, codex, esbuild: test tools): ~85 MB instead of ~560.
+RUN npm ci --ignore-scripts --omit=optional --no-audit --no-fund
+COPY tsconfig.json tsconfig.build.json ./
+COPY src ./src
+RUN npm run build
+
+# ---- runtime: production dependencies only -------------------------------------------
+FROM ${NODE_IMAGE} AS runtime
+ENV NODE_ENV=production \
+    HOST=0.0.0.0 \
+    PORT=8080 \
+    DATA_DIR=/app/data
+WORKDIR /app
+COPY package.json package-lock.json ./
+RUN npm ci --omit=dev --ignore-scripts --no-audit --no-fund \
+    && npm cache clean --force \
+    && mkdir -p /app/data \
+    && chown node:node /app/data
+# dist/db.js reads ../migrations/ (/app/migrations); dist/routes/ops.js serves
+# ../../openapi.yaml (/app/openapi.yaml).
+COPY --from=build /app/dist ./dist
+COPY migrations ./migrations
+COPY openapi.yaml ./
+
+# The code stays root-owned and read-only to the process; only DATA_DIR is writable.
+USER node
+EXPOSE 8080
+# No curl in the slim image: Node 20's fetch does the probe, on $PORT (8080 unless overridden).
+HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["node", "-e", "fetch('http://127.0.0.1:'+(process.env.PORT||8080)+'/healthz').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"]
+# serve finishes a refresh in flight (SHUTDOWN_TIMEOUT_SECONDS, default 30 s) on SIGTERM:
+# give it `docker stop -t 45` / compose stop_grace_period: 45s.
+STOPSIGNAL SIGTERM
+CMD ["node", "dist/cli.js", "serve"]
