@@ -1,6 +1,5 @@
 #!/usr/bin/env node
 import { readFile } from 'node:fs/promises';
-import closeWithGrace from 'close-with-grace';
 import { validateSeed } from './auth-json.js';
 import { buildSnapshot, stateOf } from './credential.js';
 import { loadConfig, type Config } from './config.js';
@@ -164,11 +163,39 @@ async function readStdin(): Promise<string> {
 
 async function serve(config: Config, logger: Logger): Promise<void> {
   const broker = await startBroker(config, logger);
-  closeWithGrace({ delay: (config.SHUTDOWN_TIMEOUT_SECONDS + 10) * 1000 }, async ({ signal, err }) => {
-    if (err) logger.error({ event: 'fatal', err: { message: err.message } }, 'shutting down after an unexpected error');
-    else logger.info({ event: 'shutdown', signal }, `received ${signal ?? 'shutdown'}; finishing any refresh in flight`);
-    await broker.close();
-    logger.flush();
+  let closing = false;
+  const shutdown = (reason: string, code: number) => {
+    if (closing) {
+      // npm and a terminal both deliver Ctrl-C: a second signal must not cut short the
+      // write-back of a refresh in flight. SIGKILL still ends the process at once.
+      logger.warn({ event: 'shutdown_in_progress', reason }, 'already shutting down; waiting for any refresh in flight (SIGKILL forces)');
+      return;
+    }
+    closing = true;
+    logger.info({ event: 'shutdown', reason }, `${reason}: finishing any refresh in flight, then stopping`);
+    const deadline = setTimeout(() => {
+      logger.error({ event: 'shutdown_timeout' }, 'shutdown did not finish in time; exiting');
+      logger.flush();
+      process.exit(1);
+    }, (config.SHUTDOWN_TIMEOUT_SECONDS + 10) * 1000);
+    deadline.unref();
+    broker
+      .close()
+      .catch((err: Error) => logger.error({ event: 'shutdown_failed', err: { message: err.message } }, 'shutdown failed'))
+      .finally(() => {
+        logger.flush();
+        process.exit(code);
+      });
+  };
+  process.on('SIGTERM', () => shutdown('received SIGTERM', 0));
+  process.on('SIGINT', () => shutdown('received SIGINT', 0));
+  process.on('uncaughtException', (err) => {
+    logger.fatal({ event: 'fatal', err: { message: err.message } }, 'unexpected error; shutting down');
+    shutdown('uncaught exception', 1);
+  });
+  process.on('unhandledRejection', (err) => {
+    logger.fatal({ event: 'fatal', err: { message: (err as Error)?.message ?? String(err) } }, 'unhandled rejection; shutting down');
+    shutdown('unhandled rejection', 1);
   });
 }
 
