@@ -1,33 +1,23 @@
 import { strict as assert } from 'node:assert';
-import { after, before, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 import { decodeJwt } from 'jose';
-import { createTestApp, ADMIN_TOKEN, type TestApp } from './helpers/app.js';
-import { FakeUpstream } from './helpers/fake-upstream.js';
+import { ADMIN_TOKEN, type TestApp } from './helpers/app.js';
+import type { FakeUpstream } from './helpers/fake-upstream.js';
 import { findLeaks } from './helpers/logs.js';
-import { startTestPostgres, type TestPostgres } from './helpers/pg.js';
+import { useSuite } from './helpers/suite.js';
 
 const KEY = 'CODEX_AUTH_JSON';
-let pg: TestPostgres;
-const upstreams: FakeUpstream[] = [];
-const apps: TestApp[] = [];
 const bodies: string[] = [];
 
-before(async () => {
-  pg = await startTestPostgres();
-});
-after(async () => {
-  for (const a of apps) await a.close().catch(() => undefined);
-  for (const u of upstreams) await u.close();
-  await pg.stop();
-});
+const suite = useSuite();
+const { apps, upstreams } = suite;
 
 async function setup(
   opts: { now?: () => number; adminToken?: string | undefined; metricsToken?: string; databaseUrl?: string; start?: boolean; upstream?: FakeUpstream } = {},
 ) {
-  const upstream = opts.upstream ?? (await FakeUpstream.start(opts.now ? { now: opts.now } : {}));
-  if (!opts.upstream) upstreams.push(upstream);
-  const databaseUrl = opts.databaseUrl ?? (await pg.newDatabase());
-  const t = await createTestApp({
+  const upstream = opts.upstream ?? (await suite.upstream(opts.now ? { now: opts.now } : {}));
+  const databaseUrl = opts.databaseUrl ?? (await suite.pg.newDatabase());
+  const t = await suite.app({
     databaseUrl,
     upstreamUrl: upstream.url,
     ...(opts.now ? { now: opts.now } : {}),
@@ -35,7 +25,6 @@ async function setup(
     ...(opts.metricsToken ? { metricsToken: opts.metricsToken } : {}),
     ...(opts.start === false ? { start: false } : {}),
   });
-  apps.push(t);
   return { upstream, databaseUrl, ...t };
 }
 
@@ -206,8 +195,7 @@ describe('fan-out', () => {
   test('NOTIFY codex_auth_changed: a rotation on one replica is adopted by the others', async () => {
     let nowMs = Date.now();
     const now = () => nowMs;
-    const upstream = await FakeUpstream.start({ now, accessLifetimeSec: 3_600 });
-    upstreams.push(upstream);
+    const upstream = await suite.upstream({ now, accessLifetimeSec: 3_600 });
     const a = await setup({ now, upstream, start: false });
     const b = await setup({ now, upstream, databaseUrl: a.databaseUrl });
     await waitFor(() => b.core.listener.connected);
@@ -240,7 +228,7 @@ describe('store outage', () => {
     const t = await setup();
     await t.core.store.put(KEY, JSON.stringify(t.upstream.seed()));
     await t.core.refresher.reload();
-    await pg.stopServer();
+    await suite.pg.stopServer();
     try {
       await new Promise((r) => setTimeout(r, 1_100));
       const res = await get(t, '/readyz');
@@ -248,7 +236,7 @@ describe('store outage', () => {
       assert.equal(res.json().code, 'store_unreachable');
       assert.equal((await get(t, '/healthz')).statusCode, 200);
     } finally {
-      await pg.startServer();
+      await suite.pg.startServer();
     }
     await new Promise((r) => setTimeout(r, 1_100));
     const res = await get(t, '/readyz');

@@ -1,35 +1,22 @@
 import { strict as assert } from 'node:assert';
 import { createHash } from 'node:crypto';
-import { after, before, test } from 'node:test';
-import { createTestApp, ADMIN_TOKEN, type TestApp } from './helpers/app.js';
-import { FakeUpstream } from './helpers/fake-upstream.js';
+import { test } from 'node:test';
+import { ADMIN_TOKEN } from './helpers/app.js';
+import type { FakeUpstream } from './helpers/fake-upstream.js';
 import { findLeaks } from './helpers/logs.js';
-import { startTestPostgres, type TestPostgres } from './helpers/pg.js';
+import { useSuite } from './helpers/suite.js';
 
 const KEY = 'CODEX_AUTH_JSON';
-let pg: TestPostgres;
-const apps: TestApp[] = [];
-const upstreams: FakeUpstream[] = [];
+const suite = useSuite();
 let nowMs = Date.UTC(2027, 0, 1);
 const now = () => nowMs;
-
-before(async () => {
-  pg = await startTestPostgres();
-});
-after(async () => {
-  for (const a of apps) await a.close().catch(() => undefined);
-  for (const u of upstreams) await u.close();
-  await pg.stop();
-});
 
 const sha8 = (v: string) => createHash('sha256').update(v).digest('hex').slice(0, 8);
 
 async function setup(databaseUrl?: string) {
-  const upstream = await FakeUpstream.start({ now });
-  upstreams.push(upstream);
-  const url = databaseUrl ?? (await pg.newDatabase());
-  const t = await createTestApp({ databaseUrl: url, upstreamUrl: upstream.url, now, start: false });
-  apps.push(t);
+  const upstream = await suite.upstream({ now });
+  const url = databaseUrl ?? (await suite.pg.newDatabase());
+  const t = await suite.app({ databaseUrl: url, upstreamUrl: upstream.url, now, start: false });
   return { t, upstream, url };
 }
 
@@ -106,5 +93,5 @@ test('GET /admin/events validates limit and needs the admin token', async () => 
 });
 
 test('no token value appears in any log line of the audit tests', () => {
-  assert.deepEqual(findLeaks(apps.flatMap((a) => a.logs.lines), upstreams.flatMap((u) => u.issuedTokens())), []);
+  assert.deepEqual(findLeaks(suite.logLines(), suite.issuedTokens()), []);
 });

@@ -2,14 +2,13 @@ import { strict as assert } from 'node:assert';
 import { randomUUID } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import SwaggerParser from '@apidevtools/swagger-parser';
 import { Ajv, type ValidateFunction } from 'ajv';
 import addFormatsModule from 'ajv-formats';
 import type { InjectOptions, LightMyRequestResponse } from 'fastify';
-import { createTestApp, ADMIN_TOKEN, type TestApp } from './helpers/app.js';
-import { FakeUpstream } from './helpers/fake-upstream.js';
-import { startTestPostgres, type TestPostgres } from './helpers/pg.js';
+import { ADMIN_TOKEN, type TestApp } from './helpers/app.js';
+import { useSuite } from './helpers/suite.js';
 
 const SPEC_PATH = fileURLToPath(new URL('../openapi.yaml', import.meta.url));
 const METRICS_TOKEN = 'metrics-token-for-contract-0123456789';
@@ -18,18 +17,8 @@ const DAY = 86_400_000;
 type Json = Record<string, unknown>;
 type Method = 'get' | 'put' | 'post' | 'delete';
 
-let pg: TestPostgres;
-const upstreams: FakeUpstream[] = [];
-const apps: TestApp[] = [];
 
-before(async () => {
-  pg = await startTestPostgres();
-});
-after(async () => {
-  for (const a of apps) await a.close().catch(() => undefined);
-  for (const u of upstreams) await u.close();
-  await pg.stop();
-});
+const suite = useSuite();
 
 // ---- OpenAPI 3.0 -> JSON Schema (draft 7, what Ajv 8 validates by default) -------------
 
@@ -159,16 +148,14 @@ function check(label: string, res: LightMyRequestResponse, path: string | undefi
 // ---- the app under test -----------------------------------------------------------------
 
 async function setup(opts: { now?: () => number; metricsToken?: string } = {}) {
-  const upstream = await FakeUpstream.start(opts.now ? { now: opts.now } : {});
-  upstreams.push(upstream);
-  const databaseUrl = await pg.newDatabase();
-  const t = await createTestApp({
+  const upstream = await suite.upstream(opts.now ? { now: opts.now } : {});
+  const databaseUrl = await suite.pg.newDatabase();
+  const t = await suite.app({
     databaseUrl,
     upstreamUrl: upstream.url,
     ...(opts.now ? { now: opts.now } : {}),
     ...(opts.metricsToken ? { metricsToken: opts.metricsToken } : {}),
   });
-  apps.push(t);
   return { upstream, ...t };
 }
 
@@ -393,10 +380,8 @@ test('every response validates against openapi.yaml', async () => {
 
 test('with ADMIN_TOKEN unset, the admin routes answer a documented 404', async () => {
   if (!spec) spec = (await SwaggerParser.validate(SPEC_PATH)) as unknown as Spec;
-  const upstream = await FakeUpstream.start();
-  upstreams.push(upstream);
-  const t = await createTestApp({ databaseUrl: await pg.newDatabase(), upstreamUrl: upstream.url, adminToken: undefined });
-  apps.push(t);
+  const upstream = await suite.upstream();
+  const t = await suite.app({ databaseUrl: await suite.pg.newDatabase(), upstreamUrl: upstream.url, adminToken: undefined });
   const before = violations.length;
   for (const [path, ops] of Object.entries(spec.paths)) {
     if (!path.startsWith('/admin/')) continue;

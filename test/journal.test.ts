@@ -2,29 +2,21 @@ import { strict as assert } from 'node:assert';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { after, before, test } from 'node:test';
+import { after, test } from 'node:test';
 import { RotationJournal } from '../src/journal.js';
-import { createTestApp, keyFor, type TestApp } from './helpers/app.js';
-import { FakeUpstream } from './helpers/fake-upstream.js';
+import { keyFor } from './helpers/app.js';
+import type { FakeUpstream } from './helpers/fake-upstream.js';
 import { findLeaks } from './helpers/logs.js';
-import { startTestPostgres, type TestPostgres } from './helpers/pg.js';
+import { useSuite } from './helpers/suite.js';
 
 const KEY = 'CODEX_AUTH_JSON';
-let pg: TestPostgres;
-const apps: TestApp[] = [];
-const upstreams: FakeUpstream[] = [];
+const suite = useSuite();
 const dirs: string[] = [];
 let nowMs = Date.UTC(2027, 0, 1);
 const now = () => nowMs;
 
-before(async () => {
-  pg = await startTestPostgres();
-});
-after(async () => {
-  for (const a of apps) await a.close().catch(() => undefined);
-  for (const u of upstreams) await u.close();
+after(() => {
   for (const d of dirs) fs.rmSync(d, { recursive: true, force: true });
-  await pg.stop();
 });
 
 function tmp(): string {
@@ -34,9 +26,7 @@ function tmp(): string {
 }
 
 async function app(databaseUrl: string, upstream: FakeUpstream, journalDir: string, start = false) {
-  const t = await createTestApp({ databaseUrl, upstreamUrl: upstream.url, now, journalDir, start });
-  apps.push(t);
-  return t;
+  return suite.app({ databaseUrl, upstreamUrl: upstream.url, now, journalDir, start });
 }
 
 function dueSeed(upstream: FakeUpstream) {
@@ -45,9 +35,8 @@ function dueSeed(upstream: FakeUpstream) {
 }
 
 test('a rotation is journaled encrypted (0600) before the write-back and cleared once it lands', async () => {
-  const upstream = await FakeUpstream.start({ now });
-  upstreams.push(upstream);
-  const url = await pg.newDatabase();
+  const upstream = await suite.upstream({ now });
+  const url = await suite.pg.newDatabase();
   const dir = tmp();
   const t = await app(url, upstream, dir);
   await t.core.store.put(KEY, JSON.stringify(dueSeed(upstream)));
@@ -76,9 +65,8 @@ test('a rotation is journaled encrypted (0600) before the write-back and cleared
 });
 
 test('a journaled rotation is written back at start, before any POST; zero reuse afterwards', async () => {
-  const upstream = await FakeUpstream.start({ now });
-  upstreams.push(upstream);
-  const url = await pg.newDatabase();
+  const upstream = await suite.upstream({ now });
+  const url = await suite.pg.newDatabase();
   const dir = tmp();
   const first = await app(url, upstream, dir);
   const seed = dueSeed(upstream);
@@ -106,9 +94,8 @@ test('a journaled rotation is written back at start, before any POST; zero reuse
 });
 
 test('a stale journal entry is discarded with a log line', async () => {
-  const upstream = await FakeUpstream.start({ now });
-  upstreams.push(upstream);
-  const url = await pg.newDatabase();
+  const upstream = await suite.upstream({ now });
+  const url = await suite.pg.newDatabase();
   const dir = tmp();
   const t = await app(url, upstream, dir);
   await t.core.store.put(KEY, JSON.stringify(upstream.seed()));
@@ -121,5 +108,5 @@ test('a stale journal entry is discarded with a log line', async () => {
 });
 
 test('no token value appears in any log line of the journal tests', () => {
-  assert.deepEqual(findLeaks(apps.flatMap((a) => a.logs.lines), upstreams.flatMap((u) => u.issuedTokens())), []);
+  assert.deepEqual(findLeaks(suite.logLines(), suite.issuedTokens()), []);
 });

@@ -11,32 +11,23 @@
  */
 import { strict as assert } from 'node:assert';
 import { performance } from 'node:perf_hooks';
-import { after, before, describe, test } from 'node:test';
+import { before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { generationOf } from '../src/clients/credentials.js';
-import { ADMIN_TOKEN, createTestApp, type TestApp } from './helpers/app.js';
-import { FakeUpstream } from './helpers/fake-upstream.js';
+import { ADMIN_TOKEN, type TestApp } from './helpers/app.js';
+import type { FakeUpstream } from './helpers/fake-upstream.js';
 import { findLeaks } from './helpers/logs.js';
-import { startTestPostgres, type TestPostgres } from './helpers/pg.js';
+import { useSuite } from './helpers/suite.js';
 
 const CLIENT_ID = 'app_EMoamEEZ73f0CkXaXp7hrann';
 const FLOOR_S = 600;
 const DAY_S = 86_400;
 
-let pg: TestPostgres;
-const upstreams: FakeUpstream[] = [];
-const apps: TestApp[] = [];
 /** Every client secret minted in this file (bearer tokens, refresh credentials), for the leak scan. */
 const clientSecrets: string[] = [];
 
-before(async () => {
-  pg = await startTestPostgres();
-});
-after(async () => {
-  for (const a of apps) await a.close().catch(() => undefined);
-  for (const u of upstreams) await u.close().catch(() => undefined);
-  await pg?.stop();
-});
+const suite = useSuite();
+const { apps, upstreams } = suite;
 
 /** A fake clock on whole seconds, shared by the upstream (iat/exp) and the broker. */
 class Clock {
@@ -82,13 +73,11 @@ const admin = { authorization: `Bearer ${ADMIN_TOKEN}` };
  */
 async function fleet(o: { replicas?: number; clients?: number; floorSeconds?: number } = {}): Promise<Fleet> {
   const clock = new Clock();
-  const upstream = await FakeUpstream.start({ now: clock.now });
-  upstreams.push(upstream);
-  const databaseUrl = await pg.newDatabase();
+  const upstream = await suite.upstream({ now: clock.now });
+  const databaseUrl = await suite.pg.newDatabase();
   const replicas: TestApp[] = [];
   for (let i = 0; i < (o.replicas ?? 1); i++) {
-    const t = await createTestApp({ databaseUrl, upstreamUrl: upstream.url, now: clock.now, floorSeconds: o.floorSeconds ?? FLOOR_S });
-    apps.push(t);
+    const t = await suite.app({ databaseUrl, upstreamUrl: upstream.url, now: clock.now, floorSeconds: o.floorSeconds ?? FLOOR_S });
     replicas.push(t);
   }
   const first = replicas[0]!;
