@@ -10,7 +10,7 @@
  * the broker live in this process and must keep answering.
  */
 import { strict as assert } from 'node:assert';
-import { spawn } from 'node:child_process';
+import { runProcess } from './helpers/process.js';
 import * as fs from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import * as os from 'node:os';
@@ -101,30 +101,15 @@ interface ScriptResult {
 
 /** scripts/codex_auth_sync.sh as a workspace runs it, asynchronously, with a clean environment. */
 function runSync(b: Broker, timeoutMs = 60_000): Promise<ScriptResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn('bash', [SCRIPT], {
-      env: {
-        PATH: process.env.PATH ?? '/usr/bin:/bin',
-        HOME: path.dirname(b.codexHome),
-        CODEX_HOME: b.codexHome,
-        CODEX_AUTH_BROKER_URL: b.url,
-        CODEX_AUTH_BROKER_TOKEN: b.client.token,
-      },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
-    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-    child.on('error', (err) => {
-      clearTimeout(timer);
-      reject(err);
-    });
-    child.on('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
+  return runProcess('bash', [SCRIPT], {
+    env: {
+      PATH: process.env.PATH ?? '/usr/bin:/bin',
+      HOME: path.dirname(b.codexHome),
+      CODEX_HOME: b.codexHome,
+      CODEX_AUTH_BROKER_URL: b.url,
+      CODEX_AUTH_BROKER_TOKEN: b.client.token,
+    },
+    timeoutMs,
   });
 }
 

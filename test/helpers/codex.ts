@@ -10,9 +10,9 @@
  * - `makeChatgptLogin` builds a plausible ChatGPT login (access/id tokens are JWTs with
  *   the claims codex reads; signature HS256 with a random key: codex never verifies it).
  */
-import { spawn } from 'node:child_process';
 import { createHmac, randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
+import { runProcess, type ProcessResult } from './process.js';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -35,14 +35,7 @@ export interface RunCodexOptions {
   cwd?: string;
 }
 
-export interface CodexResult {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  stdout: string;
-  stderr: string;
-  timedOut: boolean;
-  durationMs: number;
-}
+export type CodexResult = ProcessResult;
 
 /** Run `codex <args>` asynchronously with a clean environment. Never rejects on a non-zero exit. */
 export async function runCodex(args: string[], opts: RunCodexOptions): Promise<CodexResult> {
@@ -58,39 +51,8 @@ export async function runCodex(args: string[], opts: RunCodexOptions): Promise<C
   for (const k of Object.keys(env)) {
     if (k.startsWith('OPENAI_') || k === 'RUST_LOG') delete env[k];
   }
-  const started = Date.now();
   try {
-    return await new Promise<CodexResult>((resolve, reject) => {
-      const child = spawn(codexBin(), args, {
-        cwd: opts.cwd ?? home,
-        env,
-        stdio: ['ignore', 'pipe', 'pipe'],
-        detached: true, // own process group: the timeout kills codex and its helpers
-      });
-      let stdout = '';
-      let stderr = '';
-      let timedOut = false;
-      child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
-      child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
-      const timer = setTimeout(() => {
-        timedOut = true;
-        if (child.pid !== undefined) {
-          try {
-            process.kill(-child.pid, 'SIGKILL');
-          } catch {
-            child.kill('SIGKILL');
-          }
-        }
-      }, timeoutMs);
-      child.on('error', (err) => {
-        clearTimeout(timer);
-        reject(err);
-      });
-      child.on('close', (code, signal) => {
-        clearTimeout(timer);
-        resolve({ code, signal, stdout, stderr, timedOut, durationMs: Date.now() - started });
-      });
-    });
+    return await runProcess(codexBin(), args, { cwd: opts.cwd ?? home, env, timeoutMs });
   } finally {
     fs.rmSync(home, { recursive: true, force: true });
   }
