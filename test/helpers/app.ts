@@ -2,6 +2,7 @@ import { randomBytes } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
 import { buildApp } from '../../src/app.js';
 import { createBrokerCore, type BrokerCore, type CoreConfig } from '../../src/broker.js';
+import { testCoreConfig } from './config.js';
 import { createMetrics, type BrokerMetrics } from '../../src/metrics.js';
 import { LogCapture } from './logs.js';
 
@@ -49,20 +50,11 @@ export interface TestAppOptions {
 export async function createTestApp(o: TestAppOptions): Promise<TestApp> {
   const logs = o.logs ?? new LogCapture();
   const metrics = createMetrics({ defaultMetrics: false });
-  const config: CoreConfig = {
-    CODEX_AUTH_SECRET_KEY: 'CODEX_AUTH_JSON',
-    OAUTH_TOKEN_URL: o.upstreamUrl,
-    OAUTH_CLIENT_ID: 'app_EMoamEEZ73f0CkXaXp7hrann',
-    REFRESH_MARGIN_SECONDS: 86_400,
-    REFRESH_CHECK_INTERVAL_SECONDS: 300,
-    PERMANENT_FAILURE_BACKOFF_SECONDS: 3_600,
-    TRANSIENT_BACKOFF_BASE_SECONDS: 15,
-    UPSTREAM_TIMEOUT_SECONDS: 5,
+  const config = testCoreConfig(o.upstreamUrl, {
     encryptionKey: keyFor(o.databaseUrl),
-    replicaId: `replica-${randomBytes(3).toString('hex')}`,
     PLATFORM_WORKSPACE_TOKENS: o.platformTokens === true,
     ...o.config,
-  };
+  });
   const core = await createBrokerCore({
     config,
     databaseUrl: o.databaseUrl,

@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { createBrokerCore } from '../../src/broker.js';
+import { testCoreConfig } from './config.js';
 import type { Pool } from '../../src/db.js';
 import { createMetrics, type BrokerMetrics } from '../../src/metrics.js';
 import type { Refresher } from '../../src/refresher.js';
@@ -46,18 +47,16 @@ export async function createTestBroker(o: TestBrokerOptions): Promise<TestBroker
   const key = o.key === null ? undefined : (o.key ?? randomBytes(32));
   const metrics = createMetrics({ defaultMetrics: false });
   const core = await createBrokerCore({
-    config: {
+    config: testCoreConfig(o.upstreamUrl, {
       CODEX_AUTH_SECRET_KEY: o.secretKey ?? SECRET_KEY,
-      OAUTH_TOKEN_URL: o.upstreamUrl,
-      OAUTH_CLIENT_ID: 'app_EMoamEEZ73f0CkXaXp7hrann',
-      REFRESH_MARGIN_SECONDS: o.marginSeconds ?? 86_400,
-      REFRESH_CHECK_INTERVAL_SECONDS: (o.checkIntervalMs ?? 300_000) / 1000,
-      PERMANENT_FAILURE_BACKOFF_SECONDS: (o.permanentBackoffMs ?? 3_600_000) / 1000,
-      TRANSIENT_BACKOFF_BASE_SECONDS: (o.transientBaseMs ?? 15_000) / 1000,
-      UPSTREAM_TIMEOUT_SECONDS: (o.timeoutMs ?? 5_000) / 1000,
+      ...(o.marginSeconds !== undefined ? { REFRESH_MARGIN_SECONDS: o.marginSeconds } : {}),
+      ...(o.checkIntervalMs !== undefined ? { REFRESH_CHECK_INTERVAL_SECONDS: o.checkIntervalMs / 1000 } : {}),
+      ...(o.permanentBackoffMs !== undefined ? { PERMANENT_FAILURE_BACKOFF_SECONDS: o.permanentBackoffMs / 1000 } : {}),
+      ...(o.transientBaseMs !== undefined ? { TRANSIENT_BACKOFF_BASE_SECONDS: o.transientBaseMs / 1000 } : {}),
+      ...(o.timeoutMs !== undefined ? { UPSTREAM_TIMEOUT_SECONDS: o.timeoutMs / 1000 } : {}),
+      ...(o.replicaId !== undefined ? { replicaId: o.replicaId } : {}),
       encryptionKey: key,
-      replicaId: o.replicaId ?? `test-${randomBytes(3).toString('hex')}`,
-    },
+    }),
     databaseUrl: o.databaseUrl,
     logger: logs.logger,
     metrics,
