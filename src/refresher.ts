@@ -121,6 +121,10 @@ export class Refresher {
     return this.#pending;
   }
 
+  get replicaId(): string {
+    return this.#o.replicaId;
+  }
+
   get lockHeld(): boolean {
     return this.#lockHeld;
   }

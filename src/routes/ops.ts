@@ -46,7 +46,7 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
       credentialState: state,
       writebackPending: refresher.pending !== undefined,
       listener: o.core.listener.connected ? 'connected' : 'disconnected',
-      replicaId: refresher.status().replicaId,
+      replicaId: refresher.replicaId,
       uptimeSeconds: Math.round(process.uptime()),
     };
   });
