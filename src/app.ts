@@ -24,6 +24,8 @@ export interface AppOptions {
   metrics: BrokerMetrics;
   logger: Logger;
   now?: () => number;
+  /** How often @fastify/under-pressure samples event-loop delay and memory (default 1000 ms, minimum 10). */
+  pressureSampleIntervalMs?: number;
 }
 
 /**
@@ -60,6 +62,7 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     maxHeapUsedBytes: o.config.MAX_HEAP_USED_BYTES ?? 0,
     maxRssBytes: o.config.MAX_RSS_BYTES ?? 0,
     retryAfter: 5,
+    ...(o.pressureSampleIntervalMs !== undefined ? { sampleInterval: o.pressureSampleIntervalMs } : {}),
     pressureHandler: (_req, reply, type, value) => {
       sendProblem(reply, {
         status: 503,

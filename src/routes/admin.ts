@@ -33,20 +33,27 @@ export async function adminRoutes(app: FastifyInstance, o: AdminRoutesOptions): 
     return undefined;
   });
 
-  app.put('/admin/credential', async (req, reply) => {
-    let parsed;
-    try {
-      parsed = validateSeed(req.body);
-    } catch (err) {
-      if (err instanceof AuthJsonError) {
-        return sendProblem(reply, { status: 400, code: 'invalid_credential', title: 'Bad Request', detail: err.message, extra: { field: err.field } });
+  // The credential route reads its JSON body as text and leaves parsing to validateSeed:
+  // the framework's parser refuses a `__proto__` key as "not valid JSON" without naming
+  // it; validateSeed names the field (size and JSON errors included).
+  await app.register(async (scope) => {
+    scope.removeContentTypeParser('application/json');
+    scope.addContentTypeParser('application/json', { parseAs: 'string' }, (_req, body, done) => done(null, body));
+    scope.put('/admin/credential', async (req, reply) => {
+      let parsed;
+      try {
+        parsed = validateSeed(req.body);
+      } catch (err) {
+        if (err instanceof AuthJsonError) {
+          return sendProblem(reply, { status: 400, code: 'invalid_credential', title: 'Bad Request', detail: err.message, extra: { field: err.field } });
+        }
+        throw err;
       }
-      throw err;
-    }
-    await o.store.put(o.secretKey, JSON.stringify(parsed.doc));
-    await o.refresher.reload();
-    req.log.info({ event: 'reseeded', secretKey: o.secretKey }, 'the login was replaced through PUT /admin/credential');
-    return o.refresher.status();
+      await o.store.put(o.secretKey, JSON.stringify(parsed.doc));
+      await o.refresher.reload();
+      req.log.info({ event: 'reseeded', secretKey: o.secretKey }, 'the login was replaced through PUT /admin/credential');
+      return o.refresher.status();
+    });
   });
 
   app.post('/admin/refresh', async () => {

@@ -44,6 +44,9 @@ export interface TestAppOptions {
   clientReloadMs?: number;
   clientFlushMs?: number;
   journalDir?: string;
+  /** App-level load-shedding settings passed into buildApp (default: the app's defaults). */
+  maxEventLoopDelayMs?: number;
+  pressureSampleIntervalMs?: number;
 }
 
 /** The app as serve builds it (core + HTTP), on a real Postgres, without listening. */
@@ -76,7 +79,9 @@ export async function createTestApp(o: TestAppOptions): Promise<TestApp> {
       REFRESH_TOKEN_EXPOSURE: o.exposure ?? 'proxy',
       PLATFORM_WORKSPACE_TOKENS: o.platformTokens === true,
       SHIM_FORCED_REFRESH_FLOOR_SECONDS: o.floorSeconds ?? 600,
+      ...(o.maxEventLoopDelayMs !== undefined ? { MAX_EVENT_LOOP_DELAY_MS: o.maxEventLoopDelayMs } : {}),
     },
+    ...(o.pressureSampleIntervalMs !== undefined ? { pressureSampleIntervalMs: o.pressureSampleIntervalMs } : {}),
     core,
     metrics,
     logger: logs.logger,
