@@ -19,6 +19,12 @@ export function createPool(connectionString: string, logger: Logger, max = 10, o
   const pool = new pg.Pool({ connectionString, max, connectionTimeoutMillis: 5_000, idleTimeoutMillis: 30_000 });
   // An idle client losing its connection (database restart) must not crash the process.
   pool.on('error', (err) => logger.warn({ event: 'db_idle_client_error', err: { message: err.message } }, 'idle database connection failed; the pool will reconnect'));
+  // A checked-out client (the refresh lock is held across the upstream POST) losing its
+  // connection emits 'error' with no pool listener attached: without this the process
+  // crashes between the upstream answer and the write-back. The failed query rejects anyway.
+  pool.on('connect', (client) => {
+    client.on('error', (err: Error) => logger.warn({ event: 'db_client_error', err: { message: err.message } }, 'a database connection in use failed'));
+  });
   if (onQuery) {
     // Pool.query checks a client out and calls client.query, so counting at the client counts both paths once.
     pool.on('connect', (client) => {
