@@ -1,0 +1,259 @@
+/**
+ * The servers under load, in a process of their own so that autocannon (bench/run.ts)
+ * does not share their event loop.
+ *
+ *   node --import tsx bench/server.ts serve   <DATABASE_URL in env>
+ *     the broker (10,000 clients), a bare Fastify route and a raw node:http server, all on
+ *     127.0.0.1; prints one JSON line (ports, sample tokens, RSS) and runs until SIGTERM.
+ *   node --import tsx bench/server.ts refresh <DATABASE_URL in env>
+ *     three replicas on one database; times a due refresh (upstream answering in 200 ms)
+ *     until all three serve the rotated token; prints one JSON line and exits.
+ */
+import { randomBytes } from 'node:crypto';
+import { createServer } from 'node:http';
+import { Session } from 'node:inspector';
+import type { AddressInfo } from 'node:net';
+import { performance } from 'node:perf_hooks';
+import Fastify from 'fastify';
+import { refreshCredential, sha256 } from '../src/clients/credentials.js';
+import { refreshLeadSeconds } from '../src/due.js';
+import { ADMIN_TOKEN, createTestApp, type TestApp } from '../test/helpers/app.js';
+import { FakeUpstream } from '../test/helpers/fake-upstream.js';
+
+export const CLIENTS = 10_000;
+/** Clients whose tokens the load spreads over. */
+export const LOADED_CLIENTS = 1_000;
+const LONG = 3_600_000;
+
+export interface ServeInfo {
+  pid: number;
+  brokerPort: number;
+  fastifyPort: number;
+  rawPort: number;
+  /** Bench-only control server: GET /mem[?gc=1], POST /profile/start, POST /profile/stop. */
+  controlPort: number;
+  bodyBytes: number;
+  clients: Array<{ token: string; etag: string; refresh: string; workspaceId: string }>;
+  staleGeneration: string;
+  rss: { afterStart: NodeJS.MemoryUsage; afterClients: NodeJS.MemoryUsage };
+  clientsLoaded: number;
+}
+
+export interface RefreshTrial {
+  /** From runCycle start to all three replicas serving the rotated token. */
+  totalMs: number;
+  /** From the upstream's answer (request arrival + its 200 ms delay) to all three serving it. */
+  afterUpstreamMs: number;
+  perReplicaMs: number[];
+  runCycleMs: number;
+}
+
+const databaseUrl = process.env['DATABASE_URL'];
+if (!databaseUrl) throw new Error('DATABASE_URL is required');
+const admin = { authorization: `Bearer ${ADMIN_TOKEN}` };
+
+function workspaceId(i: number): string {
+  return `00000000-0000-4000-8000-${String(i).padStart(12, '0')}`;
+}
+
+async function listen(server: ReturnType<typeof createServer>): Promise<number> {
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return (server.address() as AddressInfo).port;
+}
+
+/** process.memoryUsage(), after a full GC when asked (the child runs with --expose-gc). */
+function memory(gc: boolean): NodeJS.MemoryUsage {
+  const g = (globalThis as { gc?: () => void }).gc;
+  if (gc && g) g();
+  return process.memoryUsage();
+}
+
+/** A control server on its own port: memory and an in-process CPU profile of a load window. */
+async function controlServer(): Promise<number> {
+  const session = new Session();
+  session.connect();
+  const post = (method: string, params: object = {}) =>
+    new Promise<unknown>((resolve, reject) => session.post(method, params, (err, res) => (err ? reject(err) : resolve(res))));
+  const server = createServer((req, res) => {
+    const reply = (body: unknown) => {
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify(body));
+    };
+    const fail = (err: Error) => {
+      res.writeHead(500);
+      res.end(err.message);
+    };
+    if (req.url?.startsWith('/mem')) return reply(memory(req.url.includes('gc=1')));
+    if (req.url === '/profile/start') {
+      post('Profiler.enable')
+        .then(() => post('Profiler.setSamplingInterval', { interval: 200 }))
+        .then(() => post('Profiler.start'))
+        .then(() => reply({ ok: true }), fail);
+      return;
+    }
+    if (req.url === '/profile/stop') {
+      post('Profiler.stop').then((r) => reply((r as { profile: unknown }).profile), fail);
+      return;
+    }
+    res.writeHead(404);
+    res.end();
+  });
+  return listen(server);
+}
+
+async function serve(url: string): Promise<void> {
+  const controlPort = await controlServer();
+  const upstream = await FakeUpstream.start();
+  // Background work slowed right down: steady state is what is measured.
+  const t = await createTestApp({ databaseUrl: url, upstreamUrl: upstream.url, clientReloadMs: LONG, clientFlushMs: LONG });
+  const seeded = await t.app.inject({ method: 'PUT', url: '/admin/credential', headers: admin, payload: upstream.seed() });
+  if (seeded.statusCode !== 200) throw new Error(`seed failed: ${seeded.body}`);
+  const afterStart = memory(true);
+
+  // 10,000 clients in one statement, in the shape createClient writes.
+  const tokens: string[] = [];
+  const names: string[] = [];
+  const workspaces: string[] = [];
+  const shas: Buffer[] = [];
+  const prefixes: string[] = [];
+  const credShas: Buffer[] = [];
+  for (let i = 0; i < CLIENTS; i++) {
+    const token = randomBytes(32).toString('base64url');
+    const sha = sha256(token);
+    tokens.push(token);
+    names.push(`bench-${i}`);
+    workspaces.push(workspaceId(i));
+    shas.push(sha);
+    prefixes.push(token.slice(0, 8));
+    credShas.push(sha256(refreshCredential(t.core.credentialSecret, sha)));
+  }
+  await t.core.pool.query(
+    `INSERT INTO broker_clients (name, workspace_id, token_sha256, token_prefix, refresh_credential_sha256)
+     SELECT * FROM unnest($1::text[], $2::uuid[], $3::bytea[], $4::text[], $5::bytea[])`,
+    [names, workspaces, shas, prefixes, credShas],
+  );
+  await t.core.clients.reload();
+  const afterClients = memory(true);
+
+  const clients: ServeInfo['clients'] = [];
+  let body = '';
+  for (let i = 0; i < LOADED_CLIENTS; i++) {
+    const token = tokens[i] ?? '';
+    const r = await t.app.inject({ url: '/codex-auth', headers: { authorization: `Bearer ${token}` } });
+    if (r.statusCode !== 200) throw new Error(`GET /codex-auth: ${r.statusCode} ${r.body}`);
+    body ||= r.body;
+    const doc = r.json() as { tokens: { refresh_token: string } };
+    clients.push({ token, etag: String(r.headers.etag), refresh: doc.tokens.refresh_token.split('.')[0] ?? '', workspaceId: workspaceId(i) });
+  }
+
+  // The limits: the same bytes, from a bare Fastify route and from node:http.
+  const bare = Fastify({ logger: false });
+  bare.get('/codex-auth', async (_req, reply) => reply.type('application/json; charset=utf-8').send(body));
+  await bare.listen({ port: 0, host: '127.0.0.1' });
+  const raw = createServer((_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body) });
+    res.end(body);
+  });
+  const rawPort = await listen(raw);
+  await t.app.listen({ port: 0, host: '127.0.0.1' });
+
+  const info: ServeInfo = {
+    pid: process.pid,
+    brokerPort: (t.app.server.address() as AddressInfo).port,
+    fastifyPort: (bare.server.address() as AddressInfo).port,
+    rawPort,
+    controlPort,
+    bodyBytes: Buffer.byteLength(body),
+    clients,
+    staleGeneration: 'AAAAAAAAAAAA',
+    rss: { afterStart, afterClients },
+    clientsLoaded: t.core.clients.size,
+  };
+  process.stdout.write(`${JSON.stringify(info)}\n`);
+
+  let closing = false;
+  const stop = () => {
+    if (closing) return;
+    closing = true;
+    void (async () => {
+      raw.close();
+      await bare.close();
+      await t.close();
+      await upstream.close();
+      // A normal exit, so that --cpu-prof writes its profile.
+      process.exit(0);
+    })();
+  };
+  process.on('SIGTERM', stop);
+  process.on('SIGINT', stop);
+}
+
+async function refresh(url: string, trials: number): Promise<void> {
+  let offset = 0;
+  const now = () => Date.now() + offset;
+  const upstream = await FakeUpstream.start({ now });
+  const opts = { databaseUrl: url, upstreamUrl: upstream.url, now, clientReloadMs: LONG, clientFlushMs: LONG, config: { REFRESH_CHECK_INTERVAL_SECONDS: 3600 } };
+  const replicas: TestApp[] = [];
+  for (let i = 0; i < 3; i++) replicas.push(await createTestApp(opts));
+  const a = replicas[0] as TestApp;
+  const created = await a.app.inject({ method: 'POST', url: '/admin/clients', headers: admin, payload: { name: 'bench-refresh' } });
+  if (created.statusCode !== 201) throw new Error(`client: ${created.body}`);
+  const auth = { authorization: `Bearer ${(created.json() as { token: string }).token}` };
+  const seeded = await a.app.inject({ method: 'PUT', url: '/admin/credential', headers: admin, payload: upstream.seed() });
+  if (seeded.statusCode !== 200) throw new Error(`seed failed: ${seeded.body}`);
+
+  const served = async (r: TestApp): Promise<string | undefined> => {
+    const res = await r.app.inject({ url: '/codex-auth', headers: auth });
+    return res.statusCode === 200 ? (res.json() as { tokens: { access_token: string } }).tokens.access_token : undefined;
+  };
+  const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+  const waitAll = async (pred: (at: string | undefined) => boolean, t0: number, limitMs: number): Promise<number[]> => {
+    const at: Array<number | undefined> = [undefined, undefined, undefined];
+    while (at.some((x) => x === undefined)) {
+      for (let i = 0; i < 3; i++) if (at[i] === undefined && pred(await served(replicas[i] as TestApp))) at[i] = performance.now() - t0;
+      if (performance.now() - t0 > limitMs) throw new Error('replicas did not converge');
+      await sleep(1);
+    }
+    return at as number[];
+  };
+  // Every replica serves the seeded credential and knows the client.
+  await waitAll((x) => x !== undefined, performance.now(), 10_000);
+
+  const out: RefreshTrial[] = [];
+  for (let n = 0; n < trials; n++) {
+    const snap = a.core.refresher.current();
+    const old = snap?.parsed.tokens.access_token;
+    if (!snap?.claims.exp || !old) throw new Error('no credential');
+    // Move every replica's clock (and the upstream's) to 5 s into the refresh window.
+    const lead = refreshLeadSeconds(snap.claims, 86_400);
+    offset += (snap.claims.exp - lead + 5) * 1000 - now();
+    upstream.fault({ kind: 'delay', ms: 200 });
+    const postsBefore = upstream.posts;
+    let arrived: number | undefined;
+    const t0 = performance.now();
+    let runCycleMs = 0;
+    const cycle = a.core.refresher.runCycle({ reason: 'bench' }).then((r) => {
+      runCycleMs = performance.now() - t0;
+      return r;
+    });
+    const watch = setInterval(() => {
+      if (arrived === undefined && upstream.posts > postsBefore) arrived = performance.now() - t0;
+    }, 1);
+    const perReplicaMs = await waitAll((x) => x !== undefined && x !== old, t0, 10_000);
+    clearInterval(watch);
+    const report = await cycle;
+    if (report.attempt !== 'rotated') throw new Error(`cycle: ${JSON.stringify(report)}`);
+    const totalMs = Math.max(...perReplicaMs);
+    out.push({ totalMs, afterUpstreamMs: totalMs - ((arrived ?? 0) + 200), perReplicaMs, runCycleMs });
+    await sleep(200);
+  }
+  process.stdout.write(`${JSON.stringify({ trials: out, upstreamPosts: upstream.posts })}\n`);
+  for (const r of replicas) await r.close();
+  await upstream.close();
+  process.exit(0);
+}
+
+const mode = process.argv[2] ?? 'serve';
+if (mode === 'serve') await serve(databaseUrl);
+else if (mode === 'refresh') await refresh(databaseUrl, Number(process.env['BENCH_REFRESH_TRIALS'] ?? 5));
+else throw new Error(`unknown mode ${mode}`);
