@@ -15,6 +15,8 @@ import autocannon from 'autocannon';
 import { startTestPostgres } from '../test/helpers/pg.js';
 import type { RefreshTrial, ServeInfo } from './server.js';
 
+const HISTORY_MARKER = '<!-- history: everything below is kept by npm run bench -->';
+
 type Result = Awaited<ReturnType<typeof autocannon>>;
 type RequestSpec = NonNullable<Parameters<typeof autocannon>[0]['requests']>[number];
 
@@ -424,7 +426,12 @@ async function main(): Promise<void> {
         '',
       ]),
     ];
-    fs.writeFileSync(path.join(root, 'BENCHMARKS.md'), md.join('\n'));
+    // Hand-written history (before/after of hot-path changes) below the marker survives re-runs.
+    const file = path.join(root, 'BENCHMARKS.md');
+    const previous = fs.existsSync(file) ? fs.readFileSync(file, 'utf8') : '';
+    const at = previous.indexOf(HISTORY_MARKER);
+    const history = at >= 0 ? previous.slice(at) : `${HISTORY_MARKER}\n`;
+    fs.writeFileSync(file, `${md.join('\n')}\n\n${history}`);
     console.log(`\nwrote BENCHMARKS.md (${((Date.now() - started.getTime()) / 1000).toFixed(0)} s)`);
   } finally {
     for (const c of children) await stopChild(c).catch(() => undefined);

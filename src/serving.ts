@@ -8,7 +8,8 @@ import type { Refresher } from './refresher.js';
 export type Exposure = 'proxy' | 'omit' | 'raw';
 
 export interface Rendered {
-  body: string;
+  /** Built on first read: a 304 never builds it. */
+  readonly body: string;
   etag: string;
   generation: string;
 }
@@ -23,6 +24,8 @@ interface Template {
   pre: string;
   post: string;
   generation: string;
+  /** Names the template's bytes; with the client's credential it names the served bytes. */
+  hash: string;
   /** Same bytes for every client (omit, raw): rendered once. */
   shared: Rendered | undefined;
 }
@@ -33,8 +36,8 @@ function etagOf(body: string): string {
 
 /**
  * The auth.json codex reads, as stored, with tokens.refresh_token per the exposure policy.
- * Rendered from a per-snapshot template: serving costs a string concatenation and a
- * hash, never a database query.
+ * Rendered from a per-snapshot template: serving costs a string concatenation,
+ * never a hash of the body or a database query.
  */
 export class DocumentRenderer {
   readonly #refresher: Refresher;
@@ -62,8 +65,8 @@ export class DocumentRenderer {
   }
 
   currentGeneration(): string | undefined {
-    const at = this.#refresher.current()?.parsed.tokens.access_token;
-    return at ? generationOf(at) : undefined;
+    const snap = this.#refresher.current();
+    return snap?.parsed.tokens.access_token ? this.#templateFor(snap).generation : undefined;
   }
 
   #templateFor(snap: Snapshot): Template {
@@ -74,19 +77,21 @@ export class DocumentRenderer {
     let shared: Rendered | undefined;
     let pre = '';
     let post = '';
+    let hash = '';
     if (this.#exposure === 'proxy') {
       tokens['refresh_token'] = SLOT;
       const text = JSON.stringify(doc);
       const at = text.indexOf(JSON.stringify(SLOT));
       pre = text.slice(0, at);
       post = text.slice(at + JSON.stringify(SLOT).length);
+      hash = createHash('sha256').update(pre).update('\u0000').update(post).digest('base64url').slice(0, 22);
     } else {
       // codex rejects a file whose refresh_token is not a string: omit serves an empty one.
       if (this.#exposure === 'omit') tokens['refresh_token'] = '';
       const body = JSON.stringify(doc);
       shared = { body, etag: etagOf(body), generation };
     }
-    this.#template = { snap, pre, post, generation, shared };
+    this.#template = { snap, pre, post, generation, hash, shared };
     return this.#template;
   }
 
@@ -96,8 +101,17 @@ export class DocumentRenderer {
     if (!snap) throw new Error('render called with no credential');
     const t = this.#templateFor(snap);
     if (t.shared) return t.shared;
-    const body = t.pre + JSON.stringify(`${client.refreshCredential}.${t.generation}`) + t.post;
-    return { body, etag: etagOf(body), generation: t.generation };
+    // The served bytes are a function of (template, credential), so naming both is a
+    // strong validator: no per-request hash of the body, and no body at all for a 304.
+    let body: string | undefined;
+    return {
+      get body() {
+        body ??= t.pre + JSON.stringify(`${client.refreshCredential}.${t.generation}`) + t.post;
+        return body;
+      },
+      etag: `"${t.hash}-${client.refreshCredentialSha.toString('base64url', 0, 12)}"`,
+      generation: t.generation,
+    };
   }
 
   /** The current tokens for the refresh shim's answer. */
@@ -105,7 +119,7 @@ export class DocumentRenderer {
     const snap = this.#refresher.current();
     const at = snap?.parsed.tokens.access_token;
     if (!snap || !at) return undefined;
-    return { accessToken: at, idToken: snap.parsed.tokens.id_token, exp: snap.claims.exp, generation: generationOf(at) };
+    return { accessToken: at, idToken: snap.parsed.tokens.id_token, exp: snap.claims.exp, generation: this.#templateFor(snap).generation };
   }
 }
 

@@ -14,6 +14,8 @@ export interface Client {
   tokenSha: Buffer;
   /** The derived broker refresh credential (proxy mode serves it, /oauth/token accepts it). */
   refreshCredential: string;
+  /** SHA-256 of refreshCredential, computed once: the shim's lookup key and the ETag's client part. */
+  refreshCredentialSha: Buffer;
   lastSeenAt: number | undefined;
   lastGeneration: string | undefined;
 }
@@ -62,7 +64,11 @@ export class ClientRegistry {
     const byCredential = new Map<string, Client>();
     const add = (c: Client) => {
       byToken.set(c.tokenSha.toString('hex'), c);
-      byCredential.set(sha256(c.refreshCredential).toString('hex'), c);
+      byCredential.set(c.refreshCredentialSha.toString('hex'), c);
+    };
+    const withCredential = (tokenSha: Buffer, known: string | undefined) => {
+      const credential = known ?? refreshCredential(this.#secret, tokenSha);
+      return { refreshCredential: credential, refreshCredentialSha: sha256(credential) };
     };
     for (const r of rows.rows) {
       const prev = this.#byToken.get(r.token_sha256.toString('hex'));
@@ -72,7 +78,7 @@ export class ClientRegistry {
         kind: 'broker',
         workspaceId: r.workspace_id,
         tokenSha: r.token_sha256,
-        refreshCredential: prev?.refreshCredential ?? refreshCredential(this.#secret, r.token_sha256),
+        ...withCredential(r.token_sha256, prev?.refreshCredential),
         // Keep what this replica saw more recently than its last flush.
         lastSeenAt: Math.max(prev?.lastSeenAt ?? 0, r.last_used_at?.getTime() ?? 0) || undefined,
         lastGeneration: prev && (prev.lastSeenAt ?? 0) >= (r.last_used_at?.getTime() ?? 0) ? prev.lastGeneration : (r.last_served_generation ?? undefined),
@@ -81,7 +87,7 @@ export class ClientRegistry {
     if (this.#platformTokens) {
       for (const c of await this.#loadPlatformTokens()) {
         const prev = this.#byToken.get(c.tokenSha.toString('hex'));
-        add({ ...c, lastSeenAt: prev?.lastSeenAt, lastGeneration: prev?.lastGeneration });
+        add({ ...c, ...withCredential(c.tokenSha, prev?.refreshCredential), lastSeenAt: prev?.lastSeenAt, lastGeneration: prev?.lastGeneration });
       }
     }
     // Apply unless a reload that started later has already been applied: an older read
@@ -92,7 +98,7 @@ export class ClientRegistry {
     this.#byCredential = byCredential;
   }
 
-  async #loadPlatformTokens(): Promise<Client[]> {
+  async #loadPlatformTokens(): Promise<Array<Omit<Client, 'refreshCredential' | 'refreshCredentialSha'>>> {
     const exists = await this.#pool.query<{ t: string | null }>("SELECT to_regclass('workspace_auth_tokens')::text AS t");
     if (!exists.rows[0]?.t) {
       if (!this.#platformTableMissingLogged) {
@@ -109,7 +115,6 @@ export class ClientRegistry {
       kind: 'platform' as const,
       workspaceId: row.workspace_id,
       tokenSha: row.token_hash,
-      refreshCredential: refreshCredential(this.#secret, row.token_hash),
       lastSeenAt: undefined,
       lastGeneration: undefined,
     }));
@@ -126,7 +131,7 @@ export class ClientRegistry {
   byRefreshCredential(credential: string): Client | undefined {
     const sha = sha256(credential);
     const c = this.#byCredential.get(sha.toString('hex'));
-    return c && timingSafeEqual(sha256(c.refreshCredential), sha) ? c : undefined;
+    return c && timingSafeEqual(c.refreshCredentialSha, sha) ? c : undefined;
   }
 
   markServed(c: Client, generation: string, now: number): void {
