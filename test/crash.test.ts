@@ -231,9 +231,12 @@ test('SIGTERM during a slow upstream answer: the process exits only after the ro
   }
 });
 
-test('3 replicas, one killed with SIGKILL in a loop, during due cycles: exactly one POST per rotation, zero reuse, the surviving replicas keep serving', async () => {
-  const LIFETIME = 4;
-  const RUN_MS = 45_000;
+test('3 replicas, one killed with SIGKILL in a loop, during 100 due cycles: exactly one POST per rotation, zero reuse, the surviving replicas keep serving', async () => {
+  // A 2 s access token is due 1 s after issue (lead = lifetime / 2): a due cycle every
+  // 1-1.5 s, so 100 cycles take about two minutes. The cap only stops a broken run.
+  const LIFETIME = 2;
+  const CYCLES = 100;
+  const CAP_MS = 300_000;
   const upstream = await suite.upstream({ accessLifetimeSec: LIFETIME });
   const url = await suite.pg.newDatabase();
   const db = await openStore(url);
@@ -289,7 +292,7 @@ test('3 replicas, one killed with SIGKILL in a loop, during due cycles: exactly 
         await sleep(5);
       }
     };
-    while (Date.now() - startedAt < RUN_MS) {
+    while (upstream.rotations - startRotations < CYCLES && Date.now() - startedAt < CAP_MS) {
       await sleep(2_000 + Math.floor(Math.random() * 1_000));
       // No broker can survive a SIGKILL between the upstream accepting a POST and the
       // journal's fsync: that rotation exists only in the dead process. Kill outside that
@@ -319,7 +322,8 @@ test('3 replicas, one killed with SIGKILL in a loop, during due cycles: exactly 
     assert.equal(upstream.reuseAnswers, 0, 'zero reuse');
     assert.equal(upstream.posts, upstream.rotations, 'exactly one POST per rotation');
     assert.equal(new Set(posted).size, posted.length, 'no refresh token was POSTed twice');
-    assert.ok(rotations >= 10, `enough due cycles ran (${rotations})`);
+    assert.ok(rotations >= CYCLES, `${CYCLES} due cycles ran (${rotations} in ${elapsed} ms)`);
+    assert.ok(kills >= 20, `replica #3 was killed in a loop (${kills} SIGKILLs)`);
     assert.equal((await db.tokens()).refresh_token, upstream.currentRefreshToken(), 'the row holds the family’s current token: no rotation lost');
     for (const r of [r1, r2, r3]) process.kill(r.child.pid ?? 0, 'SIGTERM');
     for (const r of [r1, r2, r3]) assert.equal((await r.exited).code, 0);
