@@ -1,11 +1,11 @@
-import { randomUUID } from 'node:crypto';
 import underPressure from '@fastify/under-pressure';
-import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type onResponseHookHandler } from 'fastify';
 import type { BrokerCore } from './broker.js';
 import type { Config } from './config.js';
 import { errorHandler, notFoundHandler, sendProblem } from './http/problem.js';
+import { lazyChildLoggerFactory, requestIdGenerator } from './http/request-logger.js';
 import type { Logger } from './logger.js';
-import type { BrokerMetrics } from './metrics.js';
+import { labelled, type BrokerMetrics } from './metrics.js';
 import { adminRoutes } from './routes/admin.js';
 import { opsRoutes } from './routes/ops.js';
 import { shimRoutes } from './routes/shim.js';
@@ -39,11 +39,11 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     logController: new LogController({ disableRequestLogging: true }),
     bodyLimit: 1024 * 1024,
     requestIdHeader: 'x-request-id',
-    genReqId: () => randomUUID(),
+    genReqId: requestIdGenerator(),
+    childLoggerFactory: lazyChildLoggerFactory,
     return503OnClosing: true,
   });
   app.setErrorHandler(errorHandler);
-  app.setNotFoundHandler(notFoundHandler);
 
   // Echo the request id so an operator can find the matching log line.
   app.addHook('onRequest', (req, reply, done) => {
@@ -51,9 +51,21 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     done();
   });
 
-  app.addHook('onResponse', async (req, reply) => {
-    const route = req.routeOptions.url ?? 'unmatched';
-    o.metrics.httpDuration.observe({ method: req.method, route, status_code: String(reply.statusCode) }, reply.elapsedTime / 1000);
+  // Request duration by route: a hook attached to each route as it is added, so the route
+  // is known without Fastify's per-request routeOptions object; unmatched URLs are counted
+  // by the not-found handler. (Must be registered before any route.)
+  const httpDuration = labelled(o.metrics.httpDuration);
+  app.addHook('onRoute', (route) => {
+    const url = route.url;
+    const observe: onResponseHookHandler = (req, reply, done) => {
+      httpDuration(req.method, url, reply.statusCode).observe(reply.elapsedTime / 1000);
+      done();
+    };
+    route.onResponse = route.onResponse === undefined ? [observe] : [...(Array.isArray(route.onResponse) ? route.onResponse : [route.onResponse]), observe];
+  });
+  app.setNotFoundHandler((req, reply) => {
+    reply.raw.once('finish', () => httpDuration(req.method, 'unmatched', reply.statusCode).observe(reply.elapsedTime / 1000));
+    return notFoundHandler(req, reply);
   });
 
   // Shed request load before it queues; the refresher runs on timers, not requests, so a

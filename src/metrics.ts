@@ -61,3 +61,34 @@ export type BrokerMetrics = ReturnType<typeof createMetrics>;
 export function setCredentialState(m: BrokerMetrics, state: CredentialState): void {
   for (const s of CREDENTIAL_STATES) m.credentialState.set({ state: s }, s === state ? 1 : 0);
 }
+
+type Label = string | number;
+/**
+ * A metric's labelled children, kept in nested maps keyed by the label values: prom-client
+ * builds and hashes a key from a labels object on every inc()/observe(), which the serving
+ * path would pay per request. Label values here come from bounded sets (methods, routes,
+ * status codes, results), and the route strings are the same objects every time.
+ */
+export function labelled<C>(metric: { labels(...values: string[]): C }): (...values: Label[]) => C {
+  const root = new Map<Label, unknown>();
+  return (...values) => {
+    let level = root;
+    const last = values.length - 1;
+    for (let i = 0; i < last; i++) {
+      const v = values[i] as Label;
+      let next = level.get(v) as Map<Label, unknown> | undefined;
+      if (!next) {
+        next = new Map();
+        level.set(v, next);
+      }
+      level = next;
+    }
+    const leaf = values[last] as Label;
+    let child = level.get(leaf) as C | undefined;
+    if (child === undefined) {
+      child = metric.labels(...values.map(String));
+      level.set(leaf, child);
+    }
+    return child;
+  };
+}

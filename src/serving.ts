@@ -35,6 +35,31 @@ function etagOf(body: string): string {
 }
 
 /**
+ * One client's document. The served bytes are a function of (template, credential), so
+ * naming both is a strong validator: no per-request hash of the body, and no body at all
+ * for a 304.
+ */
+class ClientDocument implements Rendered {
+  readonly etag: string;
+  readonly generation: string;
+  readonly #t: Template;
+  readonly #credential: string;
+  #body: string | undefined;
+
+  constructor(t: Template, client: Client) {
+    this.#t = t;
+    this.#credential = client.refreshCredential;
+    this.etag = `"${t.hash}-${client.etagTag}"`;
+    this.generation = t.generation;
+  }
+
+  get body(): string {
+    this.#body ??= this.#t.pre + JSON.stringify(`${this.#credential}.${this.#t.generation}`) + this.#t.post;
+    return this.#body;
+  }
+}
+
+/**
  * The auth.json codex reads, as stored, with tokens.refresh_token per the exposure policy.
  * Rendered from a per-snapshot template: serving costs a string concatenation,
  * never a hash of the body or a database query.
@@ -101,17 +126,7 @@ export class DocumentRenderer {
     if (!snap) throw new Error('render called with no credential');
     const t = this.#templateFor(snap);
     if (t.shared) return t.shared;
-    // The served bytes are a function of (template, credential), so naming both is a
-    // strong validator: no per-request hash of the body, and no body at all for a 304.
-    let body: string | undefined;
-    return {
-      get body() {
-        body ??= t.pre + JSON.stringify(`${client.refreshCredential}.${t.generation}`) + t.post;
-        return body;
-      },
-      etag: `"${t.hash}-${client.refreshCredentialSha.toString('base64url', 0, 12)}"`,
-      generation: t.generation,
-    };
+    return new ClientDocument(t, client);
   }
 
   /** The current tokens for the refresh shim's answer. */

@@ -102,6 +102,8 @@ describe('operator routes', () => {
     await t.core.store.put(KEY, JSON.stringify(t.upstream.seed()));
     await t.core.refresher.runCycle();
     await get(t, '/healthz');
+    assert.equal((await get(t, '/no-such-route')).statusCode, 404);
+    assert.equal((await get(t, '/codex-auth')).statusCode, 401);
     const res = await get(t, '/metrics');
     assert.equal(res.statusCode, 200);
     assert.match(String(res.headers['content-type']), /^text\/plain; version=0\.0\.4/);
@@ -123,6 +125,25 @@ describe('operator routes', () => {
     assert.match(res.body, /codex_broker_refresh_checks_total\{result="fresh"\} 1/);
     assert.match(res.body, /codex_broker_credential_state\{state="fresh"\} 1/);
     assert.match(res.body, /codex_broker_http_request_duration_seconds_count\{method="GET",route="\/healthz",status_code="200"\} 1/);
+    assert.match(res.body, /codex_broker_http_request_duration_seconds_count\{method="GET",route="\/codex-auth",status_code="401"\} 1/);
+    assert.match(res.body, /codex_broker_http_request_duration_seconds_count\{method="GET",route="unmatched",status_code="404"\} 1/);
+  });
+
+  test('every response carries a distinct x-request-id, and a line logged while handling a request carries the same id as reqId', async () => {
+    const t = await setup();
+    const ids = new Set<string>();
+    for (let i = 0; i < 50; i++) ids.add(String((await get(t, '/healthz')).headers['x-request-id']));
+    assert.equal(ids.size, 50, 'request ids are unique');
+    // A caller's own request id is kept (so a proxy's id reaches the log).
+    assert.equal((await t.app.inject({ url: '/healthz', headers: { 'x-request-id': 'from-the-proxy-42' } })).headers['x-request-id'], 'from-the-proxy-42');
+    const res = await t.app.inject({ method: 'POST', url: '/admin/clients', headers: { authorization: `Bearer ${ADMIN_TOKEN}` }, payload: { name: 'logged-by-request' } });
+    assert.equal(res.statusCode, 201);
+    bodies.push(res.body);
+    const line = t.logs.withEvent('client_added').at(-1);
+    assert.ok(line, 'the route logged through req.log');
+    assert.equal(line['reqId'], res.headers['x-request-id']);
+    assert.equal(line['level'], 30);
+    assert.equal(line['service'], 'codex-auth-broker', 'the request logger is a child of the broker logger');
   });
 
   test('/metrics asks for METRICS_TOKEN when one is configured', async () => {

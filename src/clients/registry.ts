@@ -1,4 +1,4 @@
-import { timingSafeEqual } from 'node:crypto';
+import { hash } from 'node:crypto';
 import type { Pool } from '../db.js';
 import type { Logger } from '../logger.js';
 import { refreshCredential, sha256 } from './credentials.js';
@@ -14,8 +14,10 @@ export interface Client {
   tokenSha: Buffer;
   /** The derived broker refresh credential (proxy mode serves it, /oauth/token accepts it). */
   refreshCredential: string;
-  /** SHA-256 of refreshCredential, computed once: the shim's lookup key and the ETag's client part. */
-  refreshCredentialSha: Buffer;
+  /** SHA-256 (hex) of refreshCredential, computed once: the shim's lookup key. */
+  refreshCredentialSha: string;
+  /** The client's part of a served ETag (a prefix of that hash), computed once. */
+  etagTag: string;
   lastSeenAt: number | undefined;
   lastGeneration: string | undefined;
 }
@@ -28,8 +30,9 @@ export interface ClientCounts {
 
 /**
  * Every client credential, held in memory and reloaded on change, so that serving a
- * workspace costs no database query. Lookups are by SHA-256 of the presented secret,
- * then confirmed with a constant-time compare.
+ * workspace costs no database query. Lookups are by SHA-256 of the presented secret: a
+ * caller cannot steer the hash, so the map lookup leaks nothing a constant-time compare
+ * would protect, and one native hash call is the whole cost.
  */
 export class ClientRegistry {
   readonly #pool: Pool;
@@ -64,11 +67,12 @@ export class ClientRegistry {
     const byCredential = new Map<string, Client>();
     const add = (c: Client) => {
       byToken.set(c.tokenSha.toString('hex'), c);
-      byCredential.set(c.refreshCredentialSha.toString('hex'), c);
+      byCredential.set(c.refreshCredentialSha, c);
     };
     const withCredential = (tokenSha: Buffer, known: string | undefined) => {
       const credential = known ?? refreshCredential(this.#secret, tokenSha);
-      return { refreshCredential: credential, refreshCredentialSha: sha256(credential) };
+      const credentialSha = sha256(credential);
+      return { refreshCredential: credential, refreshCredentialSha: credentialSha.toString('hex'), etagTag: credentialSha.toString('base64url', 0, 12) };
     };
     for (const r of rows.rows) {
       const prev = this.#byToken.get(r.token_sha256.toString('hex'));
@@ -98,7 +102,7 @@ export class ClientRegistry {
     this.#byCredential = byCredential;
   }
 
-  async #loadPlatformTokens(): Promise<Array<Omit<Client, 'refreshCredential' | 'refreshCredentialSha'>>> {
+  async #loadPlatformTokens(): Promise<Array<Omit<Client, 'refreshCredential' | 'refreshCredentialSha' | 'etagTag'>>> {
     const exists = await this.#pool.query<{ t: string | null }>("SELECT to_regclass('workspace_auth_tokens')::text AS t");
     if (!exists.rows[0]?.t) {
       if (!this.#platformTableMissingLogged) {
@@ -122,16 +126,12 @@ export class ClientRegistry {
 
   /** The client a bearer token belongs to, if it is live. No database query. */
   authenticate(token: string): Client | undefined {
-    const sha = sha256(token);
-    const c = this.#byToken.get(sha.toString('hex'));
-    return c && timingSafeEqual(c.tokenSha, sha) ? c : undefined;
+    return this.#byToken.get(hash('sha256', token, 'hex'));
   }
 
   /** The client a broker refresh credential belongs to, if it is live. */
   byRefreshCredential(credential: string): Client | undefined {
-    const sha = sha256(credential);
-    const c = this.#byCredential.get(sha.toString('hex'));
-    return c && timingSafeEqual(c.refreshCredentialSha, sha) ? c : undefined;
+    return this.#byCredential.get(hash('sha256', credential, 'hex'));
   }
 
   markServed(c: Client, generation: string, now: number): void {

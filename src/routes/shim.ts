@@ -1,7 +1,7 @@
 import type { FastifyError, FastifyInstance, FastifyReply } from 'fastify';
 import { splitServedRefreshToken } from '../clients/credentials.js';
 import type { ClientRegistry } from '../clients/registry.js';
-import type { BrokerMetrics } from '../metrics.js';
+import { labelled, type BrokerMetrics } from '../metrics.js';
 import type { Refresher } from '../refresher.js';
 import type { DocumentRenderer } from '../serving.js';
 
@@ -29,6 +29,8 @@ function oauthError(reply: FastifyReply, status: number, code: string, message: 
  * replica waiting at that moment: a storm costs at most one upstream POST.
  */
 export async function shimRoutes(app: FastifyInstance, o: ShimRoutesOptions): Promise<void> {
+  const tokenServed = labelled(o.metrics.tokenServed);
+  const served = (result: string) => tokenServed(ROUTE, result).inc();
   app.addContentTypeParser('application/x-www-form-urlencoded', { parseAs: 'string' }, (_req, body, done) => {
     done(null, Object.fromEntries(new URLSearchParams(String(body))));
   });
@@ -40,16 +42,15 @@ export async function shimRoutes(app: FastifyInstance, o: ShimRoutesOptions): Pr
     const status = err.statusCode ?? 500;
     if (status < 400 || status >= 500) {
       req.log.error({ event: 'request_failed', err: { message: err.message, code: err.code } }, 'request failed');
-      o.metrics.tokenServed.inc({ route: ROUTE, result: 'error' });
+      served('error');
       return oauthError(reply, 500, 'server_error', 'the broker failed to handle this request; see its logs', 'server_error');
     }
-    o.metrics.tokenServed.inc({ route: ROUTE, result: 'bad_request' });
+    served('bad_request');
     // Parser messages describe the body's shape, never its values.
     return oauthError(reply, 400, 'invalid_request', err.message);
   });
 
   app.post(ROUTE, async (req, reply) => {
-    const served = (result: string) => o.metrics.tokenServed.inc({ route: ROUTE, result });
     const body = req.body;
     if (typeof body !== 'object' || body === null || Array.isArray(body)) {
       served('bad_request');

@@ -3,7 +3,7 @@ import { UUID } from '../clients/client-store.js';
 import type { Client, ClientRegistry } from '../clients/registry.js';
 import { bearerToken } from '../http/auth.js';
 import { sendProblem, sendUnauthorized } from '../http/problem.js';
-import type { BrokerMetrics } from '../metrics.js';
+import { labelled, type BrokerMetrics } from '../metrics.js';
 import type { DocumentRenderer, Rendered } from '../serving.js';
 
 export interface WorkspaceRoutesOptions {
@@ -23,7 +23,8 @@ function matches(ifNoneMatch: string | undefined, etag: string): boolean {
 
 /** What every workspace polls: the current login, at no database cost. */
 export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOptions): Promise<void> {
-  const served = (route: string, result: string) => o.metrics.tokenServed.inc({ route, result });
+  const tokenServed = labelled(o.metrics.tokenServed);
+  const served = (route: string, result: string) => tokenServed(route, result).inc();
 
   const unauthorized = (reply: FastifyReply, route: string) => {
     served(route, 'unauthorized');
