@@ -10,6 +10,8 @@ export type Exposure = 'proxy' | 'omit' | 'raw';
 export interface Rendered {
   /** Built on first read: a 304 never builds it. */
   readonly body: string;
+  /** The platform's drop-in shape, `{"CODEX_AUTH_JSON": body as a string}`, built on first read. */
+  readonly platformBody: string;
   etag: string;
   generation: string;
 }
@@ -23,11 +25,41 @@ interface Template {
   snap: Snapshot;
   pre: string;
   post: string;
+  /** pre and post as they appear inside a JSON string (the drop-in shape). */
+  escapedPre: string;
+  escapedPost: string;
   generation: string;
   /** Names the template's bytes; with the client's credential it names the served bytes. */
   hash: string;
   /** Same bytes for every client (omit, raw): rendered once. */
   shared: Rendered | undefined;
+}
+
+/** A string's JSON escaping without the quotes: per character, so pieces concatenate. */
+function escaped(s: string): string {
+  return JSON.stringify(s).slice(1, -1);
+}
+
+const PLATFORM_OPEN = '{"CODEX_AUTH_JSON":"';
+const PLATFORM_CLOSE = '"}';
+
+/** The same bytes for every client (omit and raw exposure). */
+class SharedDocument implements Rendered {
+  readonly body: string;
+  readonly etag: string;
+  readonly generation: string;
+  #platformBody: string | undefined;
+
+  constructor(body: string, generation: string) {
+    this.body = body;
+    this.etag = etagOf(body);
+    this.generation = generation;
+  }
+
+  get platformBody(): string {
+    this.#platformBody ??= JSON.stringify({ CODEX_AUTH_JSON: this.body });
+    return this.#platformBody;
+  }
 }
 
 function etagOf(body: string): string {
@@ -54,8 +86,17 @@ class ClientDocument implements Rendered {
   }
 
   get body(): string {
-    this.#body ??= this.#t.pre + JSON.stringify(`${this.#credential}.${this.#t.generation}`) + this.#t.post;
+    this.#body ??= this.#t.pre + this.#slot() + this.#t.post;
     return this.#body;
+  }
+
+  /** Equal to JSON.stringify({ CODEX_AUTH_JSON: body }), without escaping the document per request. */
+  get platformBody(): string {
+    return PLATFORM_OPEN + this.#t.escapedPre + escaped(this.#slot()) + this.#t.escapedPost + PLATFORM_CLOSE;
+  }
+
+  #slot(): string {
+    return JSON.stringify(`${this.#credential}.${this.#t.generation}`);
   }
 }
 
@@ -102,6 +143,8 @@ export class DocumentRenderer {
     let shared: Rendered | undefined;
     let pre = '';
     let post = '';
+    let escapedPre = '';
+    let escapedPost = '';
     let hash = '';
     if (this.#exposure === 'proxy') {
       tokens['refresh_token'] = SLOT;
@@ -109,14 +152,15 @@ export class DocumentRenderer {
       const at = text.indexOf(JSON.stringify(SLOT));
       pre = text.slice(0, at);
       post = text.slice(at + JSON.stringify(SLOT).length);
+      escapedPre = escaped(pre);
+      escapedPost = escaped(post);
       hash = createHash('sha256').update(pre).update('\u0000').update(post).digest('base64url').slice(0, 22);
     } else {
       // codex rejects a file whose refresh_token is not a string: omit serves an empty one.
       if (this.#exposure === 'omit') tokens['refresh_token'] = '';
-      const body = JSON.stringify(doc);
-      shared = { body, etag: etagOf(body), generation };
+      shared = new SharedDocument(JSON.stringify(doc), generation);
     }
-    this.#template = { snap, pre, post, generation, hash, shared };
+    this.#template = { snap, pre, post, escapedPre, escapedPost, generation, hash, shared };
     return this.#template;
   }
 

@@ -568,6 +568,23 @@ describe('refresh-token exposure', () => {
 });
 
 describe('drop-in route', () => {
+  test('the drop-in body is exactly JSON.stringify({ CODEX_AUTH_JSON: <the /codex-auth body> }) for documents that need escaping, under every exposure', async () => {
+    const awkward = 'quote " backslash \\ newline \n tab \t nul \u0000 ls \u2028 é 🔑 </script> \\u0041';
+    for (const exposure of ['proxy', 'omit', 'raw'] as const) {
+      const t = await setup({ exposure });
+      await seedAdmin(t, t.upstream.seed({ extra: { auth_mode: 'chatgpt', note: awkward, nested: { list: [awkward, 1, null] } } }));
+      const c = await addClient(t, `escape-${exposure}`);
+      const direct = await get(t, '/codex-auth', c.token);
+      assert.equal(direct.statusCode, 200);
+      assert.equal((direct.json() as { note: string }).note, awkward);
+      const drop = await get(t, DROP_IN(randomUUID()), c.token);
+      assert.equal(drop.statusCode, 200);
+      assert.equal(drop.body, JSON.stringify({ CODEX_AUTH_JSON: direct.body }), exposure);
+      // Twice: the second answer comes from what the first one built.
+      assert.equal((await get(t, DROP_IN(randomUUID()), c.token)).body, drop.body);
+    }
+  });
+
   test('the drop-in route answers {"CODEX_AUTH_JSON": "<the same document as a string>"}', async () => {
     const t = await setup();
     await seedAdmin(t, t.upstream.seed({ extra: { auth_mode: 'chatgpt' } }));

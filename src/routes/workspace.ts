@@ -48,21 +48,22 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
     return { client, doc: o.renderer.render(client) };
   };
 
-  const send = (req: FastifyRequest, reply: FastifyReply, route: string, client: Client, etag: string, generation: string, body: string) => {
-    o.clients.markServed(client, generation, o.now());
+  /** A 304 when the caller's ETag matches (the body is never built), else the document. */
+  const send = (req: FastifyRequest, reply: FastifyReply, route: string, client: Client, etag: string, doc: Rendered, platformShape: boolean) => {
+    o.clients.markServed(client, doc.generation, o.now());
     reply.header('etag', etag).header('cache-control', 'no-store');
     if (matches(req.headers['if-none-match'], etag)) {
       served(route, 'not_modified');
       return reply.code(304).send();
     }
     served(route, 'ok');
-    return reply.type('application/json; charset=utf-8').send(body);
+    return reply.type('application/json; charset=utf-8').send(platformShape ? doc.platformBody : doc.body);
   };
 
   app.get('/codex-auth', async (req, reply) => {
     const ready = prepare(req, reply, '/codex-auth', false);
     if (!ready) return reply;
-    return send(req, reply, '/codex-auth', ready.client, ready.doc.etag, ready.doc.generation, ready.doc.body);
+    return send(req, reply, '/codex-auth', ready.client, ready.doc.etag, ready.doc, false);
   });
 
   const dropIn = '/workspaces/:id/secrets/values';
@@ -78,7 +79,6 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
       return sendProblem(reply, { status: 404, code: 'not_found', title: 'Not Found', detail: 'no such workspace for this token' });
     }
     // The platform's shape: a flat object whose CODEX_AUTH_JSON member is auth.json as a string.
-    const body = JSON.stringify({ CODEX_AUTH_JSON: ready.doc.body });
-    return send(req, reply, dropIn, ready.client, `"${ready.doc.etag.slice(1, -1)}-v"`, ready.doc.generation, body);
+    return send(req, reply, dropIn, ready.client, `"${ready.doc.etag.slice(1, -1)}-v"`, ready.doc, true);
   });
 }
