@@ -3,17 +3,23 @@
  * raw node:http server, on 127.0.0.1, with autocannon; plus DB queries on the hot path,
  * memory, /metrics latency, refresh cost and a CPU profile. Writes BENCHMARKS.md.
  *
- * Env: BENCH_SECONDS (per case, default 10), BENCH_WARMUP_SECONDS (2),
- * BENCH_MEMORY_REQUESTS (1,000,000), BENCH_QUERY_REQUESTS (100,000), BENCH_PROFILE_SECONDS (8).
+ * Env: BENCH_SECONDS (per case, default 10), BENCH_WARMUP_SECONDS (2), BENCH_ROUNDS (3:
+ * the side-by-side cases run interleaved this many times; the table shows the median),
+ * BENCH_MEMORY_REQUESTS (1,000,000), BENCH_QUERY_REQUESTS (100,000), BENCH_PROFILE_SECONDS (8),
+ * BENCH_PIN (1: with taskset and 2+ cores, servers on the last core, autocannon on the first).
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import autocannon from 'autocannon';
-import { startTestPostgres } from '../test/helpers/pg.js';
-import type { RefreshTrial, ServeInfo } from './server.js';
+import pg from 'pg';
+import { loadCredentialSecret, refreshCredential, sha256, CLIENTS_CHANNEL } from '../src/clients/credentials.js';
+import { FakeUpstream } from '../test/helpers/fake-upstream.js';
+import { freePort, startTestPostgres } from '../test/helpers/pg.js';
+import type { LimitsInfo, RefreshTrial, ServeInfo } from './server.js';
 
 const HISTORY_MARKER = '<!-- history: everything below is kept by npm run bench -->';
 
@@ -27,13 +33,27 @@ const WARMUP = num('BENCH_WARMUP_SECONDS', 2);
 const MEMORY_REQUESTS = num('BENCH_MEMORY_REQUESTS', 1_000_000);
 const QUERY_REQUESTS = num('BENCH_QUERY_REQUESTS', 100_000);
 const PROFILE_SECONDS = num('BENCH_PROFILE_SECONDS', 8);
+const ROUNDS = Math.max(1, num('BENCH_ROUNDS', 3));
 const CONNECTIONS = 50;
 const MB = 1024 * 1024;
 
-function startServer(mode: 'serve' | 'refresh', databaseUrl: string, extraArgs: string[] = []): { child: ChildProcess; firstLine: Promise<string> } {
-  const child = spawn(process.execPath, [...extraArgs, '--import', 'tsx', path.join(root, 'bench/server.ts'), mode], {
+// Two cores shared by the servers and the load generator make every number swing with the
+// scheduler. Pinned, the server under test has a core of its own and autocannon the other:
+// the server's CPU cost per request is what the ratios then compare.
+const CPU_COUNT = os.cpus().length;
+const SERVER_CPU = String(CPU_COUNT - 1);
+const PIN = process.env['BENCH_PIN'] !== '0' && CPU_COUNT >= 2 && spawnSync('taskset', ['-V']).status === 0;
+if (PIN) execFileSync('taskset', ['-p', '-c', '0', String(process.pid)], { stdio: 'ignore' });
+/** The command line for a server process, pinned to SERVER_CPU when pinning. */
+function serverCommand(args: string[]): [string, string[]] {
+  return PIN ? ['taskset', ['-c', SERVER_CPU, process.execPath, ...args]] : [process.execPath, args];
+}
+
+function startServer(mode: 'serve' | 'refresh' | 'limits', databaseUrl: string, extraArgs: string[] = [], extraEnv: NodeJS.ProcessEnv = {}): { child: ChildProcess; firstLine: Promise<string> } {
+  const [cmd, args] = serverCommand([...extraArgs, '--import', 'tsx', path.join(root, 'bench/server.ts'), mode]);
+  const child = spawn(cmd, args, {
     cwd: root,
-    env: { ...process.env, DATABASE_URL: databaseUrl },
+    env: { ...process.env, DATABASE_URL: databaseUrl, ...extraEnv },
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   const firstLine = new Promise<string>((resolve, reject) => {
@@ -53,6 +73,15 @@ async function stopChild(child: ChildProcess): Promise<void> {
   const exited = new Promise((r) => child.once('exit', r));
   child.kill('SIGTERM');
   await exited;
+}
+
+const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
+/** CPU time (user + system, all threads) a process has used, in microseconds, from /proc. */
+function cpuUsOf(pid: number): number {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  // Fields after the command name (which may contain spaces): utime and stime are 14 and 15.
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return ((Number(f[11]) + Number(f[12])) * 1e6) / CLK_TCK;
 }
 
 function rssOf(pid: number): number {
@@ -80,6 +109,12 @@ interface Row {
   total: number;
   statuses: string;
   errors: number;
+  /** req/s of every round, in order (the row itself is the median round). */
+  rounds?: number[];
+  /** The server process's CPU time per request in this run (µs, /proc utime + stime). */
+  cpuUs?: number;
+  /** cpuUs of every round. */
+  cpuRounds?: number[];
 }
 
 async function run(url: string, requests: RequestSpec[], seconds: number, connections = CONNECTIONS, amount?: number): Promise<Result> {
@@ -154,6 +189,137 @@ function summariseProfile(prof: { nodes: ProfileNode[]; samples: number[] }): Pr
   return { groups, top, byArea: [...byArea.entries()].sort((x, y) => y[1] - x[1]).slice(0, 12).map(([area, n]) => ({ area, pct: (100 * n) / total })) };
 }
 
+/** NODE_OPTIONS the image sets (Dockerfile ENV): the production process runs with them. */
+function imageNodeOptions(): string {
+  const m = /NODE_OPTIONS=("[^"]*"|\S+)/.exec(fs.readFileSync(path.join(root, 'Dockerfile'), 'utf8'));
+  return m?.[1]?.replace(/^"|"$/g, '') ?? '';
+}
+
+interface Production {
+  command: string;
+  pid: number;
+  base: string;
+  port: number;
+  clients: ServeInfo['clients'];
+  clientCount: number;
+  body: string;
+  rss: { afterStart: number; afterSeed: number; afterClients: number };
+  stop(): Promise<void>;
+}
+
+/**
+ * The broker as it is deployed: `node dist/cli.js serve` (built first) with the image's
+ * NODE_OPTIONS, on its own database, seeded through the admin API, with clientCount
+ * clients inserted in the shape createClient writes and loaded through NOTIFY.
+ */
+async function startProduction(databaseUrl: string, clientCount: number, loaded: number): Promise<Production> {
+  const build = spawnSync('npm', ['run', '--silent', 'build'], { cwd: root, stdio: 'inherit' });
+  if (build.status !== 0) throw new Error('npm run build failed');
+  const upstream = await FakeUpstream.start();
+  const key = randomBytes(32);
+  const admin = `bench-admin-${randomBytes(16).toString('hex')}`;
+  const port = await freePort();
+  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cab-bench-'));
+  const nodeOptions = imageNodeOptions();
+  const env: NodeJS.ProcessEnv = {
+    PATH: process.env['PATH'],
+    HOME: process.env['HOME'],
+    NODE_OPTIONS: nodeOptions,
+    DATABASE_URL: databaseUrl,
+    SECRETS_ENCRYPTION_KEY: key.toString('base64'),
+    ADMIN_TOKEN: admin,
+    OAUTH_TOKEN_URL: upstream.url,
+    PORT: String(port),
+    HOST: '127.0.0.1',
+    DATA_DIR: dataDir,
+    LOG_LEVEL: 'warn',
+  };
+  const [cmd, args] = serverCommand([path.join(root, 'dist/cli.js'), 'serve']);
+  const child = spawn(cmd, args, { cwd: root, env, stdio: ['ignore', 'ignore', 'inherit'] });
+  const pool = new pg.Pool({ connectionString: databaseUrl, max: 2 });
+  const base = `http://127.0.0.1:${port}`;
+  const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+  const stop = async () => {
+    await stopChild(child);
+    await pool.end().catch(() => undefined);
+    await upstream.close();
+    fs.rmSync(dataDir, { recursive: true, force: true });
+  };
+  try {
+    const pid = child.pid ?? 0;
+    for (let i = 0; ; i++) {
+      if (child.exitCode !== null) throw new Error(`dist/cli.js serve exited with ${child.exitCode}`);
+      const ok = await fetch(`${base}/healthz`).then((r) => r.ok, () => false);
+      if (ok) break;
+      if (i > 600) throw new Error('dist/cli.js serve did not answer /healthz within 60 s');
+      await sleep(100);
+    }
+    await sleep(1_000);
+    const afterStart = rssOf(pid);
+    const seeded = await fetch(`${base}/admin/credential`, { method: 'PUT', headers: { authorization: `Bearer ${admin}`, 'content-type': 'application/json' }, body: JSON.stringify(upstream.seed()) });
+    if (seeded.status !== 200) throw new Error(`seed: ${seeded.status} ${await seeded.text()}`);
+    const afterSeed = rssOf(pid);
+
+    const secret = await loadCredentialSecret(pool, key);
+    const tokens: string[] = [];
+    const cols: [string[], string[], Buffer[], string[], Buffer[]] = [[], [], [], [], []];
+    const workspaceId = (i: number) => `00000000-0000-4000-8000-${String(i).padStart(12, '0')}`;
+    for (let i = 0; i < clientCount; i++) {
+      const token = randomBytes(32).toString('base64url');
+      const sha = sha256(token);
+      tokens.push(token);
+      cols[0].push(`bench-${i}`);
+      cols[1].push(workspaceId(i));
+      cols[2].push(sha);
+      cols[3].push(token.slice(0, 8));
+      cols[4].push(sha256(refreshCredential(secret, sha)));
+    }
+    await pool.query(
+      `INSERT INTO broker_clients (name, workspace_id, token_sha256, token_prefix, refresh_credential_sha256)
+       SELECT * FROM unnest($1::text[], $2::uuid[], $3::bytea[], $4::text[], $5::bytea[])`,
+      cols,
+    );
+    await pool.query(`NOTIFY ${CLIENTS_CHANNEL}`);
+    const get = (token: string) => fetch(`${base}/codex-auth`, { headers: { authorization: `Bearer ${token}` } });
+    for (let i = 0; ; i++) {
+      const r = await get(tokens[clientCount - 1] ?? '');
+      await r.arrayBuffer();
+      if (r.status === 200) break;
+      if (i > 300) throw new Error(`the ${clientCount} clients did not load (last GET: ${r.status})`);
+      await sleep(100);
+    }
+    await sleep(1_000);
+    const afterClients = rssOf(pid);
+
+    // What a workspace holds after a sync, for the 304 and shim cases.
+    const clients: ServeInfo['clients'] = [];
+    let body = '';
+    for (let i = 0; i < loaded; i++) {
+      const token = tokens[i] ?? '';
+      const r = await get(token);
+      if (r.status !== 200) throw new Error(`GET /codex-auth: ${r.status}`);
+      const text = await r.text();
+      body ||= text;
+      const doc = JSON.parse(text) as { tokens: { refresh_token: string } };
+      clients.push({ token, etag: r.headers.get('etag') ?? '', refresh: doc.tokens.refresh_token.split('.')[0] ?? '', workspaceId: workspaceId(i) });
+    }
+    return {
+      command: `${nodeOptions ? `NODE_OPTIONS=${nodeOptions} ` : ''}node dist/cli.js serve`,
+      pid,
+      base,
+      port,
+      clients,
+      clientCount,
+      body,
+      rss: { afterStart, afterSeed, afterClients },
+      stop,
+    };
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+}
+
 const f1 = (x: number) => x.toFixed(1);
 const fmtMb = (b: number) => `${(b / MB).toFixed(1)} MB`;
 
@@ -162,6 +328,7 @@ async function main(): Promise<void> {
   console.log(`bench: ${SECONDS} s per case after ${WARMUP} s warm-up, ${CONNECTIONS} connections, 127.0.0.1`);
   const pg = await startTestPostgres();
   const children: ChildProcess[] = [];
+  const stoppers: Array<() => Promise<void>> = [];
   try {
     // What the harness alone costs in RSS: plain node, and node + tsx + the modules the server imports.
     const oneLine = async (args: string[]): Promise<NodeJS.MemoryUsage> => {
@@ -173,21 +340,35 @@ async function main(): Promise<void> {
     };
     const plainNode = await oneLine(['--expose-gc', '-e', 'gc(); console.log(JSON.stringify(process.memoryUsage()))']);
     const harness = await oneLine(['--expose-gc', '--import', 'tsx', path.join(root, 'bench/baseline-mem.ts')]);
-    const [serveDb, refreshDb] = [await pg.newDatabase(), await pg.newDatabase()];
-    const s = startServer('serve', serveDb, ['--expose-gc']);
-    children.push(s.child);
-    const info = JSON.parse(await s.firstLine) as ServeInfo;
-    const pid = info.pid;
-    const rssAfterLoad = rssOf(pid);
-    console.log(`server pid ${pid}: ${info.clientsLoaded} clients, auth.json ${info.bodyBytes} bytes`);
-    const { clients } = info;
-    const broker = `http://127.0.0.1:${info.brokerPort}`;
-    const bearer = (c: ServeInfo['clients'][number]) => ({ authorization: `Bearer ${c.token}` });
+    const [serveDb, refreshDb, prodDb] = [await pg.newDatabase(), await pg.newDatabase(), await pg.newDatabase()];
+    const CLIENTS = 10_000;
+    const LOADED = 1_000;
+    const STALE_GENERATION = 'AAAAAAAAAAAA';
 
-    const cases: Array<{ name: string; url: string; spec: RequestSpec; expect: string }> = [
-      { name: 'bare Fastify route (limit)', url: `http://127.0.0.1:${info.fastifyPort}`, spec: rotating((c) => ({ method: 'GET', path: '/codex-auth', headers: bearer(c) }), clients), expect: '200' },
-      { name: 'raw node:http', url: `http://127.0.0.1:${info.rawPort}`, spec: rotating((c) => ({ method: 'GET', path: '/codex-auth', headers: bearer(c) }), clients), expect: '200' },
-      { name: 'GET /codex-auth 200', url: broker, spec: rotating((c) => ({ method: 'GET', path: '/codex-auth', headers: bearer(c) }), clients), expect: '200' },
+    // ---- the production process: side by side, /metrics, memory
+    const prod = await startProduction(prodDb, CLIENTS, LOADED);
+    stoppers.push(prod.stop);
+    console.log(`${prod.command} (pid ${prod.pid}): ${CLIENTS} clients, auth.json ${Buffer.byteLength(prod.body)} bytes`);
+    const lim = startServer('limits', '', [], { BENCH_BODY: prod.body });
+    children.push(lim.child);
+    const limits = JSON.parse(await lim.firstLine) as LimitsInfo;
+    const { clients } = prod;
+    const broker = prod.base;
+    const bearer = (c: ServeInfo['clients'][number]) => ({ authorization: `Bearer ${c.token}` });
+    const okCase = (url: string) => ({ url, spec: rotating((c) => ({ method: 'GET', path: '/codex-auth', headers: bearer(c) }), clients) });
+    const shimSpec = rotating(
+      (c) => ({
+        method: 'POST',
+        path: '/oauth/token',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ grant_type: 'refresh_token', refresh_token: `${c.refresh}.${STALE_GENERATION}`, client_id: 'app_bench' }),
+      }),
+      clients,
+    );
+    const cases: Array<{ name: string; url: string; spec: RequestSpec; expect: string; pid?: number }> = [
+      { name: 'bare Fastify route (limit)', pid: limits.pid, ...okCase(`http://127.0.0.1:${limits.fastifyPort}`), expect: '200' },
+      { name: 'raw node:http', pid: limits.pid, ...okCase(`http://127.0.0.1:${limits.rawPort}`), expect: '200' },
+      { name: 'GET /codex-auth 200', ...okCase(broker), expect: '200' },
       { name: 'GET /codex-auth 304', url: broker, spec: rotating((c) => ({ method: 'GET', path: '/codex-auth', headers: { ...bearer(c), 'if-none-match': c.etag } }), clients), expect: '304' },
       {
         name: 'GET drop-in /workspaces/:id/secrets/values',
@@ -195,9 +376,81 @@ async function main(): Promise<void> {
         spec: rotating((c) => ({ method: 'GET', path: `/workspaces/${c.workspaceId}/secrets/values`, headers: bearer(c) }), clients),
         expect: '200',
       },
-      {
-        name: 'POST /oauth/token (stale caller)',
-        url: broker,
+      { name: 'POST /oauth/token (stale caller)', url: broker, spec: shimSpec, expect: '200' },
+      { name: 'GET /healthz', url: broker, spec: rotating(() => ({ method: 'GET', path: '/healthz' }), clients), expect: '200' },
+      { name: 'GET /metrics', url: broker, spec: rotating(() => ({ method: 'GET', path: '/metrics' }), clients), expect: '200' },
+    ];
+
+    // Memory first, on the fresh process: RSS through MEMORY_REQUESTS GET /codex-auth.
+    const rssBeforeRun = rssOf(prod.pid);
+    const raw: Array<{ t: number; rss: number }> = [{ t: 0, rss: rssBeforeRun }];
+    const t0 = Date.now();
+    const sampler = setInterval(() => raw.push({ t: (Date.now() - t0) / 1000, rss: rssOf(prod.pid) }), 2_000);
+    const memRun = await run(broker, [cases[2]?.spec as RequestSpec], 0, CONNECTIONS, MEMORY_REQUESTS);
+    clearInterval(sampler);
+    await new Promise((r) => setTimeout(r, 2_000));
+    const rssEnd = rssOf(prod.pid);
+    const rate = memRun.requests.total / Math.max(memRun.duration, 1e-9);
+    const rssSamples = [
+      ...raw.map((x) => ({ seconds: x.t, served: Math.min(memRun.requests.total, Math.round(x.t * rate)), rss: x.rss })),
+      { seconds: (Date.now() - t0) / 1000, served: memRun.requests.total, rss: rssEnd },
+    ];
+    const rssPeak = Math.max(...rssSamples.map((x) => x.rss));
+    const memStatuses = row('', memRun).statuses;
+    console.log(`  memory: ${memRun.requests.total} requests in ${memRun.duration.toFixed(0)} s (${f1(memRun.requests.average)} req/s); RSS ${fmtMb(rssEnd)} (peak ${fmtMb(rssPeak)}) `);
+
+    // Interleaved rounds: a slow moment on the shared machine hits one round of every case
+    // rather than all rounds of one case. Each row is the round with the median req/s.
+    const byCase: Row[][] = cases.map(() => []);
+    let prodServed = memRun.requests.total;
+    for (let round = 0; round < ROUNDS; round++) {
+      console.log(`round ${round + 1}/${ROUNDS}`);
+      for (const [i, c] of cases.entries()) {
+        if (round === 0) await run(c.url, [c.spec], WARMUP);
+        const pid = c.pid ?? prod.pid;
+        const cpuBefore = cpuUsOf(pid);
+        const r = await run(c.url, [c.spec], SECONDS);
+        const rw = { ...row(c.name, r), cpuUs: (cpuUsOf(pid) - cpuBefore) / Math.max(1, r.requests.total) };
+        if (!(c.expect in r.statusCodeStats) || Object.keys(r.statusCodeStats).length !== 1) console.warn(`  unexpected statuses for ${c.name}: ${rw.statuses}`);
+        if (c.url === broker) prodServed += r.requests.total;
+        byCase[i]?.push(rw);
+        console.log(`  ${c.name.padEnd(44)} ${f1(rw.rps).padStart(9)} req/s  p50 ${rw.p50} ms  p99 ${rw.p99} ms  server CPU ${f1(rw.cpuUs)} µs/request  [${rw.statuses}]`);
+      }
+    }
+    const medianOf = (xs: number[]) => [...xs].sort((x, y) => x - y)[Math.floor((xs.length - 1) / 2)] ?? NaN;
+    const rows: Row[] = byCase.map((runs) => {
+      const sorted = [...runs].sort((x, y) => x.rps - y.rps);
+      const median = sorted[Math.floor((sorted.length - 1) / 2)] as Row;
+      const cpuRounds = runs.map((x) => x.cpuUs ?? NaN);
+      return { ...median, rounds: runs.map((x) => x.rps), cpuRounds, cpuUs: medianOf(cpuRounds) };
+    });
+    const bare = rows[0] as Row;
+    await stopChild(lim.child);
+
+    // /metrics as Prometheus scrapes it: one request at a time.
+    const scrapeRun = await run(broker, [cases[7]?.spec as RequestSpec], 0, 1, 2_000);
+    const scrapeP99 = scrapeRun.latency.p99;
+    console.log(`  /metrics, 1 connection, 2,000 scrapes: p50 ${scrapeRun.latency.p50} ms, p99 ${scrapeP99} ms`);
+    const rssAfterCases = rssOf(prod.pid);
+
+    await prod.stop();
+
+    // ---- the harness (same buildApp, in-process): DB query count, heap after GC, profiles
+    const s = startServer('serve', serveDb, ['--expose-gc']);
+    children.push(s.child);
+    const info = JSON.parse(await s.firstLine) as ServeInfo;
+    console.log(`harness pid ${info.pid}: ${info.clientsLoaded} clients`);
+    const hb = `http://127.0.0.1:${info.brokerPort}`;
+    const hClients = info.clients;
+    const hBearer = (c: ServeInfo['clients'][number]) => ({ authorization: `Bearer ${c.token}` });
+    const hCases = {
+      bare: { name: cases[0]?.name ?? '', url: `http://127.0.0.1:${info.fastifyPort}`, spec: rotating((c) => ({ method: 'GET', path: '/codex-auth', headers: hBearer(c) }), hClients) },
+      get200: { name: cases[2]?.name ?? '', url: hb, spec: rotating((c) => ({ method: 'GET', path: '/codex-auth', headers: hBearer(c) }), hClients) },
+      get304: { url: hb, spec: rotating((c) => ({ method: 'GET', path: '/codex-auth', headers: { ...hBearer(c), 'if-none-match': c.etag } }), hClients) },
+      dropIn: { url: hb, spec: rotating((c) => ({ method: 'GET', path: `/workspaces/${c.workspaceId}/secrets/values`, headers: hBearer(c) }), hClients) },
+      shim: {
+        name: cases[5]?.name ?? '',
+        url: hb,
         spec: rotating(
           (c) => ({
             method: 'POST',
@@ -205,81 +458,38 @@ async function main(): Promise<void> {
             headers: { 'content-type': 'application/json' },
             body: JSON.stringify({ grant_type: 'refresh_token', refresh_token: `${c.refresh}.${info.staleGeneration}`, client_id: 'app_bench' }),
           }),
-          clients,
+          hClients,
         ),
-        expect: '200',
       },
-      { name: 'GET /healthz', url: broker, spec: rotating(() => ({ method: 'GET', path: '/healthz' }), clients), expect: '200' },
-      { name: 'GET /metrics', url: broker, spec: rotating(() => ({ method: 'GET', path: '/metrics' }), clients), expect: '200' },
-    ];
-
-    const rows: Row[] = [];
-    let brokerServed = 0;
-    for (const c of cases) {
-      await run(c.url, [c.spec], WARMUP);
-      const r = await run(c.url, [c.spec], SECONDS);
-      const rw = row(c.name, r);
-      if (!(c.expect in r.statusCodeStats) || Object.keys(r.statusCodeStats).length !== 1) console.warn(`  unexpected statuses for ${c.name}: ${rw.statuses}`);
-      if (c.url === broker) brokerServed += r.requests.total;
-      rows.push(rw);
-      console.log(`  ${c.name.padEnd(44)} ${f1(rw.rps).padStart(9)} req/s  p50 ${rw.p50} ms  p99 ${rw.p99} ms  [${rw.statuses}]`);
-    }
-    const bare = rows[0] as Row;
+      healthz: { url: hb, spec: rotating(() => ({ method: 'GET', path: '/healthz' }), hClients) },
+    };
     const control = `http://127.0.0.1:${info.controlPort}`;
     const mem = async (): Promise<NodeJS.MemoryUsage> => (await fetch(`${control}/mem?gc=1`)).json() as Promise<NodeJS.MemoryUsage>;
-    const memAfterCases = await mem();
-
-    // /metrics as Prometheus scrapes it: one request at a time.
-    const scrapeRun = await run(broker, [cases[7]?.spec as RequestSpec], 0, 1, 2_000);
-    const scrapeP99 = scrapeRun.latency.p99;
-    console.log(`  /metrics, 1 connection, 2,000 scrapes: p50 ${scrapeRun.latency.p50} ms, p99 ${scrapeP99} ms`);
 
     // Database queries on the hot path: a mix of every serving route, in steady state.
     const before = metricValue(await scrape(info.brokerPort), 'codex_broker_db_queries_total');
-    const mix = [2, 3, 4, 5, 6].map((i) => cases[i]?.spec as RequestSpec);
-    const q = await run(broker, mix, 0, CONNECTIONS, QUERY_REQUESTS);
+    const q = await run(hb, [hCases.get200.spec, hCases.get304.spec, hCases.dropIn.spec, hCases.shim.spec, hCases.healthz.spec], 0, CONNECTIONS, QUERY_REQUESTS);
     const after = metricValue(await scrape(info.brokerPort), 'codex_broker_db_queries_total');
     const queries = after - before;
-    brokerServed += q.requests.total;
+    let harnessServed = q.requests.total;
     console.log(`  db queries: ${queries} for ${q.requests.total} requests (counter ${before} -> ${after}) [${row('', q).statuses}]`);
-
-    // Memory: RSS through a long run of GET /codex-auth 200, sampled every 2 s.
-    const rssSamples: Array<{ served: number; rss: number }> = [{ served: brokerServed, rss: rssOf(pid) }];
-    let servedInRun = 0;
-    const memStart = Date.now();
-    const sampler = setInterval(() => {
-      rssSamples.push({ served: brokerServed + Math.round(servedInRun), rss: rssOf(pid) });
-    }, 2_000);
-    const memRunPromise = run(broker, [cases[2]?.spec as RequestSpec], 0, CONNECTIONS, MEMORY_REQUESTS);
-    // Estimate progress from the case's measured rate, for the samples' x axis.
-    const rate = rows[2]?.rps ?? 1;
-    const progress = setInterval(() => (servedInRun = Math.min(MEMORY_REQUESTS, ((Date.now() - memStart) / 1000) * rate)), 250);
-    const memRun = await memRunPromise;
-    clearInterval(sampler);
-    clearInterval(progress);
-    brokerServed += memRun.requests.total;
-    const rssEnd = rssOf(pid);
-    rssSamples.push({ served: brokerServed, rss: rssEnd });
-    const memEnd = await mem();
-    console.log(`  after GC: heap used ${fmtMb(memEnd.heapUsed)}, RSS ${fmtMb(memEnd.rss)}`);
-    const rssPeak = Math.max(...rssSamples.map((x) => x.rss));
-    console.log(`  memory: ${memRun.requests.total} requests in ${memRun.duration.toFixed(0)} s; RSS ${fmtMb(rssEnd)} (peak ${fmtMb(rssPeak)}) after ${brokerServed} served`);
+    const memAfterQueries = await mem();
 
     // CPU profiles (in-process inspector, load window only) of the limit and the routes that miss.
     const profiles: Array<{ name: string; rps: number; busyUs: number; usPerPct: number; summary: ProfileSummary }> = [];
-    for (const i of [0, 2, 5]) {
-      const c = cases[i];
-      if (!c) continue;
+    for (const c of [hCases.bare, hCases.get200, hCases.shim]) {
       await run(c.url, [c.spec], WARMUP);
       await fetch(`${control}/profile/start`, { method: 'POST' });
       const pr = await run(c.url, [c.spec], PROFILE_SECONDS);
       const prof = (await (await fetch(`${control}/profile/stop`, { method: 'POST' })).json()) as { nodes: ProfileNode[]; samples: number[] };
+      if (c.url === hb) harnessServed += pr.requests.total;
       const summary = summariseProfile(prof);
       // Server time per request that was not idle (wall-clock samples over the window).
       const busyUs = ((1 - summary.groups.idle / 100) * pr.duration * 1e6) / Math.max(1, pr.requests.total);
       profiles.push({ name: c.name, rps: pr.requests.average, busyUs, usPerPct: (pr.duration * 1e6) / Math.max(1, pr.requests.total) / 100, summary });
       console.log(`  profiled ${c.name}: ${f1(pr.requests.average)} req/s; top: ${profiles.at(-1)?.summary.top.slice(0, 6).map((e) => `${e.fn} ${f1(e.pct)}%`).join(', ')}`);
     }
+    const memEnd = await mem();
     await stopChild(s.child);
 
     // Refresh cost across three replicas.
@@ -301,15 +511,22 @@ async function main(): Promise<void> {
       { t: 'GET /codex-auth 304 ≥ 90 % of bare Fastify req/s', v: `${f1(100 * ratio(get304))} %`, ok: ratio(get304) >= 0.9 },
       { t: 'POST /oauth/token (stale) ≥ 70 % of bare Fastify req/s', v: `${f1(100 * ratio(shim))} %`, ok: ratio(shim) >= 0.7 },
       { t: 'Zero DB queries per served request (steady state)', v: `${queries} queries / ${q.requests.total} requests`, ok: queries === 0 && q.requests.total >= QUERY_REQUESTS },
-      { t: 'RSS ≤ 120 MB, 10,000 clients, after 1,000,000 requests', v: `${fmtMb(rssEnd)} after ${brokerServed.toLocaleString('en-US')} served (peak ${fmtMb(rssPeak)})`, ok: rssPeak <= 120 * MB && brokerServed >= 1_000_000 },
+      {
+        t: 'RSS ≤ 120 MB, 10,000 clients, after 1,000,000 requests',
+        v: `${fmtMb(rssEnd)} after ${memRun.requests.total.toLocaleString('en-US')} requests to \`${prod.command}\` with ${prod.clientCount.toLocaleString('en-US')} clients (peak during the run ${fmtMb(rssPeak)})`,
+        ok: rssPeak <= 120 * MB && memRun.requests.total >= 1_000_000 && prod.clientCount >= 10_000,
+      },
       { t: 'Rotation on all 3 replicas ≤ 1 s after the upstream answers', v: `worst ${f1(worstAfter)} ms over ${refresh.trials.length} trials`, ok: worstAfter <= 1000 },
       { t: '/metrics scrape ≤ 10 ms p99 with 10,000 clients', v: `${scrapeP99} ms (1 connection)`, ok: scrapeP99 <= 10 },
     ];
 
     const table = [
-      '| case | requests/s | p50 (ms) | p99 (ms) | ratio to bare Fastify | statuses |',
-      '|---|---:|---:|---:|---:|---|',
-      ...rows.map((r) => `| ${r.name} | ${f1(r.rps)} | ${r.p50} | ${r.p99} | ${ratio(r).toFixed(2)} | ${r.statuses}${r.errors ? `, ${r.errors} errors` : ''} |`),
+      '| case | requests/s (median) | every round | p50 (ms) | p99 (ms) | ratio to bare Fastify | server CPU µs/request (median; every round) | CPU vs bare Fastify | statuses |',
+      '|---|---:|---|---:|---:|---:|---|---:|---|',
+      ...rows.map(
+        (r) =>
+          `| ${r.name} | ${f1(r.rps)} | ${(r.rounds ?? []).map((x) => x.toFixed(0)).join(' / ')} | ${r.p50} | ${r.p99} | ${ratio(r).toFixed(2)} | ${f1(r.cpuUs ?? NaN)}; ${(r.cpuRounds ?? []).map(f1).join(' / ')} | ${((r.cpuUs ?? NaN) / (bare.cpuUs ?? NaN)).toFixed(2)}× | ${r.statuses}${r.errors ? `, ${r.errors} errors` : ''} |`,
+      ),
     ];
     console.log(`\n${table.join('\n')}\n`);
     for (const x of targets) console.log(`${x.ok ? 'MET   ' : 'MISSED'} ${x.t}: ${x.v}`);
@@ -317,20 +534,20 @@ async function main(): Promise<void> {
     const cpus = os.cpus();
     function missedNotes(): string[] {
       const missed = targets.filter((x) => !x.ok);
-      if (missed.length === 0) return ['Every target was met.'];
-      const out: string[] = [];
+      const out: string[] = [missed.length === 0 ? 'Every target was met.' : `Missed: ${missed.map((x) => x.t).join('; ')}.`, ''];
       const [pb, pa, ps] = profiles;
-      const throughputMissed = missed.some((x) => /req\/s|p99 ≤ 2×/.test(x.t));
-      if (throughputMissed && pb && pa && ps) {
+      // Always shown: when the limit and the broker both approach what one autocannon core can
+      // generate, the req/s ratio flatters the broker, and CPU per request is the sharper measure.
+      if (pb && pa && ps) {
         const us = (p: typeof pb, g: keyof ProfileSummary['groups']) => f1(p.summary.groups[g] * p.usPerPct);
         out.push(
-          `**Throughput ratios.** While profiled, the bare Fastify route's server was ${f1(pb.summary.groups.idle)} % idle: at ${f1(pb.rps)} req/s it is bounded by the load generator, which shares the ${os.cpus().length} cores, not by Fastify; the broker's GET /codex-auth server was ${f1(pa.summary.groups.idle)} % idle (saturated) and the shim's ${f1(ps.summary.groups.idle)} %. The bound is per-request server CPU (wall-clock samples, microseconds per request):`,
+          `**Server CPU per request.** On the production process the bare route and GET /codex-auth both approach what autocannon on one core generates (GET /healthz: ${f1(rows[6]?.rps ?? 0)} req/s), so their req/s ratio understates what the broker adds. The server CPU column of the side-by-side table measures it without the load generator: GET /codex-auth 200 used ${f1(rows[2]?.cpuUs ?? NaN)} µs of CPU per request against ${f1(bare.cpuUs ?? NaN)} µs for the bare route (${((rows[2]?.cpuUs ?? NaN) / (bare.cpuUs ?? NaN)).toFixed(2)}×), a 304 ${f1(rows[3]?.cpuUs ?? NaN)} µs and the stale shim ${f1(rows[5]?.cpuUs ?? NaN)} µs. The harness profiles below show where the time goes (in one tsx process under the inspector, which inflates every figure). While profiled, the bare Fastify route's server was ${f1(pb.summary.groups.idle)} % idle: at ${f1(pb.rps)} req/s it waits on ${PIN ? 'autocannon (on its own core)' : `the load generator, which shares the ${os.cpus().length} cores`} rather than on Fastify; the broker's GET /codex-auth server was ${f1(pa.summary.groups.idle)} % idle and the shim's ${f1(ps.summary.groups.idle)} %. Wall-clock samples, microseconds per request:`,
           '',
           '| group | bare Fastify | GET /codex-auth 200 | POST /oauth/token (stale) |',
           '|---|---:|---:|---:|',
           `| all non-idle | ${f1(pb.busyUs)} | ${f1(pa.busyUs)} | ${f1(ps.busyUs)} |`,
           ...(['writev', 'gc', 'hashing', 'logger', 'metrics', 'fastify', 'broker', 'ticks'] as const).map(
-            (g) => `| ${{ writev: 'socket writes (kernel loopback, incl. time descheduled)', gc: 'GC', hashing: 'node:crypto (sha256, randomUUID)', logger: 'pino (per-request child logger, redact)', metrics: 'prom-client (http duration histogram)', fastify: 'fastify & its deps (hooks, routing, body parse, serialize)', broker: 'broker src/', ticks: 'nextTick / microtasks (async hooks)' }[g]} | ${us(pb, g)} | ${us(pa, g)} | ${us(ps, g)} |`,
+            (g) => `| ${{ writev: 'socket writes (kernel loopback, incl. time descheduled)', gc: 'GC', hashing: 'node:crypto (sha256)', logger: 'pino (per-request child logger, redact)', metrics: 'prom-client (http duration histogram)', fastify: 'fastify & its deps (hooks, routing, body parse, serialize)', broker: 'broker src/', ticks: 'nextTick / microtasks (async hooks)' }[g]} | ${us(pb, g)} | ${us(pa, g)} | ${us(ps, g)} |`,
           ),
           '',
           'Everything the broker adds over the bare route is in that table; the functions are in the profiles below. No database or I/O is involved (see the query count).',
@@ -339,7 +556,7 @@ async function main(): Promise<void> {
       if (missed.some((x) => x.t.startsWith('RSS'))) {
         out.push(
           '',
-          `**RSS.** The harness alone (node + the tsx loader + the imported modules, nothing started) is ${fmtMb(harness.rss)} RSS against ${fmtMb(plainNode.rss)} for plain node, with ${fmtMb(harness.heapUsed)} of heap. The broker's own state is in the heap: ${fmtMb(info.rss.afterStart.heapUsed)} after start, ${fmtMb(info.rss.afterClients.heapUsed)} with ${info.clientsLoaded.toLocaleString('en-US')} clients, ${fmtMb(memEnd.heapUsed)} after ${brokerServed.toLocaleString('en-US')} served requests (after GC). RSS over the long run is in the samples above: whether it levels off is read there; the part above the harness is heap headroom V8 keeps under load and socket buffers, not retained per-request state.`,
+          `**RSS.** \`${prod.command}\` peaked at ${fmtMb(rssPeak)} and ended at ${fmtMb(rssEnd)} (samples in the memory section). Its heap is small (the harness's broker holds ${fmtMb(info.rss.afterClients.heapUsed)} of heap with ${info.clientsLoaded.toLocaleString('en-US')} clients and ${fmtMb(memEnd.heapUsed)} after ${harnessServed.toLocaleString('en-US')} served requests, after GC); the rest is node itself (${fmtMb(plainNode.rss)} for an empty \`node\`), the loaded code, and the young generation V8 grows under load (NODE_OPTIONS bounds it).`,
         );
       }
       for (const x of missed.filter((m) => !/req\/s|p99 ≤ 2×|^RSS/.test(m.t))) out.push('', `**${x.t}**: ${x.v}.`);
@@ -351,9 +568,11 @@ async function main(): Promise<void> {
       `Written by \`npm run bench\` (bench/run.ts) on ${started.toISOString()}.`,
       '',
       `Machine: ${cpus.length} cores (${cpus[0]?.model.trim() ?? 'unknown CPU'}), ${(os.totalmem() / 1024 ** 3).toFixed(1)} GiB memory, Node ${process.version}, ${os.platform()} ${os.release()}.`,
-      'autocannon and the servers share these cores (servers in one child process, autocannon in the parent, Postgres alongside), so absolute numbers are a floor; the ratios are the point.',
+      PIN
+        ? `Pinned with taskset: the server under test on core ${SERVER_CPU}, autocannon on core 0 (Postgres, idle in steady state, unpinned). The ratios compare the server's CPU cost per request; absolute numbers depend on this machine.`
+        : 'Not pinned (BENCH_PIN=0, no taskset, or one core): autocannon and the servers share the cores, so absolute numbers are a floor and the ratios swing with the scheduler.',
       '',
-      `Method: autocannon, ${CONNECTIONS} connections, ${WARMUP} s warm-up then ${SECONDS} s per case, 127.0.0.1. The broker (built by test/helpers/app.ts on an embedded Postgres, refresh-token exposure \`proxy\`, client reload/flush every hour) holds ${info.clientsLoaded.toLocaleString('en-US')} clients; requests rotate over ${clients.length.toLocaleString('en-US')} of them (one token per request). The two limits serve the same ${info.bodyBytes}-byte auth.json with the same request mix.`,
+      `Method: autocannon, ${CONNECTIONS} connections, ${WARMUP} s warm-up then ${SECONDS} s per case, the cases interleaved in ${ROUNDS} rounds (each row is the round with the median req/s; every round's req/s is listed), 127.0.0.1. The broker is the production process, \`${prod.command}\` (built by the bench; JSON logs at warn, default process metrics, client last-seen flush every 2 s, refresh-token exposure \`proxy\`), on an embedded Postgres, holding ${prod.clientCount.toLocaleString('en-US')} clients; requests rotate over ${clients.length.toLocaleString('en-US')} of them (one token per request). The two limits run in a process of their own (\`bench/server.ts limits\`) and serve the same ${Buffer.byteLength(prod.body)}-byte auth.json to the same request mix.`,
       '',
       '## Side by side',
       '',
@@ -367,31 +586,44 @@ async function main(): Promise<void> {
       '',
       '## Database queries on the hot path',
       '',
-      `\`codex_broker_db_queries_total\` from /metrics before and after ${q.requests.total.toLocaleString('en-US')} requests mixing GET /codex-auth (200 and 304), the drop-in route, POST /oauth/token (stale caller) and /healthz: ${before} → ${after}, a difference of **${queries}**. (test/hot-path.test.ts proves the same by counting, untimed.)`,
+      `On the harness broker (same buildApp; its periodic client reload and last-seen flush slowed to once an hour, so that only the serving path is counted): \`codex_broker_db_queries_total\` from /metrics before and after ${q.requests.total.toLocaleString('en-US')} requests mixing GET /codex-auth (200 and 304), the drop-in route, POST /oauth/token (stale caller) and /healthz: ${before} → ${after}, a difference of **${queries}**. (test/hot-path.test.ts proves the same by counting, untimed.)`,
       '',
-      '## Memory (RSS of the server process)',
+      '## Memory',
       '',
-      'The server process is `node --import tsx --expose-gc bench/server.ts`: it also holds the tsx loader (its ESM hooks run in a second V8 isolate on a worker thread), the fake upstream, the bare Fastify and node:http servers, a log capture, and the bench control server. Heap figures are after a forced full GC.',
+      '### The production process (the RSS target)',
+      '',
+      `\`${prod.command}\`, with ${prod.clientCount.toLocaleString('en-US')} clients inserted and loaded through NOTIFY, then ${memRun.requests.total.toLocaleString('en-US')} GET /codex-auth over ${clients.length.toLocaleString('en-US')} of them in ${memRun.duration.toFixed(0)} s (${f1(memRun.requests.average)} req/s; ${memStatuses}) before anything else; then the side-by-side cases (including ${ROUNDS} × ${SECONDS} s of /metrics from ${CONNECTIONS} concurrent connections, which Prometheus never does) and 2,000 single scrapes: ${prodServed.toLocaleString('en-US')} requests in all. RSS from /proc, no forced GC.`,
+      '',
+      '| point | RSS |',
+      '|---|---:|',
+      `| plain \`node\`, for scale | ${fmtMb(plainNode.rss)} |`,
+      `| listening, nothing stored | ${fmtMb(prod.rss.afterStart)} |`,
+      `| credential seeded | ${fmtMb(prod.rss.afterSeed)} |`,
+      `| ${prod.clientCount.toLocaleString('en-US')} clients loaded | ${fmtMb(prod.rss.afterClients)} |`,
+      `| after ${memRun.requests.total.toLocaleString('en-US')} requests | ${fmtMb(rssEnd)} (peak during the run ${fmtMb(rssPeak)}) |`,
+      `| after ${prodServed.toLocaleString('en-US')} requests in all (the side-by-side cases and /metrics scrapes too) | ${fmtMb(rssAfterCases)} |`,
+      '',
+      'During the long run:',
+      '',
+      '| seconds | served in the run (≈) | RSS |',
+      '|---:|---:|---:|',
+      ...rssSamples.map((x) => `| ${x.seconds.toFixed(0)} | ${x.served.toLocaleString('en-US')} | ${fmtMb(x.rss)} |`),
+      '',
+      '### The harness (heap after a full GC)',
+      '',
+      'The harness process is `node --import tsx --expose-gc bench/server.ts serve`: the same buildApp plus the tsx loader, the fake upstream, the limits, a log capture and the bench control server, so its RSS says little; its heap after a forced GC shows what the broker retains.',
       '',
       '| point | RSS | heap used | heap total | external |',
       '|---|---:|---:|---:|---:|',
-      `| plain \`node\` (for scale) | ${fmtMb(plainNode.rss)} | ${fmtMb(plainNode.heapUsed)} | ${fmtMb(plainNode.heapTotal)} | ${fmtMb(plainNode.external)} |`,
       `| harness only: \`node --import tsx\` + the modules bench/server.ts imports, nothing started | ${fmtMb(harness.rss)} | ${fmtMb(harness.heapUsed)} | ${fmtMb(harness.heapTotal)} | ${fmtMb(harness.external)} |`,
       `| after start (credential seeded, no clients) | ${fmtMb(info.rss.afterStart.rss)} | ${fmtMb(info.rss.afterStart.heapUsed)} | ${fmtMb(info.rss.afterStart.heapTotal)} | ${fmtMb(info.rss.afterStart.external)} |`,
       `| after loading ${info.clientsLoaded.toLocaleString('en-US')} clients | ${fmtMb(info.rss.afterClients.rss)} | ${fmtMb(info.rss.afterClients.heapUsed)} | ${fmtMb(info.rss.afterClients.heapTotal)} | ${fmtMb(info.rss.afterClients.external)} |`,
-      `| servers listening, 1,000 documents rendered (/proc) | ${fmtMb(rssAfterLoad)} | | | |`,
-      `| after the side-by-side cases | ${fmtMb(memAfterCases.rss)} | ${fmtMb(memAfterCases.heapUsed)} | ${fmtMb(memAfterCases.heapTotal)} | ${fmtMb(memAfterCases.external)} |`,
-      `| after ${brokerServed.toLocaleString('en-US')} served broker requests (incl. a ${memRun.requests.total.toLocaleString('en-US')}-request run of GET /codex-auth in ${memRun.duration.toFixed(0)} s) | ${fmtMb(memEnd.rss)} (peak under load ${fmtMb(rssPeak)}) | ${fmtMb(memEnd.heapUsed)} | ${fmtMb(memEnd.heapTotal)} | ${fmtMb(memEnd.external)} |`,
-      '',
-      'Samples during the long run (served count estimated from the measured rate):',
-      '',
-      '| served (≈) | RSS |',
-      '|---:|---:|',
-      ...rssSamples.map((x) => `| ${x.served.toLocaleString('en-US')} | ${fmtMb(x.rss)} |`),
+      `| after the ${q.requests.total.toLocaleString('en-US')}-request query count | ${fmtMb(memAfterQueries.rss)} | ${fmtMb(memAfterQueries.heapUsed)} | ${fmtMb(memAfterQueries.heapTotal)} | ${fmtMb(memAfterQueries.external)} |`,
+      `| after ${harnessServed.toLocaleString('en-US')} served requests (incl. the profiled runs) | ${fmtMb(memEnd.rss)} | ${fmtMb(memEnd.heapUsed)} | ${fmtMb(memEnd.heapTotal)} | ${fmtMb(memEnd.external)} |`,
       '',
       '## /metrics',
       '',
-      `Scraped one request at a time (as Prometheus does), 2,000 scrapes with ${info.clientsLoaded.toLocaleString('en-US')} clients: p50 ${scrapeRun.latency.p50} ms, p99 ${scrapeP99} ms. Note: test/helpers/app.ts builds the registry without prom-client's default process metrics, which the production entry point adds.`,
+      `Scraped from the production process one request at a time (as Prometheus does), 2,000 scrapes with ${prod.clientCount.toLocaleString('en-US')} clients, default process metrics included: p50 ${scrapeRun.latency.p50} ms, p99 ${scrapeP99} ms.`,
       '',
       '## Refresh cost',
       '',
@@ -403,18 +635,18 @@ async function main(): Promise<void> {
       '',
       `Upstream POSTs: ${refresh.upstreamPosts} for ${refresh.trials.length} rotations.`,
       '',
-      '## What bounds the missed targets',
+      '## What bounds the numbers',
       '',
       ...missedNotes(),
       '',
       '## CPU profiles',
       '',
-      `In-process V8 sampling profiles (node:inspector, 200 µs interval) of the server process over the ${PROFILE_SECONDS} s load window only, after a warm-up; self time as a share of all samples. \`(idle)\` is the server waiting on the load generator (it shares the cores). \`writev\` is the socket write of each response.`,
+      `In-process V8 sampling profiles (node:inspector, 200 µs interval) of the harness process (its own bare Fastify route and broker) over the ${PROFILE_SECONDS} s load window only, after a warm-up; self time as a share of all samples. \`(idle)\` is the server waiting on the load generator. \`writev\` is the socket write of each response.`,
       '',
       ...profiles.flatMap((p) => [
         `### ${p.name} (${f1(p.rps)} req/s while profiled, ${f1(p.busyUs)} µs of non-idle server time per request)`,
         '',
-        `Groups: idle ${f1(p.summary.groups.idle)} %, socket writes ${f1(p.summary.groups.writev)} %, GC ${f1(p.summary.groups.gc)} %, crypto (hash/uuid) ${f1(p.summary.groups.hashing)} %, logger (pino) ${f1(p.summary.groups.logger)} %, prom-client ${f1(p.summary.groups.metrics)} %, fastify & co ${f1(p.summary.groups.fastify)} %, broker src/ ${f1(p.summary.groups.broker)} %, ticks/microtasks ${f1(p.summary.groups.ticks)} %.`,
+        `Groups: idle ${f1(p.summary.groups.idle)} %, socket writes ${f1(p.summary.groups.writev)} %, GC ${f1(p.summary.groups.gc)} %, crypto ${f1(p.summary.groups.hashing)} %, logger (pino) ${f1(p.summary.groups.logger)} %, prom-client ${f1(p.summary.groups.metrics)} %, fastify & co ${f1(p.summary.groups.fastify)} %, broker src/ ${f1(p.summary.groups.broker)} %, ticks/microtasks ${f1(p.summary.groups.ticks)} %.`,
         '',
         '| area | self time |',
         '|---|---:|',
@@ -435,6 +667,7 @@ async function main(): Promise<void> {
     console.log(`\nwrote BENCHMARKS.md (${((Date.now() - started.getTime()) / 1000).toFixed(0)} s)`);
   } finally {
     for (const c of children) await stopChild(c).catch(() => undefined);
+    for (const stop of stoppers) await stop().catch(() => undefined);
     await pg.stop();
   }
 }

@@ -5,6 +5,9 @@
  *   node --import tsx bench/server.ts serve   <DATABASE_URL in env>
  *     the broker (10,000 clients), a bare Fastify route and a raw node:http server, all on
  *     127.0.0.1; prints one JSON line (ports, sample tokens, RSS) and runs until SIGTERM.
+ *   node --import tsx bench/server.ts limits   <BENCH_BODY in env>
+ *     only the limits: a bare Fastify route and a raw node:http server serving BENCH_BODY;
+ *     prints one JSON line ({ pid, fastifyPort, rawPort }) and runs until SIGTERM.
  *   node --import tsx bench/server.ts refresh <DATABASE_URL in env>
  *     three replicas on one database; times a due refresh (upstream answering in 200 ms)
  *     until all three serve the rotated token; prints one JSON line and exits.
@@ -48,8 +51,13 @@ export interface RefreshTrial {
   runCycleMs: number;
 }
 
-const databaseUrl = process.env['DATABASE_URL'];
-if (!databaseUrl) throw new Error('DATABASE_URL is required');
+export interface LimitsInfo {
+  pid: number;
+  fastifyPort: number;
+  rawPort: number;
+}
+
+const databaseUrl = process.env['DATABASE_URL'] ?? '';
 const admin = { authorization: `Bearer ${ADMIN_TOKEN}` };
 
 function workspaceId(i: number): string {
@@ -101,6 +109,29 @@ async function controlServer(): Promise<number> {
   return listen(server);
 }
 
+/** The limits: the same bytes, from a bare Fastify route and from node:http. */
+async function startLimits(body: string) {
+  const bare = Fastify({ logger: false });
+  bare.get('/codex-auth', async (_req, reply) => reply.type('application/json; charset=utf-8').send(body));
+  await bare.listen({ port: 0, host: '127.0.0.1' });
+  const raw = createServer((_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body) });
+    res.end(body);
+  });
+  const rawPort = await listen(raw);
+  return { bare, raw, rawPort };
+}
+
+async function limits(body: string): Promise<void> {
+  const { bare, raw, rawPort } = await startLimits(body);
+  const info: LimitsInfo = { pid: process.pid, fastifyPort: (bare.server.address() as AddressInfo).port, rawPort };
+  process.stdout.write(`${JSON.stringify(info)}\n`);
+  process.once('SIGTERM', () => {
+    raw.close();
+    void bare.close().then(() => process.exit(0));
+  });
+}
+
 async function serve(url: string): Promise<void> {
   const controlPort = await controlServer();
   const upstream = await FakeUpstream.start();
@@ -146,15 +177,7 @@ async function serve(url: string): Promise<void> {
     clients.push({ token, etag: String(r.headers.etag), refresh: doc.tokens.refresh_token.split('.')[0] ?? '', workspaceId: workspaceId(i) });
   }
 
-  // The limits: the same bytes, from a bare Fastify route and from node:http.
-  const bare = Fastify({ logger: false });
-  bare.get('/codex-auth', async (_req, reply) => reply.type('application/json; charset=utf-8').send(body));
-  await bare.listen({ port: 0, host: '127.0.0.1' });
-  const raw = createServer((_req, res) => {
-    res.writeHead(200, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body) });
-    res.end(body);
-  });
-  const rawPort = await listen(raw);
+  const { bare, raw, rawPort } = await startLimits(body);
   await t.app.listen({ port: 0, host: '127.0.0.1' });
 
   const info: ServeInfo = {
@@ -254,6 +277,8 @@ async function refresh(url: string, trials: number): Promise<void> {
 }
 
 const mode = process.argv[2] ?? 'serve';
-if (mode === 'serve') await serve(databaseUrl);
+if (mode !== 'limits' && !databaseUrl) throw new Error('DATABASE_URL is required');
+if (mode === 'limits') await limits(process.env['BENCH_BODY'] ?? '');
+else if (mode === 'serve') await serve(databaseUrl);
 else if (mode === 'refresh') await refresh(databaseUrl, Number(process.env['BENCH_REFRESH_TRIALS'] ?? 5));
 else throw new Error(`unknown mode ${mode}`);
