@@ -574,14 +574,16 @@ describe('drop-in route', () => {
       const t = await setup({ exposure });
       await seedAdmin(t, t.upstream.seed({ extra: { auth_mode: 'chatgpt', note: awkward, nested: { list: [awkward, 1, null] } } }));
       const c = await addClient(t, `escape-${exposure}`);
-      const direct = await get(t, '/codex-auth', c.token);
+      // raw exposure serves the upstream refresh token by design: its bodies go to rawSeen.
+      const read = (url: string) => call(t, { method: 'GET', url, token: c.token, raw: exposure === 'raw' });
+      const direct = await read('/codex-auth');
       assert.equal(direct.statusCode, 200);
       assert.equal((direct.json() as { note: string }).note, awkward);
-      const drop = await get(t, DROP_IN(randomUUID()), c.token);
+      const drop = await read(DROP_IN(randomUUID()));
       assert.equal(drop.statusCode, 200);
       assert.equal(drop.body, JSON.stringify({ CODEX_AUTH_JSON: direct.body }), exposure);
       // Twice: the second answer comes from what the first one built.
-      assert.equal((await get(t, DROP_IN(randomUUID()), c.token)).body, drop.body);
+      assert.equal((await read(DROP_IN(randomUUID()))).body, drop.body);
     }
   });
 
