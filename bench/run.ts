@@ -101,6 +101,29 @@ function rotating(make: (c: ServeInfo['clients'][number]) => Omit<RequestSpec, '
   };
 }
 
+/** Every served request the bench sends, each rotating over the given clients. */
+function requestSpecs(clients: ServeInfo['clients'], staleGeneration: string) {
+  const bearer = (c: ServeInfo['clients'][number]) => ({ authorization: `Bearer ${c.token}` });
+  const get200 = () => rotating((c) => ({ method: 'GET', path: '/codex-auth', headers: bearer(c) }), clients);
+  return {
+    /** A fresh spec per use: each keeps its own rotation counter. */
+    get200,
+    get304: rotating((c) => ({ method: 'GET', path: '/codex-auth', headers: { ...bearer(c), 'if-none-match': c.etag } }), clients),
+    dropIn: rotating((c) => ({ method: 'GET', path: `/workspaces/${c.workspaceId}/secrets/values`, headers: bearer(c) }), clients),
+    shim: rotating(
+      (c) => ({
+        method: 'POST',
+        path: '/oauth/token',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ grant_type: 'refresh_token', refresh_token: `${c.refresh}.${staleGeneration}`, client_id: 'app_bench' }),
+      }),
+      clients,
+    ),
+    healthz: rotating(() => ({ method: 'GET', path: '/healthz' }), clients),
+    metrics: rotating(() => ({ method: 'GET', path: '/metrics' }), clients),
+  };
+}
+
 interface Row {
   name: string;
   rps: number;
@@ -354,31 +377,16 @@ async function main(): Promise<void> {
     const limits = JSON.parse(await lim.firstLine) as LimitsInfo;
     const { clients } = prod;
     const broker = prod.base;
-    const bearer = (c: ServeInfo['clients'][number]) => ({ authorization: `Bearer ${c.token}` });
-    const okCase = (url: string) => ({ url, spec: rotating((c) => ({ method: 'GET', path: '/codex-auth', headers: bearer(c) }), clients) });
-    const shimSpec = rotating(
-      (c) => ({
-        method: 'POST',
-        path: '/oauth/token',
-        headers: { 'content-type': 'application/json' },
-        body: JSON.stringify({ grant_type: 'refresh_token', refresh_token: `${c.refresh}.${STALE_GENERATION}`, client_id: 'app_bench' }),
-      }),
-      clients,
-    );
+    const specs = requestSpecs(clients, STALE_GENERATION);
     const cases: Array<{ name: string; url: string; spec: RequestSpec; expect: string; pid?: number }> = [
-      { name: 'bare Fastify route (limit)', pid: limits.pid, ...okCase(`http://127.0.0.1:${limits.fastifyPort}`), expect: '200' },
-      { name: 'raw node:http', pid: limits.pid, ...okCase(`http://127.0.0.1:${limits.rawPort}`), expect: '200' },
-      { name: 'GET /codex-auth 200', ...okCase(broker), expect: '200' },
-      { name: 'GET /codex-auth 304', url: broker, spec: rotating((c) => ({ method: 'GET', path: '/codex-auth', headers: { ...bearer(c), 'if-none-match': c.etag } }), clients), expect: '304' },
-      {
-        name: 'GET drop-in /workspaces/:id/secrets/values',
-        url: broker,
-        spec: rotating((c) => ({ method: 'GET', path: `/workspaces/${c.workspaceId}/secrets/values`, headers: bearer(c) }), clients),
-        expect: '200',
-      },
-      { name: 'POST /oauth/token (stale caller)', url: broker, spec: shimSpec, expect: '200' },
-      { name: 'GET /healthz', url: broker, spec: rotating(() => ({ method: 'GET', path: '/healthz' }), clients), expect: '200' },
-      { name: 'GET /metrics', url: broker, spec: rotating(() => ({ method: 'GET', path: '/metrics' }), clients), expect: '200' },
+      { name: 'bare Fastify route (limit)', pid: limits.pid, url: `http://127.0.0.1:${limits.fastifyPort}`, spec: specs.get200(), expect: '200' },
+      { name: 'raw node:http', pid: limits.pid, url: `http://127.0.0.1:${limits.rawPort}`, spec: specs.get200(), expect: '200' },
+      { name: 'GET /codex-auth 200', url: broker, spec: specs.get200(), expect: '200' },
+      { name: 'GET /codex-auth 304', url: broker, spec: specs.get304, expect: '304' },
+      { name: 'GET drop-in /workspaces/:id/secrets/values', url: broker, spec: specs.dropIn, expect: '200' },
+      { name: 'POST /oauth/token (stale caller)', url: broker, spec: specs.shim, expect: '200' },
+      { name: 'GET /healthz', url: broker, spec: specs.healthz, expect: '200' },
+      { name: 'GET /metrics', url: broker, spec: specs.metrics, expect: '200' },
     ];
 
     // Memory first, on the fresh process: RSS through MEMORY_REQUESTS GET /codex-auth.
@@ -441,34 +449,18 @@ async function main(): Promise<void> {
     const info = JSON.parse(await s.firstLine) as ServeInfo;
     console.log(`harness pid ${info.pid}: ${info.clientsLoaded} clients`);
     const hb = `http://127.0.0.1:${info.brokerPort}`;
-    const hClients = info.clients;
-    const hBearer = (c: ServeInfo['clients'][number]) => ({ authorization: `Bearer ${c.token}` });
+    const hSpecs = requestSpecs(info.clients, info.staleGeneration);
     const hCases = {
-      bare: { name: cases[0]?.name ?? '', url: `http://127.0.0.1:${info.fastifyPort}`, spec: rotating((c) => ({ method: 'GET', path: '/codex-auth', headers: hBearer(c) }), hClients) },
-      get200: { name: cases[2]?.name ?? '', url: hb, spec: rotating((c) => ({ method: 'GET', path: '/codex-auth', headers: hBearer(c) }), hClients) },
-      get304: { url: hb, spec: rotating((c) => ({ method: 'GET', path: '/codex-auth', headers: { ...hBearer(c), 'if-none-match': c.etag } }), hClients) },
-      dropIn: { url: hb, spec: rotating((c) => ({ method: 'GET', path: `/workspaces/${c.workspaceId}/secrets/values`, headers: hBearer(c) }), hClients) },
-      shim: {
-        name: cases[5]?.name ?? '',
-        url: hb,
-        spec: rotating(
-          (c) => ({
-            method: 'POST',
-            path: '/oauth/token',
-            headers: { 'content-type': 'application/json' },
-            body: JSON.stringify({ grant_type: 'refresh_token', refresh_token: `${c.refresh}.${info.staleGeneration}`, client_id: 'app_bench' }),
-          }),
-          hClients,
-        ),
-      },
-      healthz: { url: hb, spec: rotating(() => ({ method: 'GET', path: '/healthz' }), hClients) },
+      bare: { name: cases[0]?.name ?? '', url: `http://127.0.0.1:${info.fastifyPort}`, spec: hSpecs.get200() },
+      get200: { name: cases[2]?.name ?? '', url: hb, spec: hSpecs.get200() },
+      shim: { name: cases[5]?.name ?? '', url: hb, spec: hSpecs.shim },
     };
     const control = `http://127.0.0.1:${info.controlPort}`;
     const mem = async (): Promise<NodeJS.MemoryUsage> => (await fetch(`${control}/mem?gc=1`)).json() as Promise<NodeJS.MemoryUsage>;
 
     // Database queries on the hot path: a mix of every serving route, in steady state.
     const before = metricValue(await scrape(info.brokerPort), 'codex_broker_db_queries_total');
-    const q = await run(hb, [hCases.get200.spec, hCases.get304.spec, hCases.dropIn.spec, hCases.shim.spec, hCases.healthz.spec], 0, CONNECTIONS, QUERY_REQUESTS);
+    const q = await run(hb, [hCases.get200.spec, hSpecs.get304, hSpecs.dropIn, hSpecs.shim, hSpecs.healthz], 0, CONNECTIONS, QUERY_REQUESTS);
     const after = metricValue(await scrape(info.brokerPort), 'codex_broker_db_queries_total');
     const queries = after - before;
     let harnessServed = q.requests.total;

@@ -3,6 +3,7 @@ import { describe, test } from 'node:test';
 import { accountInfo, mergeRotation, parseCredential, validateSeed, MAX_DOCUMENT_BYTES } from '../src/auth-json.js';
 import type { JsonObject, ParsedCredential } from '../src/auth-json.js';
 import { AuthJsonError } from '../src/errors.js';
+import { at, leaves, prng } from './helpers/fuzz.js';
 
 const AUTH_CLAIM = 'https://api.openai.com/auth';
 
@@ -324,18 +325,6 @@ describe('auth-json: accountInfo', () => {
 
 // ------------------------------------------------------------------ fuzz-ish
 
-/** mulberry32: a tiny seeded PRNG so failures reproduce. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 function gen(rand: () => number): string {
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rand() * xs.length)]!;
   const keys = ['tokens', 'access_token', 'refresh_token', 'id_token', 'account_id', 'last_refresh', 'auth_mode', 'OPENAI_API_KEY', 'x', 'y', ''];
@@ -365,23 +354,6 @@ function gen(rand: () => number): string {
   let text = JSON.stringify(doc);
   if (rand() < 0.05) text = text.replace(/^\{/, '{"__proto__":{"p":1},');
   return text;
-}
-
-/** Every path (as key segments) to a leaf in a JSON value; an empty object or array counts as a leaf. */
-function leaves(v: unknown, prefix: string[] = []): string[][] {
-  if (typeof v !== 'object' || v === null) return [prefix];
-  const entries = Object.entries(v as Record<string, unknown>);
-  if (entries.length === 0) return [prefix];
-  return entries.flatMap(([k, child]) => leaves(child, [...prefix, k]));
-}
-
-function at(v: unknown, path: string[]): { found: boolean; value: unknown } {
-  let cur: unknown = v;
-  for (const k of path) {
-    if (typeof cur !== 'object' || cur === null || !Object.hasOwn(cur, k)) return { found: false, value: undefined };
-    cur = (cur as Record<string, unknown>)[k];
-  }
-  return { found: true, value: cur };
 }
 
 describe('auth-json: seeded fuzz of parseCredential + mergeRotation', () => {

@@ -1,9 +1,9 @@
 import { strict as assert } from 'node:assert';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { runProcess } from './helpers/process.js';
+import { tempDirs } from './helpers/tmp.js';
 import { createCipheriv, randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
@@ -18,7 +18,6 @@ const KEY_B64 = randomBytes(32).toString('base64');
 const outputs: string[] = [];
 let pgServer: TestPostgres;
 let upstream: FakeUpstream;
-const tmpDirs: string[] = [];
 
 before(async () => {
   pgServer = await startTestPostgres();
@@ -27,14 +26,8 @@ before(async () => {
 after(async () => {
   await upstream.close();
   await pgServer.stop();
-  for (const d of tmpDirs) fs.rmSync(d, { recursive: true, force: true });
 });
-
-function tmpDir(): string {
-  const d = fs.mkdtempSync(path.join(os.tmpdir(), 'cab-cli-'));
-  tmpDirs.push(d);
-  return d;
-}
+const tmpDir = tempDirs('cab-cli-');
 
 /** The environment a user would have: none of the broker's variables unless given. */
 function cleanEnv(extra: Record<string, string>): NodeJS.ProcessEnv {

@@ -2,13 +2,13 @@ import { strict as assert } from 'node:assert';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { after, test } from 'node:test';
 import { createPool, migrate } from '../src/db.js';
 import { parseEncryptionKey } from '../src/lib/secret-crypto.js';
 import { SecretStore } from '../src/secret-store.js';
 import type { FakeUpstream } from './helpers/fake-upstream.js';
+import { tempDirs } from './helpers/tmp.js';
 import { findLeaks, LogCapture } from './helpers/logs.js';
 import { freePort } from './helpers/pg.js';
 import { useSuite } from './helpers/suite.js';
@@ -19,7 +19,6 @@ const KEY = 'CODEX_AUTH_JSON';
 const KEY_B64 = randomBytes(32).toString('base64');
 const ADMIN = `admin-${randomBytes(16).toString('hex')}`;
 const suite = useSuite();
-const dirs: string[] = [];
 const children = new Set<ChildProcess>();
 const outputs: string[] = [];
 
@@ -33,16 +32,11 @@ after(() => {
       }
     }
   }
-  for (const d of dirs) fs.rmSync(d, { recursive: true, force: true });
 });
+// Registered after the hook above: the brokers are dead before their directories go.
+const tmp = tempDirs('cab-crash-');
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-function tmp(): string {
-  const d = fs.mkdtempSync(path.join(os.tmpdir(), 'cab-crash-'));
-  dirs.push(d);
-  return d;
-}
 
 async function waitFor(what: string, cond: () => boolean | Promise<boolean>, ms = 30_000, out?: () => string): Promise<void> {
   const start = Date.now();

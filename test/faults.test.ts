@@ -1,30 +1,19 @@
 import { strict as assert } from 'node:assert';
-import * as fs from 'node:fs';
-import * as os from 'node:os';
-import * as path from 'node:path';
-import { after, test } from 'node:test';
+import { test } from 'node:test';
 import { ADMIN_TOKEN, createTestApp, type TestApp } from './helpers/app.js';
+import { tempDirs } from './helpers/tmp.js';
 import type { Fault, FakeUpstream } from './helpers/fake-upstream.js';
 import { findLeaks } from './helpers/logs.js';
 import { useSuite } from './helpers/suite.js';
 
 const KEY = 'CODEX_AUTH_JSON';
 const suite = useSuite();
-const dirs: string[] = [];
 let nowMs = Date.UTC(2027, 0, 1);
 const now = () => nowMs;
 const admin = { authorization: `Bearer ${ADMIN_TOKEN}` };
 const extraLogs: string[] = [];
 
-after(() => {
-  for (const d of dirs) fs.rmSync(d, { recursive: true, force: true });
-});
-
-function tmp(): string {
-  const d = fs.mkdtempSync(path.join(os.tmpdir(), 'cab-faults-'));
-  dirs.push(d);
-  return d;
-}
+const tmp = tempDirs('cab-faults-');
 
 function dueSeed(upstream: FakeUpstream) {
   const nowSec = Math.floor(nowMs / 1000);

@@ -2,21 +2,10 @@ import { strict as assert } from 'node:assert';
 import { test } from 'node:test';
 import { mergeRotation, parseCredential, validateSeed, type JsonObject, type ParsedCredential, type RotationResponse } from '../src/auth-json.js';
 import { AuthJsonError } from '../src/errors.js';
+import { at, leaves, prng } from './helpers/fuzz.js';
 
 const SEED = 0x5eed_c0de;
 const DOCUMENTS = 12_000;
-
-/** mulberry32: small, fast, reproducible. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const b64url = (s: string) => Buffer.from(s).toString('base64url');
 const jwt = (payload: string) => `${b64url('{"alg":"HS256","typ":"JWT"}')}.${b64url(payload)}.${b64url('sig')}`;
@@ -88,22 +77,6 @@ function generator(rand: () => number) {
     if (rand() < 0.03) text = text.replace(/^\{/, '{"__proto__":{"p":1},');
     return text;
   };
-}
-
-function leaves(v: unknown, prefix: string[] = []): string[][] {
-  if (typeof v !== 'object' || v === null) return [prefix];
-  const entries = Object.entries(v as Record<string, unknown>);
-  if (entries.length === 0) return [prefix];
-  return entries.flatMap(([k, child]) => leaves(child, [...prefix, k]));
-}
-
-function at(v: unknown, path: string[]): { found: boolean; value: unknown } {
-  let cur: unknown = v;
-  for (const k of path) {
-    if (typeof cur !== 'object' || cur === null || !Object.hasOwn(cur, k)) return { found: false, value: undefined };
-    cur = (cur as Record<string, unknown>)[k];
-  }
-  return { found: true, value: cur };
 }
 
 const isObj = (v: unknown): v is JsonObject => typeof v === 'object' && v !== null && !Array.isArray(v);

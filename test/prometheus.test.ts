@@ -10,12 +10,12 @@ import { strict as assert } from 'node:assert';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import type { AddressInfo } from 'node:net';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { after, before, describe, test, type TestContext } from 'node:test';
 import { parse as parseYaml, stringify as stringifyYaml } from 'yaml';
 import { createMetrics } from '../src/metrics.js';
 import { ADMIN_TOKEN, createTestApp, type TestApp } from './helpers/app.js';
+import { tempDirs } from './helpers/tmp.js';
 import { FakeUpstream } from './helpers/fake-upstream.js';
 import { freePort, startTestPostgres, type TestPostgres } from './helpers/pg.js';
 
@@ -59,15 +59,7 @@ interface Rule {
 const ruleFile = parseYaml(fs.readFileSync(ALERTS, 'utf8')) as { groups: Array<{ name: string; rules: Rule[] }> };
 const rules = ruleFile.groups.flatMap((g) => g.rules);
 
-const tmpDirs: string[] = [];
-function tmpDir(): string {
-  const d = fs.mkdtempSync(path.join(os.tmpdir(), 'cab-prom-'));
-  tmpDirs.push(d);
-  return d;
-}
-after(() => {
-  for (const d of tmpDirs) fs.rmSync(d, { recursive: true, force: true });
-});
+const tmpDir = tempDirs('cab-prom-');
 
 function promtool(args: string[], input?: string) {
   const r = spawnSync(PROMTOOL!, args, { input, encoding: 'utf8', timeout: 60_000 });

@@ -88,6 +88,18 @@ async function call(t: TestApp, o: InjectOptions & { token?: string | undefined;
 
 const get = (t: TestApp, url: string, token?: string, headers: Record<string, string> = {}) => call(t, { method: 'GET', url, token, headers });
 
+/** One request to every admin route (revoking the named client). */
+function adminRequests(seed: object, revoke: string): InjectOptions[] {
+  return [
+    { method: 'PUT', url: '/admin/credential', payload: seed },
+    { method: 'POST', url: '/admin/refresh' },
+    { method: 'GET', url: '/admin/events' },
+    { method: 'POST', url: '/admin/clients', payload: { name: 'x' } },
+    { method: 'GET', url: '/admin/clients' },
+    { method: 'DELETE', url: `/admin/clients/${revoke}` },
+  ];
+}
+
 async function addClient(t: TestApp, name: string, workspaceId?: string): Promise<{ name: string; token: string; refreshCredential: string; workspaceId: string | null }> {
   const res = await call(t, { method: 'POST', url: '/admin/clients', token: ADMIN_TOKEN, payload: workspaceId ? { name, workspaceId } : { name } });
   assert.equal(res.statusCode, 201, res.body);
@@ -294,14 +306,7 @@ describe('authentication', () => {
   test('/admin/* without or with a wrong ADMIN_TOKEN is 401', async () => {
     const t = await setup();
     const c = await addClient(t, 'not-admin');
-    const routes: InjectOptions[] = [
-      { method: 'PUT', url: '/admin/credential', payload: t.upstream.seed() },
-      { method: 'POST', url: '/admin/refresh' },
-      { method: 'GET', url: '/admin/events' },
-      { method: 'POST', url: '/admin/clients', payload: { name: 'x' } },
-      { method: 'GET', url: '/admin/clients' },
-      { method: 'DELETE', url: '/admin/clients/not-admin' },
-    ];
+    const routes = adminRequests(t.upstream.seed(), 'not-admin');
     for (const r of routes) {
       for (const token of [undefined, 'wrong-admin-token-0123456789', c.token, `${ADMIN_TOKEN}x`]) {
         assert401(await call(t, { ...r, token }));
@@ -318,14 +323,7 @@ describe('authentication', () => {
 
   test('with ADMIN_TOKEN unset the admin routes are 404', async () => {
     const t = await setup({ adminToken: undefined });
-    const routes: InjectOptions[] = [
-      { method: 'PUT', url: '/admin/credential', payload: t.upstream.seed() },
-      { method: 'POST', url: '/admin/refresh' },
-      { method: 'GET', url: '/admin/events' },
-      { method: 'POST', url: '/admin/clients', payload: { name: 'x' } },
-      { method: 'GET', url: '/admin/clients' },
-      { method: 'DELETE', url: '/admin/clients/x' },
-    ];
+    const routes = adminRequests(t.upstream.seed(), 'x');
     for (const r of routes) {
       for (const token of [undefined, ADMIN_TOKEN]) assertProblem(await call(t, { ...r, token }), 404, 'not_found');
     }
