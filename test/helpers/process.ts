@@ -1,4 +1,5 @@
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcessByStdio } from 'node:child_process';
+import type { Readable, Writable } from 'node:stream';
 
 export interface ProcessResult {
   code: number | null;
@@ -24,7 +25,9 @@ export interface RunOptions {
 export function runProcess(command: string, args: string[], o: RunOptions): Promise<ProcessResult> {
   const started = Date.now();
   return new Promise((resolve, reject) => {
-    const child = spawn(command, args, { cwd: o.cwd, env: o.env, stdio: ['pipe', 'pipe', 'pipe'], detached: true });
+    // No input: standard input is /dev/null (EOF at once), so there is no pipe to break.
+    const stdin = o.input === undefined ? 'ignore' : 'pipe';
+    const child = spawn(command, args, { cwd: o.cwd, env: o.env, stdio: [stdin, 'pipe', 'pipe'], detached: true }) as ChildProcessByStdio<Writable | null, Readable, Readable>;
     let stdout = '';
     let stderr = '';
     let timedOut = false;
@@ -46,6 +49,13 @@ export function runProcess(command: string, args: string[], o: RunOptions): Prom
       clearTimeout(timer);
       resolve({ code, signal, stdout, stderr, timedOut, durationMs: Date.now() - started });
     });
-    child.stdin.end(o.input ?? '');
+    if (child.stdin) {
+      // A program may exit without reading its input (a usage error, say): the write then
+      // fails with EPIPE, which is the program's business, not a test failure.
+      child.stdin.on('error', (err: NodeJS.ErrnoException) => {
+        if (err.code !== 'EPIPE') reject(err);
+      });
+      child.stdin.end(o.input);
+    }
   });
 }
