@@ -6,10 +6,12 @@ import { isDue } from './due.js';
 import { BrokerError, UpstreamError } from './errors.js';
 import { clearBackoff, readBackoff, readLatch, writeBackoff, writeLatch, type Latch } from './refresh-guards.js';
 import type { RotationJournal } from './journal.js';
+import { RefreshLoop } from './refresh-loop.js';
 import type { Logger } from './logger.js';
 import { setCredentialState, type AttemptOutcome, type BrokerMetrics, type CheckResult, type CredentialState } from './metrics.js';
 import type { SecretStore, StoredRow } from './secret-store.js';
 import type { RefreshFn } from './upstream.js';
+import { WriteBack, type Pending, type RecoveryResult } from './writeback.js';
 
 export interface RefresherOptions {
   store: SecretStore;
@@ -58,12 +60,6 @@ export interface CycleOptions {
   reason?: string;
 }
 
-export interface Pending {
-  expectedRaw: Buffer;
-  plaintext: string;
-  since: number;
-}
-
 /**
  * The one owner of the credential in this process. Single-flight inside the process
  * (one in-flight promise that concurrent callers share) and across replicas (an advisory
@@ -72,7 +68,8 @@ export interface Pending {
  */
 export class Refresher {
   readonly #o: Required<Omit<RefresherOptions, 'now' | 'random' | 'journal'>>;
-  readonly #journal: RotationJournal | undefined;
+  readonly #writeBack: WriteBack;
+  readonly #loop: RefreshLoop;
   readonly #now: () => number;
   readonly #random: () => number;
   #snapshot: Snapshot | undefined;
@@ -81,18 +78,13 @@ export class Refresher {
   #inflight: Promise<CycleReport> | undefined;
   #inflightForced = false;
   #latch: Latch | undefined;
-  #pending: Pending | undefined;
   #consecutiveFailures = 0;
   #nextAttemptAt = 0;
-  #nextCheckAt = 0;
   #lastOutcome: { outcome: AttemptOutcome | CheckResult; at: number } | undefined;
   #lastError: SanitisedError | undefined;
   #lastLoggedProblem: string | undefined;
   #lastRotationAt: number | undefined;
   #lockHeld = false;
-  #timer: NodeJS.Timeout | undefined;
-  #running = false;
-  #stopping = false;
   #readError: SanitisedError | undefined;
   /** The store could not be read or locked; cleared by the next successful read. */
   #storeError: SanitisedError | undefined;
@@ -101,9 +93,10 @@ export class Refresher {
   constructor(opts: RefresherOptions) {
     const { now, random, journal, ...rest } = opts;
     this.#o = rest;
-    this.#journal = journal;
     this.#now = now ?? Date.now;
     this.#random = random ?? Math.random;
+    this.#writeBack = new WriteBack({ store: rest.store, secretKey: rest.secretKey, logger: rest.logger, metrics: rest.metrics, journal });
+    this.#loop = new RefreshLoop({ run: () => this.#scheduledCycle(), inflight: () => this.#inflight, now: this.#now });
   }
 
   // ---- reading ---------------------------------------------------------------
@@ -118,7 +111,7 @@ export class Refresher {
   }
 
   get pending(): Pending | undefined {
-    return this.#pending;
+    return this.#writeBack.pending;
   }
 
   get replicaId(): string {
@@ -151,10 +144,10 @@ export class Refresher {
       lastOutcome: this.#lastOutcome ? { outcome: this.#lastOutcome.outcome, at: iso(this.#lastOutcome.at) } : null,
       lastError: this.#storeError ?? this.#lastError ?? this.#readError ?? null,
       consecutiveFailures: this.#consecutiveFailures,
-      nextCheckAt: this.#running ? iso(this.#nextCheckAt) : null,
+      nextCheckAt: iso(this.#loop.nextCheckAt),
       nextAttemptNotBefore: this.#nextAttemptAt > this.#now() ? iso(this.#nextAttemptAt) : null,
       latch: this.latched && this.#latch ? { upstreamStatus: this.#latch.status ?? null, upstreamCode: this.#latch.code ?? null, at: this.#latch.at.toISOString() } : null,
-      writebackPending: this.#pending !== undefined,
+      writebackPending: this.#writeBack.pending !== undefined,
       unfinishedRefreshes: this.#unfinished.map((e) => ({ id: e.id, replicaId: e.replicaId, startedAt: e.startedAt })),
       replicaId: this.#o.replicaId,
       refreshLockHeld: this.#lockHeld,
@@ -181,11 +174,10 @@ export class Refresher {
     if (seq < this.#appliedSeq) return this.#snapshot;
     this.#appliedSeq = seq;
     this.#storeError = undefined;
-    if (this.#pending) {
-      // A rotation the store does not hold yet is the only valid token; a row that still
-      // holds what the pending write expects is simply older.
-      if (row && row.raw.equals(this.#pending.expectedRaw)) return this.#snapshot;
-    }
+    const pending = this.#writeBack.pending;
+    // A rotation the store does not hold yet is the only valid token; a row that still
+    // holds what the pending write expects is simply older.
+    if (pending && row && row.raw.equals(pending.expectedRaw)) return this.#snapshot;
     if (!row) {
       this.#setSnapshot(undefined);
       this.#readError = undefined;
@@ -265,9 +257,13 @@ export class Refresher {
   }
 
   async #cycle(opts: CycleOptions): Promise<CycleReport> {
-    if (this.#pending) {
-      const landed = await this.#flushPending();
-      if (!landed) return this.#check('due', { error: this.#lastError });
+    if (this.#writeBack.pending) {
+      const flushed = await this.#writeBack.flush();
+      if (!flushed.resolved) {
+        this.#problem('writeback_pending', 'STORE_UNAVAILABLE', `write-back still failing: ${flushed.error.message}`);
+        return this.#check('due', { error: this.#lastError });
+      }
+      await this.reload().catch(() => undefined);
     }
     const seq = ++this.#readSeq;
     let row: StoredRow | null;
@@ -390,7 +386,7 @@ export class Refresher {
     timer();
     const report = await this.#rotated(db, snap, answer, opts.reason);
     await this.#audit(db, eventId, {
-      outcome: this.#pending ? 'rotated_writeback_pending' : 'rotated',
+      outcome: this.#writeBack.pending ? 'rotated_writeback_pending' : 'rotated',
       status: 200,
       durationMs: Date.now() - started,
       newRefreshTokenSha8: answer.refresh_token ? shortHash(answer.refresh_token) : undefined,
@@ -404,31 +400,10 @@ export class Refresher {
     );
   }
 
-  /**
-   * At start, before any refresh: a journaled rotation whose write-back never landed is
-   * written now, if the row still holds what was read before its POST; otherwise it is
-   * stale (it landed, or the login was re-seeded since) and is discarded.
-   */
-  async recoverJournal(): Promise<'none' | 'recovered' | 'already_landed' | 'stale'> {
-    if (!this.#journal) return 'none';
-    const entry = await this.#journal.read(this.#o.secretKey);
-    if (!entry) return 'none';
-    const row = await this.#o.store.read(this.#o.secretKey);
-    let outcome: 'recovered' | 'already_landed' | 'stale';
-    if (row && row.raw.equals(entry.expectedRaw)) {
-      outcome = (await this.#o.store.compareAndSet(this.#o.secretKey, entry.expectedRaw, entry.plaintext)) ? 'recovered' : 'stale';
-    } else if (row && this.#o.store.decrypt(row) === entry.plaintext) {
-      outcome = 'already_landed';
-    } else {
-      outcome = 'stale';
-    }
-    await this.#journal.clear(this.#o.secretKey);
-    if (outcome === 'recovered') {
-      this.#o.logger.warn({ event: 'journal_recovered', secretKey: this.#o.secretKey, rotatedAt: entry.at }, 'wrote back a rotation journaled before a crash; no token was lost');
-    } else {
-      this.#o.logger.info({ event: 'journal_discarded', secretKey: this.#o.secretKey, rotatedAt: entry.at, reason: outcome }, `discarded a journaled rotation (${outcome === 'stale' ? 'the stored credential changed since' : 'it had already landed'})`);
-    }
-    await this.reload().catch(() => undefined);
+  /** At start, before any refresh: finish a write-back a crash left in the journal. */
+  async recoverJournal(): Promise<RecoveryResult> {
+    const outcome = await this.#writeBack.recover();
+    if (outcome !== 'none') await this.reload().catch(() => undefined);
     return outcome;
   }
 
@@ -458,35 +433,17 @@ export class Refresher {
     this.#lastError = undefined;
     this.#lastRotationAt = now;
     this.#lastOutcome = { outcome: 'rotated', at: now };
-    // Durable before the write-back: a crash from here on must not lose the only valid token.
-    await this.#journal
-      ?.write({ secretKey: this.#o.secretKey, expectedRaw: snap.raw, plaintext, at: new Date(now).toISOString() })
-      .catch((err: Error) => this.#o.logger.error({ event: 'journal_failed', err: { message: err.message } }, 'could not journal the rotation to DATA_DIR; check the disk'));
-    let written: boolean;
-    try {
-      written = await this.#o.store.compareAndSet(this.#o.secretKey, snap.raw, plaintext, db);
-    } catch (err) {
-      // The upstream has already burned the old token: losing this answer logs the fleet
-      // out. Keep it, serve it, and write it back until it lands.
-      this.#pending = { expectedRaw: snap.raw, plaintext, since: now };
-      this.#o.metrics.writebackPending.set(1);
+    // Durable before anything else: the upstream has already burned the old token.
+    const landed = await this.#writeBack.land(snap.raw, plaintext, now, db);
+    if (landed === 'pending') {
       this.#applyLocal(snap.raw, plaintext);
-      this.#o.logger.error(
-        { event: 'writeback_pending', secretKey: this.#o.secretKey, err: { message: (err as Error).message } },
-        'rotated the credential but could not write it back; serving it from memory and retrying the write-back: check the database',
-      );
       return { check: 'due', attempt: 'rotated' };
     }
-    if (written) await clearBackoff(db, this.#o.secretKey).catch(() => undefined);
-    await this.#journal?.clear(this.#o.secretKey).catch(() => undefined);
-    if (!written) {
-      this.#o.logger.warn(
-        { event: 'rotation_discarded', secretKey: this.#o.secretKey },
-        'the stored credential changed during the refresh (re-seeded?); keeping the stored one and discarding this rotation',
-      );
+    if (landed === 'discarded') {
       await this.reload().catch(() => undefined);
       return { check: 'due', attempt: 'rotated' };
     }
+    await clearBackoff(db, this.#o.secretKey).catch(() => undefined);
     const fresh = this.#applyLocal(undefined, plaintext, await this.#o.store.read(this.#o.secretKey, db).catch(() => null));
     this.#o.logger.info(
       {
@@ -534,7 +491,6 @@ export class Refresher {
       );
       this.#o.metrics.refreshAttempts.inc({ outcome: 'permanent_failure' });
       this.#lastOutcome = { outcome: 'permanent_failure', at: now };
-      this.#nextCheckAt = now + this.#o.permanentBackoffMs;
       this.#o.logger.error(
         { event: 'latched', secretKey: this.#o.secretKey, status: ue.status, upstreamCode: ue.upstreamCode, durationMs: now - started },
         `the upstream refused the refresh token for good (${ue.upstreamCode ?? ue.status}); it will not be sent again. Log in again and run \`codex-auth-broker seed auth.json\` (or PUT /admin/credential)`,
@@ -569,27 +525,6 @@ export class Refresher {
     return Math.max(jittered, retryAfterMs ?? 0);
   }
 
-  async #flushPending(): Promise<boolean> {
-    const p = this.#pending;
-    if (!p) return true;
-    try {
-      const ok = await this.#o.store.compareAndSet(this.#o.secretKey, p.expectedRaw, p.plaintext);
-      this.#pending = undefined;
-      await this.#journal?.clear(this.#o.secretKey).catch(() => undefined);
-      this.#o.metrics.writebackPending.set(0);
-      if (ok) {
-        this.#o.logger.info({ event: 'writeback_landed', secretKey: this.#o.secretKey }, 'the pending rotation is written back');
-      } else {
-        this.#o.logger.warn({ event: 'rotation_discarded', secretKey: this.#o.secretKey }, 'the stored credential changed while a rotation was pending; keeping the stored one');
-      }
-      await this.reload().catch(() => undefined);
-      return true;
-    } catch (err) {
-      this.#problem('writeback_pending', 'STORE_UNAVAILABLE', `write-back still failing: ${(err as Error).message}`);
-      return false;
-    }
-  }
-
   // ---- logging helpers -------------------------------------------------------
 
   /** Log a problem once per distinct kind; repeats go to debug so a 3 a.m. log stays readable. */
@@ -612,60 +547,31 @@ export class Refresher {
   // ---- the loop --------------------------------------------------------------
 
   start(): void {
-    if (this.#running) return;
-    this.#running = true;
-    this.#schedule(0);
+    this.#loop.start();
   }
 
   /** Trigger a check soon (a NOTIFY that may have changed due-ness or cleared a latch). */
   poke(): void {
-    if (this.#running && !this.#stopping) this.#schedule(0);
+    this.#loop.poke();
   }
 
-  #schedule(delayMs: number): void {
-    if (this.#timer) clearTimeout(this.#timer);
-    this.#nextCheckAt = this.#now() + delayMs;
-    this.#timer = setTimeout(() => void this.#tick(), delayMs);
-    this.#timer.unref();
+  /** Stop scheduling and wait (bounded) for a refresh in flight to finish its write-back. */
+  stop(timeoutMs: number): Promise<boolean> {
+    return this.#loop.stop(timeoutMs);
   }
 
-  async #tick(): Promise<void> {
-    this.#timer = undefined;
-    if (this.#stopping) return;
+  /** A scheduled check, and how long until the next: sooner while a write-back is pending or a backoff step ends. */
+  async #scheduledCycle(): Promise<number> {
     let report: CycleReport | undefined;
     try {
       report = await this.runCycle({ reason: 'scheduled' });
     } catch (err) {
       this.#problem('cycle_failed', 'INTERNAL', `refresh cycle failed unexpectedly: ${(err as Error).message}`);
     }
-    if (this.#stopping || this.#timer) return;
     const now = this.#now();
-    let delay = this.#o.checkIntervalMs;
-    if (report?.check === 'latched' || report?.attempt === 'permanent_failure') delay = this.#o.permanentBackoffMs;
-    else if (this.#pending) delay = Math.min(delay, this.#o.transientBaseMs);
-    else if (this.#nextAttemptAt > now) delay = Math.min(delay, this.#nextAttemptAt - now);
-    this.#schedule(Math.max(0, delay));
-  }
-
-  /** Stop scheduling and wait (bounded) for a refresh in flight to finish its write-back. */
-  async stop(timeoutMs: number): Promise<boolean> {
-    this.#stopping = true;
-    this.#running = false;
-    if (this.#timer) clearTimeout(this.#timer);
-    this.#timer = undefined;
-    const inflight = this.#inflight;
-    if (!inflight) return true;
-    let t: NodeJS.Timeout | undefined;
-    const finished = await Promise.race([
-      inflight.then(
-        () => true,
-        () => true,
-      ),
-      new Promise<boolean>((resolve) => {
-        t = setTimeout(() => resolve(false), timeoutMs);
-      }),
-    ]);
-    if (t) clearTimeout(t);
-    return finished;
+    if (report?.check === 'latched' || report?.attempt === 'permanent_failure') return this.#o.permanentBackoffMs;
+    if (this.#writeBack.pending) return Math.min(this.#o.checkIntervalMs, this.#o.transientBaseMs);
+    if (this.#nextAttemptAt > now) return Math.min(this.#o.checkIntervalMs, this.#nextAttemptAt - now);
+    return this.#o.checkIntervalMs;
   }
 }
