@@ -209,11 +209,23 @@ describe('serve on the embedded default', () => {
     }
   }
 
-  function stop(child: ChildProcess): Promise<number | null> {
+  /**
+   * SIGTERM to the whole group (a terminal's Ctrl-C, an orchestrator), or to npm alone (a
+   * supervisor or `kill` given npm's pid). Resolves when every holder of npm's output has
+   * exited, i.e. the broker too; 'orphaned' if that takes 30 s (the group is then killed).
+   */
+  function stop(child: ChildProcess, target: 'group' | 'npm' = 'group'): Promise<number | null | 'orphaned'> {
     return new Promise((resolve) => {
-      child.once('close', (code) => resolve(code));
-      // What a terminal's Ctrl-C or an orchestrator does: signal the whole group.
-      process.kill(-(child.pid ?? 0), 'SIGTERM');
+      const timer = setTimeout(() => {
+        process.kill(-(child.pid ?? 0), 'SIGKILL');
+        resolve('orphaned');
+      }, 30_000);
+      child.once('close', (code) => {
+        clearTimeout(timer);
+        resolve(code);
+      });
+      if (target === 'group') process.kill(-(child.pid ?? 0), 'SIGTERM');
+      else child.kill('SIGTERM');
     });
   }
 
@@ -264,7 +276,8 @@ describe('serve on the embedded default', () => {
     const ready = await fetch(`http://127.0.0.1:${port}/readyz`);
     assert.equal(ready.status, 200);
     // npm itself dies of the signal (code null); the broker must have shut down in order.
-    assert.ok([0, null].includes(await stop(first.child)));
+    const firstStop = await stop(first.child);
+    assert.ok(firstStop === 0 || firstStop === null, `stop: ${String(firstStop)}`);
     outputs.push(first.out());
     assert.match(first.out(), /"event":"embedded_db_stopped"/);
     assert.match(first.out(), /"event":"stopped"/);
@@ -275,9 +288,13 @@ describe('serve on the embedded default', () => {
     assert.equal(fs.readFileSync(keyFile, 'utf8'), key);
     const r = await fetch(`http://127.0.0.1:${port}/readyz`);
     assert.equal(r.status, 200, 'the seeded login survived the restart');
-    assert.ok([0, null].includes(await stop(second.child)));
+    // SIGTERM to npm's pid alone must reach the broker: `npm start` once left it running,
+    // orphaned with its Postgres, when only npm was signalled.
+    const stopped = await stop(second.child, 'npm');
     outputs.push(second.out());
+    assert.notEqual(stopped, 'orphaned', `the broker outlived npm: ${second.out().slice(-500)}`);
     assert.match(second.out(), /"event":"stopped"/);
+    assert.match(second.out(), /"event":"embedded_db_stopped"/);
     assert.doesNotMatch(second.out(), /embedded_db_init/);
   });
 });
