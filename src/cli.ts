@@ -247,7 +247,8 @@ export async function main(argv: string[]): Promise<number> {
         return 2;
     }
   } catch (err) {
-    const msg = err instanceof BrokerError ? `${err.code}: ${err.message}` : (err as Error).message;
+    let msg = err instanceof BrokerError ? `${err.code}: ${err.message}` : (err as Error).message;
+    if ((err as NodeJS.ErrnoException).code === 'EADDRINUSE') msg += ' (another process holds it: stop it, or set PORT or HOST)';
     logger.fatal({ event: 'command_failed', command, err: { message: msg } }, `${command} failed: ${msg}`);
     logger.flush();
     console.error(`codex-auth-broker ${command}: ${msg}`);

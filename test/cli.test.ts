@@ -92,6 +92,23 @@ describe('configuration', () => {
   });
 });
 
+describe('serve', () => {
+  test('a port another process holds fails at start, naming the address and what to do', async () => {
+    const net = await import('node:net');
+    const holder = net.createServer();
+    await new Promise<void>((resolve) => holder.listen(0, '127.0.0.1', resolve));
+    const port = (holder.address() as { port: number }).port;
+    try {
+      const url = await pgServer.newDatabase();
+      const r = await run(['serve'], { DATABASE_URL: url, SECRETS_ENCRYPTION_KEY: KEY_B64, HOST: '127.0.0.1', PORT: String(port) });
+      assert.equal(r.code, 1);
+      assert.match(r.stderr, new RegExp(`EADDRINUSE.*127\\.0\\.0\\.1:${port}.*set PORT or HOST`));
+    } finally {
+      holder.close();
+    }
+  });
+});
+
 describe('seed and status', () => {
   test('seed validates and stores a login; status prints its state without secrets', async () => {
     const url = await pgServer.newDatabase();
