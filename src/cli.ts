@@ -247,8 +247,7 @@ export async function main(argv: string[]): Promise<number> {
         return 2;
     }
   } catch (err) {
-    let msg = err instanceof BrokerError ? `${err.code}: ${err.message}` : (err as Error).message;
-    if ((err as NodeJS.ErrnoException).code === 'EADDRINUSE') msg += ' (another process holds it: stop it, or set PORT or HOST)';
+    const msg = err instanceof BrokerError ? `${err.code}: ${err.message}` : (err as Error).message;
     logger.fatal({ event: 'command_failed', command, err: { message: msg } }, `${command} failed: ${msg}`);
     logger.flush();
     console.error(`codex-auth-broker ${command}: ${msg}`);

@@ -400,11 +400,9 @@ export class Refresher {
     );
   }
 
-  /** At start, before any refresh: finish a write-back a crash left in the journal. */
-  async recoverJournal(): Promise<RecoveryResult> {
-    const outcome = await this.#writeBack.recover();
-    if (outcome !== 'none') await this.reload().catch(() => undefined);
-    return outcome;
+  /** At start, before any refresh and before the first reload: finish a write-back a crash left in the journal. */
+  recoverJournal(): Promise<RecoveryResult> {
+    return this.#writeBack.recover();
   }
 
   /**

@@ -74,6 +74,9 @@ export async function startBroker(config: Config, logger: Logger): Promise<Runni
   } catch (err) {
     await core.close(1_000);
     await db.embedded?.stop().catch(() => undefined);
+    if ((err as NodeJS.ErrnoException).code === 'EADDRINUSE') {
+      throw new Error(`${(err as Error).message} (another process holds it: stop it, or set PORT or HOST)`, { cause: err });
+    }
     throw err;
   }
   logger.info({ event: 'listening', address, replicaId: cfg.replicaId, embedded: db.embedded !== undefined }, `codex-auth-broker listening on ${address}`);
