@@ -5,6 +5,7 @@ import { ADMIN_TOKEN, type TestApp } from './helpers/app.js';
 import type { FakeUpstream } from './helpers/fake-upstream.js';
 import { findLeaks } from './helpers/logs.js';
 import { useSuite } from './helpers/suite.js';
+import { waitFor } from './helpers/wait.js';
 
 const KEY = 'CODEX_AUTH_JSON';
 const bodies: string[] = [];
@@ -34,14 +35,6 @@ async function get(t: TestApp, url: string, token?: string) {
   return res;
 }
 
-async function waitFor(cond: () => boolean, ms = 2_000): Promise<number> {
-  const start = Date.now();
-  while (!cond()) {
-    if (Date.now() - start > ms) throw new Error(`condition not met within ${ms} ms`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-  return Date.now() - start;
-}
 
 describe('operator routes', () => {
   test('/healthz is 200 and says degraded while no credential is stored', async () => {
@@ -201,13 +194,13 @@ describe('fan-out', () => {
   test('NOTIFY codex_auth_changed: every instance reloads a re-seed at once', async () => {
     const a = await setup();
     const b = await setup({ databaseUrl: a.databaseUrl });
-    await waitFor(() => a.core.listener.connected && b.core.listener.connected);
+    await waitFor('both listeners connected', () => a.core.listener.connected && b.core.listener.connected);
     const doc = a.upstream.seed();
     await a.core.store.put(KEY, JSON.stringify(doc));
     const exp = decodeJwt((doc as { tokens: { access_token: string } }).tokens.access_token).exp ?? 0;
     const iso = new Date(exp * 1000).toISOString();
     // The check interval is 300 s: only the NOTIFY can make this happen within 2 s.
-    const ms = await waitFor(() => b.core.refresher.status().accessTokenExpiresAt === iso);
+    const ms = await waitFor('b to adopt the re-seed', () => b.core.refresher.status().accessTokenExpiresAt === iso);
     assert.ok(ms < 2_000);
     const res = await get(b, '/status', ADMIN_TOKEN);
     assert.equal(res.json().accessTokenExpiresAt, iso);
@@ -219,16 +212,16 @@ describe('fan-out', () => {
     const upstream = await suite.upstream({ now, accessLifetimeSec: 3_600 });
     const a = await setup({ now, upstream, start: false });
     const b = await setup({ now, upstream, databaseUrl: a.databaseUrl });
-    await waitFor(() => b.core.listener.connected);
+    await waitFor("b's listener connected", () => b.core.listener.connected);
     await a.core.store.put(KEY, JSON.stringify(upstream.seed()));
-    await waitFor(() => b.core.refresher.state() === 'fresh');
+    await waitFor('b to load the seed', () => b.core.refresher.state() === 'fresh');
     nowMs += 40 * 60_000;
     const report = await a.core.refresher.runCycle();
     assert.equal(report.attempt, 'rotated');
     const exp = decodeJwt(upstream.lastAccessToken() ?? '').exp ?? 0;
     const iso = new Date(exp * 1000).toISOString();
     // b's next check is 300 s away: only the NOTIFY can make this happen within 2 s.
-    await waitFor(() => b.core.refresher.status().accessTokenExpiresAt === iso);
+    await waitFor('b to adopt the rotation', () => b.core.refresher.status().accessTokenExpiresAt === iso);
     assert.equal(upstream.posts, 1);
     assert.equal(upstream.reuseAnswers, 0);
   });
@@ -236,11 +229,11 @@ describe('fan-out', () => {
   test('NOTIFY codex_auth_changed: a deleted credential is dropped everywhere', async () => {
     const a = await setup();
     const b = await setup({ databaseUrl: a.databaseUrl });
-    await waitFor(() => b.core.listener.connected);
+    await waitFor("b's listener connected", () => b.core.listener.connected);
     await a.core.store.put(KEY, JSON.stringify(a.upstream.seed()));
-    await waitFor(() => b.core.refresher.state() === 'fresh');
+    await waitFor('b to load the seed', () => b.core.refresher.state() === 'fresh');
     await a.core.store.remove(KEY);
-    await waitFor(() => b.core.refresher.state() === 'absent');
+    await waitFor('b to drop the deleted credential', () => b.core.refresher.state() === 'absent');
   });
 });
 

@@ -4,6 +4,7 @@ import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { after, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { createPool, migrate } from '../src/db.js';
 import { parseEncryptionKey } from '../src/lib/secret-crypto.js';
 import { SecretStore } from '../src/secret-store.js';
@@ -12,6 +13,7 @@ import { tempDirs } from './helpers/tmp.js';
 import { findLeaks, LogCapture } from './helpers/logs.js';
 import { freePort } from './helpers/pg.js';
 import { useSuite } from './helpers/suite.js';
+import { waitFor } from './helpers/wait.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 const CLI = path.join(ROOT, 'src', 'cli.ts');
@@ -36,15 +38,7 @@ after(() => {
 // Registered after the hook above: the brokers are dead before their directories go.
 const tmp = tempDirs('cab-crash-');
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-async function waitFor(what: string, cond: () => boolean | Promise<boolean>, ms = 30_000, out?: () => string): Promise<void> {
-  const start = Date.now();
-  while (!(await cond())) {
-    if (Date.now() - start > ms) throw new Error(`timed out waiting for ${what}${out ? `\n${out().slice(-3000)}` : ''}`);
-    await sleep(25);
-  }
-}
 
 function cleanEnv(extra: Record<string, string>): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = {};

@@ -1,10 +1,12 @@
 import { strict as assert } from 'node:assert';
 import { test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { ADMIN_TOKEN, createTestApp, type TestApp } from './helpers/app.js';
 import { tempDirs } from './helpers/tmp.js';
 import type { Fault, FakeUpstream } from './helpers/fake-upstream.js';
 import { findLeaks } from './helpers/logs.js';
 import { useSuite } from './helpers/suite.js';
+import { waitFor } from './helpers/wait.js';
 
 const KEY = 'CODEX_AUTH_JSON';
 const suite = useSuite();
@@ -20,15 +22,7 @@ function dueSeed(upstream: FakeUpstream) {
   return upstream.seed({ iatSec: nowSec - 10 * 86_400 + 3_600, expSec: nowSec + 3_600 });
 }
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-async function waitFor(what: string, cond: () => boolean, ms = 10_000): Promise<void> {
-  const start = Date.now();
-  while (!cond()) {
-    if (Date.now() - start > ms) throw new Error(`timed out waiting for ${what}`);
-    await sleep(10);
-  }
-}
 
 async function storedTokens(t: TestApp): Promise<{ access_token: string; refresh_token: string }> {
   const row = await t.core.store.read(KEY);
@@ -48,7 +42,7 @@ test('Postgres stopped while the upstream answers a due refresh: clients are ser
 
   upstream.fault({ kind: 'delay', ms: 1500 });
   const cycle = t.core.refresher.runCycle();
-  await waitFor('the POST', () => upstream.posts === 1);
+  await waitFor('the POST', () => upstream.posts === 1, 10_000);
   await suite.pg.stopServer();
   let restarted = false;
   try {

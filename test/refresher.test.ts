@@ -10,6 +10,7 @@ import { createTestBroker, SECRET_KEY, type TestBroker, type TestBrokerOptions }
 import { DEFAULT_CLIENT_ID, FakeUpstream, TOKEN_PATH, type FakeUpstreamOptions, type SeedOptions } from './helpers/fake-upstream.js';
 import { findLeaks, type LogCapture } from './helpers/logs.js';
 import { startTestPostgres, type TestPostgres } from './helpers/pg.js';
+import { waitFor } from './helpers/wait.js';
 
 const SEC = 1_000;
 const MIN = 60 * SEC;
@@ -105,13 +106,6 @@ function expIso(accessToken: string | undefined): string {
   return new Date(exp * 1000).toISOString();
 }
 
-async function waitFor(cond: () => boolean, what: string, timeoutMs = 5_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(5);
-  }
-}
 
 function refreshTokensPosted(upstream: FakeUpstream): string[] {
   return upstream.requests.map((r) => (r.body as Record<string, string> | undefined)?.['refresh_token'] ?? '');
@@ -625,7 +619,7 @@ test('16 concurrent cycles give exactly 1 POST and 1 write', async (t) => {
   assert.equal(reports.filter((r) => !r.joined).length, 1);
   assert.ok(reports.every((r) => r.attempt === 'rotated'), 'every caller sees the rotation');
   await listener.query('SELECT 1');
-  await waitFor(() => notifications >= 1, 'the NOTIFY of the write');
+  await waitFor('the NOTIFY of the write', () => notifications >= 1);
   await sleep(100);
   assert.equal(notifications, 1, 'exactly one write notified');
   const updatedAfter = (await broker.store.read(SECRET_KEY))?.updatedAt;
@@ -697,7 +691,7 @@ test('compare-and-set: a rotation does not overwrite a re-seed that landed durin
   await put(broker, dueSeed(upstream));
   upstream.fault({ kind: 'delay', ms: 500 });
   const cycle = broker.refresher.runCycle();
-  await waitFor(() => upstream.posts === 1, 'the POST to arrive');
+  await waitFor('the POST to arrive', () => upstream.posts === 1);
   const reseed = upstream.seed({ accountId: 'reseeded' });
   await put(broker, reseed);
   const r = await cycle;

@@ -8,6 +8,7 @@ import { createTestBroker, SECRET_KEY, type TestBroker } from './helpers/broker.
 import { FakeUpstream } from './helpers/fake-upstream.js';
 import { findLeaks } from './helpers/logs.js';
 import { startTestPostgres, type TestPostgres } from './helpers/pg.js';
+import { waitFor } from './helpers/wait.js';
 
 const MIN = 60_000;
 const ROUNDS = 50;
@@ -24,13 +25,6 @@ after(async () => {
   await pgs?.stop();
 });
 
-async function waitFor(cond: () => boolean, what: string, timeoutMs: number): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(20);
-  }
-}
 
 function expIsoOf(accessToken: string | undefined): string {
   assert.ok(accessToken, 'the upstream has issued an access token');
@@ -73,19 +67,19 @@ test('three replicas on one database rotate exactly once per due window and all 
   for (const b of brokers) b.refresher.start();
 
   const seededExp = expIsoOf((seed['tokens'] as Record<string, string>)['access_token']);
-  await waitFor(() => brokers.every((b) => b.refresher.status().accessTokenExpiresAt === seededExp), 'every replica to load the seed', 5_000);
+  await waitFor('every replica to load the seed', () => brokers.every((b) => b.refresher.status().accessTokenExpiresAt === seededExp));
   assert.equal(upstream.posts, 0, 'a fresh seed is not refreshed');
 
   const propagation: number[] = [];
   for (let round = 1; round <= ROUNDS; round++) {
     const before = upstream.rotations;
     nowMs += 40 * MIN; // 20 min left of 60: inside the 30-min lead, so due
-    await waitFor(() => upstream.rotations > before, `round ${round}: a rotation`, 5_000);
+    await waitFor(`round ${round}: a rotation`, () => upstream.rotations > before);
     const started = performance.now();
     assert.equal(upstream.rotations, before + 1, `round ${round}: exactly one rotation`);
 
     const expIso = expIsoOf(upstream.lastAccessToken());
-    await waitFor(() => brokers.every((b) => b.refresher.status().accessTokenExpiresAt === expIso), `round ${round}: every replica to adopt the rotation`, 5_000);
+    await waitFor(`round ${round}: every replica to adopt the rotation`, () => brokers.every((b) => b.refresher.status().accessTokenExpiresAt === expIso));
     const ms = performance.now() - started;
     propagation.push(ms);
     assert.ok(ms <= MAX_PROPAGATION_MS, `round ${round}: propagation took ${ms.toFixed(0)} ms`);

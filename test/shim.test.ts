@@ -18,6 +18,7 @@ import { ADMIN_TOKEN, type TestApp } from './helpers/app.js';
 import type { FakeUpstream } from './helpers/fake-upstream.js';
 import { findLeaks } from './helpers/logs.js';
 import { useSuite } from './helpers/suite.js';
+import { waitFor } from './helpers/wait.js';
 
 const CLIENT_ID = 'app_EMoamEEZ73f0CkXaXp7hrann';
 const FLOOR_S = 600;
@@ -57,13 +58,6 @@ interface Fleet {
   seed: Record<string, unknown>;
 }
 
-async function waitFor(cond: () => boolean, what: string, timeoutMs = 5_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(10);
-  }
-}
 
 const admin = { authorization: `Bearer ${ADMIN_TOKEN}` };
 
@@ -93,9 +87,8 @@ async function fleet(o: { replicas?: number; clients?: number; floorSeconds?: nu
     clientSecrets.push(c.token, c.refreshCredential);
   }
   const seededAt = (seed['tokens'] as Record<string, string>)['access_token'];
-  await waitFor(
-    () => replicas.every((r) => r.core.refresher.current()?.parsed.tokens.access_token === seededAt && r.core.clients.size === callers.length),
-    'every replica to hold the seed and every client',
+  await waitFor('every replica to hold the seed and every client', () =>
+    replicas.every((r) => r.core.refresher.current()?.parsed.tokens.access_token === seededAt && r.core.clients.size === callers.length),
   );
   // Let the change notifications' reload + check settle (a fresh seed: no POST).
   await sleep(50);
@@ -457,7 +450,7 @@ describe('STORM: 1,000 concurrent refreshes against 3 replicas', () => {
     }
     assert.equal(rotationsBy.reduce((a, b) => a + b, 0), 1, 'one rotation across the fleet');
     // Every replica serves the rotation.
-    await waitFor(() => f.replicas.every((r) => r.core.refresher.current()?.parsed.tokens.access_token === fresh), 'every replica to hold the new token');
+    await waitFor('every replica to hold the new token', () => f.replicas.every((r) => r.core.refresher.current()?.parsed.tokens.access_token === fresh));
   });
 
   test('the same burst from stale callers costs zero upstream POSTs', async () => {

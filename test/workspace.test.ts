@@ -7,6 +7,7 @@ import { createTestApp, ADMIN_TOKEN, type TestApp } from './helpers/app.js';
 import { FakeUpstream } from './helpers/fake-upstream.js';
 import { findLeaks } from './helpers/logs.js';
 import { startTestPostgres, type TestPostgres } from './helpers/pg.js';
+import { waitFor } from './helpers/wait.js';
 
 const KEY = 'CODEX_AUTH_JSON';
 const DAY = 86_400_000;
@@ -120,14 +121,6 @@ async function seedStore(t: TestApp, doc: Record<string, unknown>) {
   await t.core.refresher.reload();
 }
 
-async function waitFor(cond: () => boolean | Promise<boolean>, ms = 3_000): Promise<number> {
-  const start = Date.now();
-  while (!(await cond())) {
-    if (Date.now() - start > ms) throw new Error(`condition not met within ${ms} ms`);
-    await sleep(10);
-  }
-  return Date.now() - start;
-}
 
 function assertProblem(res: LightMyRequestResponse, status: number, code?: string) {
   assert.equal(res.statusCode, status, res.body);
@@ -333,17 +326,17 @@ describe('authentication', () => {
   test('revocation holds on all replicas within 2 s', async () => {
     const a = await setup();
     const b = await setup({ databaseUrl: a.databaseUrl, upstream: a.upstream });
-    await waitFor(() => a.core.listener.connected && b.core.listener.connected);
+    await waitFor('both listeners connected', () => a.core.listener.connected && b.core.listener.connected, 3_000);
     await seedAdmin(a, a.upstream.seed());
-    await waitFor(() => b.core.refresher.current() !== undefined);
+    await waitFor('b to load the seed', () => b.core.refresher.current() !== undefined, 3_000);
     const c = await addClient(a, 'replicated');
     // B learns about the new client by NOTIFY, too.
-    await waitFor(async () => (await get(b, '/codex-auth', c.token)).statusCode === 200, 2_000);
+    await waitFor('b to learn the new client', async () => (await get(b, '/codex-auth', c.token)).statusCode === 200, 2_000);
     const started = Date.now();
     assert.equal((await call(a, { method: 'DELETE', url: '/admin/clients/replicated', token: ADMIN_TOKEN })).statusCode, 204);
     assert401(await get(a, '/codex-auth', c.token));
     let last: LightMyRequestResponse | undefined;
-    await waitFor(async () => {
+    await waitFor('the revocation on b', async () => {
       last = await get(b, '/codex-auth', c.token);
       return last.statusCode === 401;
     }, 2_000);
@@ -642,7 +635,7 @@ describe('platform workspace tokens', () => {
     const token = await insertPlatformToken(t, ws);
     const otherToken = await insertPlatformToken(t, other);
     // Picked up by the periodic reload (the platform's table sends no NOTIFY).
-    await waitFor(async () => (await get(t, DROP_IN(ws), token)).statusCode === 200, 3_000);
+    await waitFor('the platform token to be loaded', async () => (await get(t, DROP_IN(ws), token)).statusCode === 200, 3_000);
 
     const res = await get(t, DROP_IN(ws), token, { 'x-molecule-org-id': randomUUID() });
     assert.equal(res.statusCode, 200);
@@ -660,7 +653,7 @@ describe('platform workspace tokens', () => {
     assert401(await get(t, '/codex-auth', token));
 
     await t.core.pool.query('UPDATE workspace_auth_tokens SET revoked_at = now() WHERE workspace_id = $1', [ws]);
-    await waitFor(async () => (await get(t, DROP_IN(ws), token)).statusCode === 401, 3_000);
+    await waitFor('the revoked platform token to be dropped', async () => (await get(t, DROP_IN(ws), token)).statusCode === 401, 3_000);
     assert401(await get(t, DROP_IN(ws), token));
     assert.equal((await get(t, DROP_IN(other), otherToken)).statusCode, 200);
     // Broker clients keep working alongside.
@@ -674,7 +667,7 @@ describe('platform workspace tokens', () => {
     await seedAdmin(t, t.upstream.seed());
     const ws = randomUUID();
     const token = await insertPlatformToken(t, ws);
-    await waitFor(async () => (await get(t, DROP_IN(ws), token)).statusCode === 200, 3_000);
+    await waitFor('the platform token to be loaded', async () => (await get(t, DROP_IN(ws), token)).statusCode === 200, 3_000);
     assert401(await get(t, '/status', token));
   });
 
