@@ -15,7 +15,10 @@ export const EnvSchema = Type.Object({
   DATA_DIR: Type.String({ minLength: 1, default: './data', description: 'a directory path' }),
   SECRETS_ENCRYPTION_KEY: Type.Optional(Type.String({ description: 'standard base64 of 32 bytes, or a raw 32-character string' })),
   CODEX_AUTH_SECRET_KEY: Type.String({ minLength: 1, maxLength: 200, default: 'CODEX_AUTH_JSON', description: 'a non-empty key name' }),
-  OAUTH_TOKEN_URL: Type.String({ default: 'https://auth.openai.com/oauth/token', description: 'an http(s) URL' }),
+  OAUTH_ISSUER: Type.String({ default: 'https://auth.openai.com', description: 'an https URL (http only for a loopback host)' }),
+  // Unset: {OAUTH_ISSUER}/oauth/token (filled in by loadConfig).
+  OAUTH_TOKEN_URL: Type.Optional(Type.String({ description: 'an https URL (http only for a loopback host)' })),
+  CHATGPT_BASE_URL: Type.String({ default: 'https://chatgpt.com/backend-api', description: 'an https URL (http only for a loopback host)' }),
   OAUTH_CLIENT_ID: Type.String({ minLength: 1, default: 'app_EMoamEEZ73f0CkXaXp7hrann', description: 'a non-empty client id' }),
   REFRESH_MARGIN_SECONDS: Seconds(86_400, 'refresh this long before expiry'),
   REFRESH_CHECK_INTERVAL_SECONDS: Seconds(300, 'how often to check the credential'),
@@ -31,6 +34,12 @@ export const EnvSchema = Type.Object({
     description: 'one of proxy, omit, raw',
   }),
   PLATFORM_WORKSPACE_TOKENS: Type.Boolean({ default: false, description: 'true or false' }),
+  MAX_CONNECTIONS: Type.Integer({
+    minimum: 1,
+    maximum: 1_000_000,
+    default: 512,
+    description: 'the most open client connections (1 or more); the default fits the common 1024 file-descriptor limit',
+  }),
   LOG_LEVEL: Type.Union(
     ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((l) => Type.Literal(l)),
     { default: 'info', description: 'one of fatal, error, warn, info, debug, trace, silent' },
@@ -49,7 +58,9 @@ export const EnvSchema = Type.Object({
 });
 export type Env = Static<typeof EnvSchema>;
 
-export interface Config extends Env {
+export interface Config extends Omit<Env, 'OAUTH_TOKEN_URL'> {
+  /** OAUTH_TOKEN_URL, or {OAUTH_ISSUER}/oauth/token when unset. */
+  OAUTH_TOKEN_URL: string;
   /** Parsed SECRETS_ENCRYPTION_KEY; undefined when unset (the embedded mode may generate one). */
   encryptionKey: Buffer | undefined;
   production: boolean;
@@ -85,7 +96,10 @@ export function loadConfig(source: NodeJS.ProcessEnv = process.env): Config {
   if (first) fail(first.path.replace(/^\//, '').split('/')[0] || 'environment', first.message);
   const env = converted as Env;
   if (env.DATABASE_URL !== undefined) checkDatabaseUrl(env.DATABASE_URL);
-  checkHttpUrl('OAUTH_TOKEN_URL', env.OAUTH_TOKEN_URL);
+  checkUpstreamUrl('OAUTH_ISSUER', env.OAUTH_ISSUER);
+  const tokenUrl = env.OAUTH_TOKEN_URL ?? `${env.OAUTH_ISSUER.replace(/\/+$/, '')}/oauth/token`;
+  checkUpstreamUrl(env.OAUTH_TOKEN_URL === undefined ? 'OAUTH_ISSUER' : 'OAUTH_TOKEN_URL', tokenUrl);
+  checkUpstreamUrl('CHATGPT_BASE_URL', env.CHATGPT_BASE_URL);
 
   const production =
     env.BROKER_ENV?.toLowerCase() === 'production' || ['prod', 'production'].includes(env.MOLECULE_ENV?.toLowerCase() ?? '');
@@ -101,6 +115,7 @@ export function loadConfig(source: NodeJS.ProcessEnv = process.env): Config {
   }
   return {
     ...env,
+    OAUTH_TOKEN_URL: tokenUrl,
     encryptionKey,
     production,
     replicaId: env.REPLICA_ID ?? `${hostname()}-${process.pid}`,
@@ -119,14 +134,26 @@ function checkDatabaseUrl(value: string): void {
   }
 }
 
-function checkHttpUrl(name: string, value: string): void {
+/** A loopback host: the only place a plain-http upstream cannot leak a token to the network. */
+export function isLoopbackHost(hostname: string): boolean {
+  const h = hostname.replace(/^\[|\]$/g, '').toLowerCase();
+  return h === 'localhost' || h.endsWith('.localhost') || h === '::1' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(h);
+}
+
+/**
+ * Upstream URLs carry refresh tokens and access tokens: https only, except for a
+ * loopback host (tests, a local proxy), where plain http never crosses a network.
+ */
+function checkUpstreamUrl(name: string, value: string): void {
   let url: URL;
   try {
     url = new URL(value);
   } catch {
-    throw new ConfigError(name, `expected an http(s) URL, got ${JSON.stringify(value)}`);
+    throw new ConfigError(name, `expected an https URL, got ${JSON.stringify(value)}`);
   }
-  if (url.protocol !== 'https:' && url.protocol !== 'http:') {
-    throw new ConfigError(name, `expected an http(s) URL, got scheme ${url.protocol}`);
+  if (url.protocol === 'https:') return;
+  if (url.protocol !== 'http:') throw new ConfigError(name, `expected an https URL, got scheme ${url.protocol}`);
+  if (!isLoopbackHost(url.hostname)) {
+    throw new ConfigError(name, `plain http to ${url.hostname} would send tokens in the clear; use https (http is allowed only for a loopback host such as 127.0.0.1)`);
   }
 }

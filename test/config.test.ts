@@ -36,6 +36,14 @@ describe('config: defaults (DESIGN.md)', () => {
     assert.equal(config.REFRESH_TOKEN_EXPOSURE, 'proxy');
     assert.equal(config.PLATFORM_WORKSPACE_TOKENS, false);
     assert.equal(config.LOG_LEVEL, 'info');
+    assert.equal(config.OAUTH_ISSUER, 'https://auth.openai.com');
+    assert.equal(config.CHATGPT_BASE_URL, 'https://chatgpt.com/backend-api');
+    assert.equal(config.MAX_CONNECTIONS, 512);
+  });
+
+  test('the token URL defaults to {OAUTH_ISSUER}/oauth/token when OAUTH_TOKEN_URL is unset', () => {
+    assert.equal(loadConfig({ OAUTH_ISSUER: 'https://issuer.example/' }).OAUTH_TOKEN_URL, 'https://issuer.example/oauth/token');
+    assert.equal(loadConfig({ OAUTH_ISSUER: 'https://issuer.example', OAUTH_TOKEN_URL: 'https://other.example/t' }).OAUTH_TOKEN_URL, 'https://other.example/t');
   });
 
   test('optional values stay unset: no database URL, no admin token, no key, not production', () => {
@@ -192,6 +200,27 @@ describe('config: bad values fail fast naming the variable', () => {
   test('a non-http OAUTH_TOKEN_URL is rejected', () => {
     rejects({ OAUTH_TOKEN_URL: 'ftp://auth.example/token' }, 'OAUTH_TOKEN_URL');
     rejects({ OAUTH_TOKEN_URL: 'nope' }, 'OAUTH_TOKEN_URL');
+  });
+
+  test('upstream URLs must be https unless the host is loopback: a remote http:// fails at start naming the variable', () => {
+    for (const name of ['OAUTH_ISSUER', 'OAUTH_TOKEN_URL', 'CHATGPT_BASE_URL']) {
+      for (const remote of ['http://auth.example.com/x', 'http://10.0.0.5:8080/x', 'http://[2001:db8::1]/x', 'http://127.evil.example/x']) {
+        const err = rejects({ [name]: remote }, name);
+        assert.match(err.message, /https/, err.message);
+      }
+      for (const local of ['http://127.0.0.1:9/x', 'http://localhost:9/x', 'http://[::1]:9/x', 'http://127.8.9.10/x', 'https://auth.example.com/x']) {
+        assert.doesNotThrow(() => loadConfig({ [name]: local }), `${name}=${local}`);
+      }
+    }
+  });
+
+  test('an http OAUTH_ISSUER to a remote host is named even when it only feeds the default token URL', () => {
+    rejects({ OAUTH_ISSUER: 'http://issuer.example' }, 'OAUTH_ISSUER');
+  });
+
+  test('a bad MAX_CONNECTIONS is rejected', () => {
+    rejects({ MAX_CONNECTIONS: '0' }, 'MAX_CONNECTIONS');
+    rejects({ MAX_CONNECTIONS: 'lots' }, 'MAX_CONNECTIONS');
   });
 
   test('a message says what was expected and what was given', () => {
