@@ -108,6 +108,7 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     clients: core.clients,
     renderer,
     refresher: core.refresher,
+    verifier: core.tokenVerifier,
     metrics,
     now,
     forcedRefreshFloorMs: (o.config.SHIM_FORCED_REFRESH_FLOOR_SECONDS ?? 600) * 1000,

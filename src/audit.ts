@@ -37,6 +37,20 @@ export async function recordOutcome(
   );
 }
 
+/**
+ * Whether a rotation of this credential landed within the last `withinMs`, by the
+ * database's clock (every replica's audit rows share it). This is the forced-refresh floor
+ * that holds even when the stored document carries no `last_refresh`.
+ */
+export async function rotatedWithin(db: Db, secretKey: string, withinMs: number): Promise<boolean> {
+  const r = await db.query<{ recent: boolean }>(
+    `SELECT EXISTS (SELECT 1 FROM broker_refresh_events
+       WHERE secret_key = $1 AND outcome LIKE 'rotated%' AND finished_at > now() - make_interval(secs => $2)) AS recent`,
+    [secretKey, withinMs / 1000],
+  );
+  return r.rows[0]?.recent === true;
+}
+
 const COLUMNS = `id, replica_id, reason, refresh_token_sha8, started_at, finished_at, outcome, upstream_status, upstream_code, duration_ms, new_refresh_token_sha8`;
 
 function toEvent(r: Record<string, unknown>): RefreshEvent {

@@ -9,12 +9,14 @@ import type { BrokerMetrics } from './metrics.js';
 import { RotationJournal } from './journal.js';
 import { Refresher } from './refresher.js';
 import { CHANGE_CHANNEL, SecretStore } from './secret-store.js';
+import { createBackendTokenCheck, TokenVerifier, type TokenCheckFn } from './token-check.js';
 import { createUpstreamClient, type RefreshFn } from './upstream.js';
 
 export type CoreConfig = Pick<
   Config,
   | 'CODEX_AUTH_SECRET_KEY'
   | 'OAUTH_TOKEN_URL'
+  | 'CHATGPT_BASE_URL'
   | 'OAUTH_CLIENT_ID'
   | 'REFRESH_MARGIN_SECONDS'
   | 'REFRESH_CHECK_INTERVAL_SECONDS'
@@ -33,6 +35,8 @@ export interface BrokerCoreOptions {
   metrics: BrokerMetrics;
   /** Seams for tests: the upstream call, its dispatcher, the clock, the jitter source. */
   refresh?: RefreshFn;
+  /** Asks the backend whether it accepts an access token (default: GET {CHATGPT_BASE_URL}/wham/usage). */
+  tokenCheck?: TokenCheckFn;
   dispatcher?: Dispatcher;
   now?: () => number;
   random?: () => number;
@@ -48,6 +52,8 @@ export interface BrokerCore {
   pool: Pool;
   store: SecretStore;
   refresher: Refresher;
+  /** Whether the backend really rejects the current access token, before the shim forces a rotation. */
+  tokenVerifier: TokenVerifier;
   clients: ClientRegistry;
   /** The secret behind broker refresh credentials (see clients/credentials.ts). */
   credentialSecret: Buffer;
@@ -59,6 +65,10 @@ export interface BrokerCore {
 }
 
 const ms = (s: number) => Math.round(s * 1000);
+// DESIGN: backend calls take at most 10 s. A verdict is reused for a minute: a storm of
+// callers reporting the same token costs one GET, and a flood cannot hammer the backend.
+const TOKEN_CHECK_TIMEOUT_MS = 10_000;
+const TOKEN_CHECK_TTL_MS = 60_000;
 
 /** The framework-free core, wired the one way serve, the CLI and the tests use it. */
 export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore> {
@@ -100,6 +110,25 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     ...(o.random ? { random: o.random } : {}),
     journal: o.journalDir && config.encryptionKey ? new RotationJournal(o.journalDir, config.encryptionKey) : undefined,
   });
+  const check = o.tokenCheck ?? createBackendTokenCheck({ baseUrl: config.CHATGPT_BASE_URL, timeoutMs: TOKEN_CHECK_TIMEOUT_MS, dispatcher: o.dispatcher });
+  const tokenVerifier = new TokenVerifier({
+    ttlMs: TOKEN_CHECK_TTL_MS,
+    ...(o.now ? { now: o.now } : {}),
+    check: async (token, account) => {
+      const r = await check(token, account);
+      o.metrics.tokenChecks.inc({ verdict: r.verdict });
+      const level = r.verdict === 'unknown' ? 'warn' : 'info';
+      logger[level](
+        { event: 'token_check', verdict: r.verdict, detail: r.detail },
+        r.verdict === 'rejected'
+          ? 'the backend rejects the current access token: a forced refresh may follow'
+          : r.verdict === 'accepted'
+            ? 'a workspace reported the current access token rejected, but the backend accepts it: no refresh (the workspace gets the same token back)'
+            : `could not verify the current access token against CHATGPT_BASE_URL (${r.detail}): no forced refresh; check CHATGPT_BASE_URL and the network`,
+      );
+      return r;
+    },
+  });
   if (o.journalDir && !config.encryptionKey) {
     logger.warn({ event: 'journal_disabled' }, 'no SECRETS_ENCRYPTION_KEY: rotations are not journaled to DATA_DIR (it would hold a plaintext token)');
   }
@@ -130,6 +159,7 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     pool,
     store,
     refresher,
+    tokenVerifier,
     clients,
     credentialSecret,
     listener,

@@ -37,6 +37,12 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}) {
     writebackPending: new Gauge({ name: `${p}writeback_pending`, help: '1 while a rotated credential is held in memory waiting to be written back.', registers }),
     refreshLockHeld: new Gauge({ name: `${p}refresh_lock_held`, help: '1 while this replica holds the cross-replica refresh lock.', registers }),
     tokenServed: new Counter({ name: `${p}token_served_total`, help: 'Credentials served to workspaces by route and result.', labelNames: ['route', 'result'], registers }),
+    tokenChecks: new Counter({
+      name: `${p}token_checks_total`,
+      help: 'Backend checks of the current access token before a forced refresh, by verdict (accepted, rejected, unknown).',
+      labelNames: ['verdict'],
+      registers,
+    }),
     clients: new Gauge({ name: `${p}clients`, help: 'Workspace clients by state.', labelNames: ['state'], registers }),
     dbQueries: new Counter({ name: `${p}db_queries_total`, help: 'Queries sent to the database (the serving path sends none).', registers }),
     httpDuration: new Histogram({
@@ -49,6 +55,7 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}) {
   };
   for (const o of ATTEMPT_OUTCOMES) m.refreshAttempts.inc({ outcome: o }, 0);
   for (const r of CHECK_RESULTS) m.refreshChecks.inc({ result: r }, 0);
+  for (const v of ['accepted', 'rejected', 'unknown']) m.tokenChecks.inc({ verdict: v }, 0);
   for (const s of CREDENTIAL_STATES) m.credentialState.set({ state: s }, s === 'absent' ? 1 : 0);
   m.writebackPending.set(0);
   m.refreshLockHeld.set(0);
@@ -59,6 +66,7 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}) {
 export type BrokerMetrics = ReturnType<typeof createMetrics>;
 
 export function setCredentialState(m: BrokerMetrics, state: CredentialState): void {
+  for (const v of ['accepted', 'rejected', 'unknown']) m.tokenChecks.inc({ verdict: v }, 0);
   for (const s of CREDENTIAL_STATES) m.credentialState.set({ state: s }, s === state ? 1 : 0);
 }
 

@@ -1,5 +1,5 @@
 import { mergeRotation, type RotationResponse } from './auth-json.js';
-import { recordIntent, recordOutcome, unfinishedIntents, type RefreshEvent } from './audit.js';
+import { recordIntent, recordOutcome, rotatedWithin, unfinishedIntents, type RefreshEvent } from './audit.js';
 import { buildSnapshot, shortHash, stateOf, type Snapshot } from './credential.js';
 import type { PoolClient } from './db.js';
 import { isDue } from './due.js';
@@ -297,8 +297,20 @@ export class Refresher {
     return locked;
   }
 
+  /** Known here, without a query: the stored last_refresh, or a rotation this process made. */
   #rotatedWithin(snap: Snapshot, now: number, ms: number | undefined): boolean {
-    return ms !== undefined && snap.lastRefreshMs !== undefined && now - snap.lastRefreshMs < ms;
+    if (ms === undefined) return false;
+    const last = Math.max(snap.lastRefreshMs ?? -Infinity, this.#lastRotationAt ?? -Infinity);
+    return now - last < ms;
+  }
+
+  /**
+   * Whether a forced refresh may still happen under the floor, as far as this process
+   * knows (the shim asks before it spends a backend call verifying the caller's token).
+   */
+  forcedRefreshBlocked(floorMs: number): boolean {
+    const snap = this.#snapshot;
+    return snap !== undefined && this.#rotatedWithin(snap, this.#now(), floorMs);
   }
 
   #check(result: CheckResult, extra: Omit<CycleReport, 'check'> = {}): CycleReport {
@@ -346,6 +358,11 @@ export class Refresher {
     }
     if (!opts.force && !isDue(snap.claims, now, this.#o.marginSeconds)) return this.#check('fresh');
     if (opts.force && this.#rotatedWithin(snap, now, opts.onlyIfOlderThanMs)) return this.#check('fresh');
+    // The floor holds without last_refresh too (a document seeded without it, or one
+    // whose last_refresh was edited back): the audit knows when a rotation last landed.
+    if (opts.force && opts.onlyIfOlderThanMs !== undefined && (await rotatedWithin(db, this.#o.secretKey, opts.onlyIfOlderThanMs))) {
+      return this.#check('fresh');
+    }
     const shared = await readLatch(db, this.#o.secretKey);
     if (shared && shared.refreshTokenSha === snap.refreshTokenSha) {
       this.#latch = shared;

@@ -16,11 +16,12 @@ import type { AddressInfo } from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { Agent } from 'undici';
 import { after, before, describe, test, type TestContext } from 'node:test';
 import { generationOf } from '../src/clients/credentials.js';
 import { ADMIN_TOKEN, createTestApp, type TestApp } from './helpers/app.js';
 import { makeChatgptLogin, readAuthJson, runCodex, type CodexResult } from './helpers/codex.js';
-import { FakeBackend } from './helpers/fake-backend.js';
+import { FakeBackend, TEST_CA_PEM } from './helpers/fake-backend.js';
 import { FakeUpstream } from './helpers/fake-upstream.js';
 import { findLeaks } from './helpers/logs.js';
 import { startTestPostgres, type TestPostgres } from './helpers/pg.js';
@@ -61,7 +62,18 @@ async function broker(t: TestContext): Promise<Broker> {
   t.after(() => upstream.close());
   const backend = await FakeBackend.start();
   t.after(() => backend.close());
-  const app = await createTestApp({ databaseUrl: await pg.newDatabase(), upstreamUrl: upstream.url, now, floorSeconds: FLOOR_S });
+  // The broker verifies a reported rejection against the same fake backend codex talks to
+  // (HTTPS with the test CA), as it would against chatgpt.com.
+  const dispatcher = new Agent({ connect: { ca: TEST_CA_PEM } });
+  t.after(() => dispatcher.close());
+  const app = await createTestApp({
+    databaseUrl: await pg.newDatabase(),
+    upstreamUrl: upstream.url,
+    now,
+    floorSeconds: FLOOR_S,
+    dispatcher,
+    config: { CHATGPT_BASE_URL: `${backend.url.replace(/\/+$/, '')}` },
+  });
   t.after(() => app.close());
   logLines.push(app.logs.lines);
   await app.app.listen({ port: 0, host: '127.0.0.1' });
@@ -250,6 +262,9 @@ describe('the real codex CLI against the broker', () => {
       assert.equal(b.upstream.rotations, 1);
       assert.equal(b.upstream.reuseAnswers, 0);
       assert.deepEqual(rotation.map((e) => e['reason']), ['shim_unauthorized_recovery']);
+      const checks = (await b.t.metrics.tokenChecks.get()).values;
+      assert.equal(checks.find((v) => v.labels['verdict'] === 'rejected')?.value, 1, 'the broker verified A with the backend before forcing');
+      assert.ok(b.backend.requests.some((x) => x.path === '/backend-api/wham/usage' && x.bearer === A && x.status === 401));
       assert.notEqual(B, A);
       const authed = b.backend.authenticated();
       assert.ok(authed.some((x) => x.bearer === A && x.status === 401), 'codex first tried A');

@@ -11,11 +11,12 @@
  */
 import { strict as assert } from 'node:assert';
 import { performance } from 'node:perf_hooks';
-import { before, describe, test } from 'node:test';
+import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { generationOf } from '../src/clients/credentials.js';
 import { ADMIN_TOKEN, type TestApp } from './helpers/app.js';
 import type { FakeUpstream } from './helpers/fake-upstream.js';
+import { FakeUsageBackend } from './helpers/fake-usage.js';
 import { findLeaks } from './helpers/logs.js';
 import { useSuite } from './helpers/suite.js';
 import { waitFor } from './helpers/wait.js';
@@ -29,6 +30,10 @@ const clientSecrets: string[] = [];
 
 const suite = useSuite();
 const { apps, upstreams } = suite;
+const backends: FakeUsageBackend[] = [];
+after(async () => {
+  for (const b of backends) await b.close();
+});
 
 /** A fake clock on whole seconds, shared by the upstream (iat/exp) and the broker. */
 class Clock {
@@ -53,6 +58,8 @@ interface Doc {
 interface Fleet {
   clock: Clock;
   upstream: FakeUpstream;
+  /** The backend the broker verifies a reported rejection with: by default it rejects every token, as when a login is revoked. */
+  backend: FakeUsageBackend;
   replicas: TestApp[];
   callers: Caller[];
   seed: Record<string, unknown>;
@@ -68,10 +75,19 @@ const admin = { authorization: `Bearer ${ADMIN_TOKEN}` };
 async function fleet(o: { replicas?: number; clients?: number; floorSeconds?: number } = {}): Promise<Fleet> {
   const clock = new Clock();
   const upstream = await suite.upstream({ now: clock.now });
+  const backend = await FakeUsageBackend.start();
+  backends.push(backend);
+  backend.answer = 'reject';
   const databaseUrl = await suite.pg.newDatabase();
   const replicas: TestApp[] = [];
   for (let i = 0; i < (o.replicas ?? 1); i++) {
-    const t = await suite.app({ databaseUrl, upstreamUrl: upstream.url, now: clock.now, floorSeconds: o.floorSeconds ?? FLOOR_S });
+    const t = await suite.app({
+      databaseUrl,
+      upstreamUrl: upstream.url,
+      now: clock.now,
+      floorSeconds: o.floorSeconds ?? FLOOR_S,
+      config: { CHATGPT_BASE_URL: backend.url },
+    });
     replicas.push(t);
   }
   const first = replicas[0]!;
@@ -94,7 +110,7 @@ async function fleet(o: { replicas?: number; clients?: number; floorSeconds?: nu
   await sleep(50);
   await Promise.all(replicas.map((r) => r.core.refresher.inflight));
   assert.equal(upstream.posts, 0, 'a fresh seed is not refreshed');
-  return { clock, upstream, replicas, callers, seed };
+  return { clock, upstream, backend, replicas, callers, seed };
 }
 
 async function fetchDoc(t: TestApp, c: Caller): Promise<Doc> {
@@ -382,6 +398,87 @@ describe('POST /oauth/token (refresh shim)', () => {
       assertUpstreamShapedError(stale, 503, 'temporarily_unavailable');
       assert.equal(app.core.refresher.status().lastError?.code, 'upstream_transient');
     });
+  });
+});
+
+describe('forced refreshes are verified against the backend (Hardening)', () => {
+  /** n concurrent unauthorized_recovery calls from callers holding the current token. */
+  async function reportRejected(f: Fleet, n: number, t = f.replicas[0]!): Promise<TokenAnswer[]> {
+    const doc = await fetchDoc(t, f.callers[0]!);
+    const answers = await Promise.all(Array.from({ length: n }, () => shim(t, codexBody(doc.tokens.refresh_token))));
+    for (const r of answers) assert.equal(r.statusCode, 200, r.body);
+    return answers.map((r) => r.json() as TokenAnswer);
+  }
+
+  test('100 unauthorized_recovery calls with a token the backend accepts cost 0 upstream POSTs and get the current token back', async () => {
+    const f = await fleet();
+    f.backend.answer = 'accept';
+    const held = f.replicas[0]!.core.refresher.current()!.parsed.tokens.access_token;
+    f.clock.advance(FLOOR_S + 1);
+    const answers = await reportRejected(f, 100);
+    assert.equal(f.upstream.posts, 0, 'no rotation for a token the backend accepts');
+    for (const a of answers) assert.equal(a.access_token, held);
+    assert.equal(f.backend.gets, 1, 'one shared backend check for the whole burst');
+    const checks = await f.replicas[0]!.metrics.tokenChecks.get();
+    assert.equal(checks.values.find((v) => v.labels['verdict'] === 'accepted')?.value, 1);
+    assert.equal(f.replicas[0]!.logs.withEvent('token_check')[0]?.['verdict'], 'accepted');
+  });
+
+  test('100 unauthorized_recovery calls with a token the backend truly rejects cost exactly 1 upstream POST', async () => {
+    const f = await fleet();
+    const held = f.replicas[0]!.core.refresher.current()!.parsed.tokens.access_token;
+    f.clock.advance(FLOOR_S + 1);
+    const answers = await reportRejected(f, 100);
+    assert.equal(f.upstream.posts, 1);
+    assert.equal(f.upstream.rotations, 1);
+    assert.equal(f.upstream.reuseAnswers, 0);
+    const fresh = f.upstream.lastAccessToken()!;
+    for (const a of answers) assert.equal(a.access_token, fresh);
+    assert.equal(f.backend.seen[0]?.bearer, held, 'the backend was asked about the token the callers hold');
+    assert.equal(f.backend.seen[0]?.accountId, f.replicas[0]!.core.refresher.current()!.account.accountId, 'with the account id');
+    assert.ok(f.backend.seen[0]?.accountId, 'the seed carries an account id');
+  });
+
+  test('a backend that cannot answer (5xx, down) forces nothing and the caller keeps the current token', async () => {
+    const f = await fleet();
+    const held = f.replicas[0]!.core.refresher.current()!.parsed.tokens.access_token;
+    f.clock.advance(FLOOR_S + 1);
+    f.backend.answer = 'error';
+    for (const a of await reportRejected(f, 10)) assert.equal(a.access_token, held);
+    assert.equal(f.upstream.posts, 0, 'a 502 is no proof of rejection');
+    await f.backend.close();
+    f.clock.advance(120); // past the verdict's reuse window: the next report asks again
+    for (const a of await reportRejected(f, 10)) assert.equal(a.access_token, held);
+    assert.equal(f.upstream.posts, 0, 'an unreachable backend is no proof of rejection');
+    const unknown = f.replicas[0]!.logs.withEvent('token_check').filter((e) => e['verdict'] === 'unknown');
+    assert.equal(unknown.length, 2, 'each failed check is logged once');
+    assert.match(String(unknown[1]!['detail']), /127\.0\.0\.1:\d+: (ECONNREFUSED|UND_ERR_SOCKET)/, 'names the host and the cause');
+  });
+
+  test('within the floor the backend is not even asked', async () => {
+    const f = await fleet();
+    f.clock.advance(FLOOR_S - 1);
+    await reportRejected(f, 5);
+    assert.equal(f.backend.gets, 0);
+    assert.equal(f.upstream.posts, 0);
+  });
+
+  test('the forced-refresh floor holds without last_refresh: a document stored without it is not rotated again within the floor', async () => {
+    const f = await fleet({ replicas: 2 });
+    const [a, b] = f.replicas as [TestApp, TestApp];
+    f.clock.advance(FLOOR_S + 1);
+    await reportRejected(f, 1, a);
+    assert.equal(f.upstream.posts, 1, 'the first forced refresh');
+    // The stored document loses its last_refresh (an operator re-stores it without one).
+    const stored = JSON.parse(a.core.refresher.current()!.plaintext) as Record<string, unknown>;
+    delete stored['last_refresh'];
+    const put = await a.app.inject({ method: 'PUT', url: '/admin/credential', headers: admin, payload: stored });
+    assert.equal(put.statusCode, 200, put.body);
+    await waitFor('replica b to hold the document without last_refresh', () => b.core.refresher.current()?.lastRefreshMs === undefined);
+    // b has rotated nothing itself and the document names no rotation: only the audit knows.
+    await reportRejected(f, 20, b);
+    assert.equal(f.upstream.posts, 1, 'no second forced refresh within the floor');
+    assert.equal(f.upstream.reuseAnswers, 0);
   });
 });
 

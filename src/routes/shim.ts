@@ -4,11 +4,13 @@ import type { ClientRegistry } from '../clients/registry.js';
 import { labelled, type BrokerMetrics } from '../metrics.js';
 import type { Refresher } from '../refresher.js';
 import type { DocumentRenderer } from '../serving.js';
+import type { TokenVerifier } from '../token-check.js';
 
 export interface ShimRoutesOptions {
   clients: ClientRegistry;
   renderer: DocumentRenderer;
   refresher: Refresher;
+  verifier: TokenVerifier;
   metrics: BrokerMetrics;
   now: () => number;
   forcedRefreshFloorMs: number;
@@ -25,8 +27,9 @@ function oauthError(reply: FastifyReply, status: number, code: string, message: 
  * The refresh shim stock codex points at (CODEX_REFRESH_TOKEN_URL_OVERRIDE). Usually the
  * caller simply holds an older token than the broker: it gets the current one and the
  * upstream hears nothing. Only a caller that already holds the current token, reports it
- * rejected, and past the floor, triggers one forced refresh shared by every caller and
- * replica waiting at that moment: a storm costs at most one upstream POST.
+ * rejected, past the floor, and whose token the backend really rejects, triggers one forced
+ * refresh shared by every caller and replica waiting at that moment: a storm costs at most
+ * one upstream POST, and a client that merely claims a rejection costs none.
  */
 export async function shimRoutes(app: FastifyInstance, o: ShimRoutesOptions): Promise<void> {
   const tokenServed = labelled(o.metrics.tokenServed);
@@ -75,7 +78,14 @@ export async function shimRoutes(app: FastifyInstance, o: ShimRoutesOptions): Pr
     let current = o.renderer.tokens();
     if (current && generation === current.generation) {
       if (b['refresh_reason'] === 'unauthorized_recovery') {
-        await o.refresher.runCycle({ force: true, waitForLock: true, onlyIfOlderThanMs: o.forcedRefreshFloorMs, reason: 'shim_unauthorized_recovery' });
+        // The caller's word is not enough: any client could otherwise rotate the fleet's
+        // login at will. Ask the backend (one shared call per token) before forcing.
+        if (!o.refresher.forcedRefreshBlocked(o.forcedRefreshFloorMs)) {
+          const check = await o.verifier.verify(current.accessToken, o.refresher.current()?.account.accountId);
+          if (check.verdict === 'rejected') {
+            await o.refresher.runCycle({ force: true, waitForLock: true, onlyIfOlderThanMs: o.forcedRefreshFloorMs, reason: 'shim_unauthorized_recovery' });
+          }
+        }
       } else if (o.refresher.state() === 'due' || o.refresher.state() === 'expired') {
         await o.refresher.runCycle({ waitForLock: true, reason: 'shim_stale' });
       }

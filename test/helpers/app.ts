@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
+import type { Dispatcher } from 'undici';
 import { buildApp } from '../../src/app.js';
 import { createBrokerCore, type BrokerCore, type CoreConfig } from '../../src/broker.js';
 import { testCoreConfig } from './config.js';
@@ -44,6 +45,8 @@ export interface TestAppOptions {
   clientReloadMs?: number;
   clientFlushMs?: number;
   journalDir?: string;
+  /** The dispatcher for upstream and backend calls (e.g. one trusting a test CA). */
+  dispatcher?: Dispatcher;
   /** App-level load-shedding settings passed into buildApp (default: the app's defaults). */
   maxEventLoopDelayMs?: number;
   pressureSampleIntervalMs?: number;
@@ -67,6 +70,7 @@ export async function createTestApp(o: TestAppOptions): Promise<TestApp> {
     ...(o.clientReloadMs ? { clientReloadMs: o.clientReloadMs } : {}),
     ...(o.clientFlushMs ? { clientFlushMs: o.clientFlushMs } : {}),
     ...(o.journalDir ? { journalDir: o.journalDir } : {}),
+    ...(o.dispatcher ? { dispatcher: o.dispatcher } : {}),
     ...(o.now ? { now: o.now } : {}),
     ...(o.random ? { random: o.random } : {}),
   });

@@ -1,0 +1,79 @@
+/**
+ * A fake ChatGPT backend's `GET /backend-api/wham/usage`, over plain http on 127.0.0.1 (a
+ * loopback CHATGPT_BASE_URL may be http). It answers each access token with the status the
+ * test chose (200 with a usage document by default), and counts the GETs it saw.
+ */
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
+
+export type UsageAnswer = 'accept' | 'reject' | 'error' | 'hang';
+
+export class FakeUsageBackend {
+  readonly #server: Server;
+  readonly url: string;
+  /** The answer for a token with no answer of its own. */
+  answer: UsageAnswer = 'accept';
+  readonly #perToken = new Map<string, UsageAnswer>();
+  gets = 0;
+  /** The bearer and account id of every GET, for the assertions (never printed). */
+  readonly seen: { bearer: string | undefined; accountId: string | undefined }[] = [];
+
+  private constructor(server: Server) {
+    this.#server = server;
+    const { port } = server.address() as AddressInfo;
+    this.url = `http://127.0.0.1:${port}/backend-api`;
+  }
+
+  static async start(): Promise<FakeUsageBackend> {
+    const holder: { self?: FakeUsageBackend } = {};
+    const server = createServer((req, res) => holder.self?.handle(req, res));
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    holder.self = new FakeUsageBackend(server);
+    return holder.self;
+  }
+
+  /** How the backend answers this one token (others get `answer`). */
+  set(token: string, answer: UsageAnswer): void {
+    this.#perToken.set(token, answer);
+  }
+
+  private handle(req: IncomingMessage, res: ServerResponse): void {
+    if (req.method !== 'GET' || req.url?.split('?')[0] !== '/backend-api/wham/usage') {
+      res.writeHead(404).end();
+      return;
+    }
+    this.gets += 1;
+    const m = /^Bearer (\S+)$/.exec(req.headers.authorization ?? '');
+    const bearer = m?.[1];
+    const account = req.headers['chatgpt-account-id'];
+    this.seen.push({ bearer, accountId: typeof account === 'string' ? account : undefined });
+    const answer = (bearer !== undefined ? this.#perToken.get(bearer) : undefined) ?? (bearer === undefined ? 'reject' : this.answer);
+    switch (answer) {
+      case 'hang':
+        return; // never answers: the broker's timeout must end it
+      case 'error':
+        res.writeHead(502, { 'content-type': 'text/plain' }).end('bad gateway');
+        return;
+      case 'reject':
+        res.writeHead(401, { 'content-type': 'application/json' }).end(JSON.stringify({ error: { message: 'token expired', code: 'token_expired' } }));
+        return;
+      default:
+        res.writeHead(200, { 'content-type': 'application/json' }).end(
+          JSON.stringify({
+            plan_type: 'plus',
+            rate_limit: {
+              allowed: true,
+              limit_reached: false,
+              primary_window: { used_percent: 12, limit_window_seconds: 18_000, reset_after_seconds: 3_600, reset_at: 1_900_000_000 },
+              secondary_window: { used_percent: 3, limit_window_seconds: 604_800, reset_after_seconds: 86_400, reset_at: 1_900_100_000 },
+            },
+          }),
+        );
+    }
+  }
+
+  close(): Promise<void> {
+    this.#server.closeAllConnections();
+    return new Promise((resolve) => this.#server.close(() => resolve()));
+  }
+}
