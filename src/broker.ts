@@ -1,4 +1,4 @@
-import type { Dispatcher } from 'undici';
+import { EnvHttpProxyAgent, type Dispatcher } from 'undici';
 import { ChangeListener } from './change-listener.js';
 import { CLIENTS_CHANNEL, loadCredentialSecret } from './clients/credentials.js';
 import { ClientRegistry } from './clients/registry.js';
@@ -88,11 +88,15 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     await pool.end().catch(() => undefined);
     throw err;
   }
+  // Every upstream and backend call goes through one dispatcher. By default it honours
+  // HTTPS_PROXY / HTTP_PROXY / NO_PROXY (read once, at start), as operators behind an
+  // egress proxy expect; without them it connects directly.
+  const dispatcher = o.dispatcher ?? new EnvHttpProxyAgent();
   const clients = new ClientRegistry({ pool, logger, credentialSecret, platformTokens: config.PLATFORM_WORKSPACE_TOKENS === true });
   const refresh =
     o.refresh ??
     createUpstreamClient(
-      { url: config.OAUTH_TOKEN_URL, clientId: config.OAUTH_CLIENT_ID, timeoutMs: ms(config.UPSTREAM_TIMEOUT_SECONDS), dispatcher: o.dispatcher },
+      { url: config.OAUTH_TOKEN_URL, clientId: config.OAUTH_CLIENT_ID, timeoutMs: ms(config.UPSTREAM_TIMEOUT_SECONDS), dispatcher },
       o.now,
     );
   const refresher = new Refresher({
@@ -110,7 +114,7 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     ...(o.random ? { random: o.random } : {}),
     journal: o.journalDir && config.encryptionKey ? new RotationJournal(o.journalDir, config.encryptionKey) : undefined,
   });
-  const check = o.tokenCheck ?? createBackendTokenCheck({ baseUrl: config.CHATGPT_BASE_URL, timeoutMs: TOKEN_CHECK_TIMEOUT_MS, dispatcher: o.dispatcher });
+  const check = o.tokenCheck ?? createBackendTokenCheck({ baseUrl: config.CHATGPT_BASE_URL, timeoutMs: TOKEN_CHECK_TIMEOUT_MS, dispatcher });
   const tokenVerifier = new TokenVerifier({
     ttlMs: TOKEN_CHECK_TTL_MS,
     ...(o.now ? { now: o.now } : {}),
@@ -181,6 +185,7 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
       await flush();
       await listener.close();
       await pool.end().catch(() => undefined);
+      if (!o.dispatcher) await dispatcher.close().catch(() => undefined);
       return finished;
     },
   };

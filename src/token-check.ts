@@ -1,4 +1,5 @@
 import { request, type Dispatcher } from 'undici';
+import { describeNetworkError } from './lib/net-error.js';
 
 /**
  * What the backend said of an access token: `accepted` (it answered 2xx), `rejected` (401
@@ -49,8 +50,7 @@ export function createBackendTokenCheck(o: BackendCheckOptions): TokenCheckFn {
         bodyTimeout: o.timeoutMs,
       });
     } catch (err) {
-      const cause = signal.aborted ? 'timeout' : ((err as NodeJS.ErrnoException).code ?? (err as Error).name);
-      return { verdict: 'unknown', detail: `${new URL(url).host}: ${cause}` };
+      return { verdict: 'unknown', detail: describeNetworkError(err, url, signal.aborted) };
     }
     let size = 0;
     try {

@@ -1,5 +1,6 @@
 import { request, type Dispatcher } from 'undici';
 import { UpstreamError } from './errors.js';
+import { describeNetworkError } from './lib/net-error.js';
 import type { RotationResponse } from './auth-json.js';
 
 export const MAX_RESPONSE_BYTES = 1024 * 1024;
@@ -159,9 +160,11 @@ async function refreshOnce(opts: UpstreamClientOptions, now: () => number, refre
     });
   } catch (err) {
     const timedOut = signal.aborted;
-    throw new UpstreamError('transient', timedOut ? `upstream did not answer within ${opts.timeoutMs} ms` : `upstream unreachable (${(err as Error).name})`, {
-      cause: err,
-    });
+    throw new UpstreamError(
+      'transient',
+      timedOut ? `upstream did not answer within ${opts.timeoutMs} ms (${describeNetworkError(err, opts.url, true)})` : `upstream unreachable: ${describeNetworkError(err, opts.url)}`,
+      { cause: err },
+    );
   }
   let text: string | undefined;
   try {
