@@ -1,5 +1,5 @@
 import underPressure from '@fastify/under-pressure';
-import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type onResponseHookHandler } from 'fastify';
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type onResponseHookHandler, type RouteHandlerMethod } from 'fastify';
 import type { BrokerCore } from './broker.js';
 import type { Config } from './config.js';
 import { errorHandler, notFoundHandler, sendProblem } from './http/problem.js';
@@ -113,7 +113,18 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     now,
     forcedRefreshFloorMs: (o.config.SHIM_FORCED_REFRESH_FLOOR_SECONDS ?? 600) * 1000,
   });
-  if (o.config.ADMIN_TOKEN) {
+  if (!o.config.ADMIN_TOKEN) {
+    // Off is not "no such route": say why, and how to turn them on.
+    const adminOff: RouteHandlerMethod = (req, reply) =>
+      sendProblem(reply, {
+        status: 404,
+        code: 'not_found',
+        title: 'Not Found',
+        detail: `admin routes are off: set ADMIN_TOKEN (a secret of at least 16 characters, e.g. openssl rand -base64 32) and restart the broker to use ${req.method} ${req.url.split('?')[0]}`,
+      });
+    app.all('/admin', adminOff);
+    app.all('/admin/*', adminOff);
+  } else {
     await app.register(adminRoutes, {
       adminToken: o.config.ADMIN_TOKEN,
       pool: core.pool,

@@ -318,7 +318,11 @@ describe('authentication', () => {
     const t = await setup({ adminToken: undefined });
     const routes = adminRequests(t.upstream.seed(), 'x');
     for (const r of routes) {
-      for (const token of [undefined, ADMIN_TOKEN]) assertProblem(await call(t, { ...r, token }), 404, 'not_found');
+      for (const token of [undefined, ADMIN_TOKEN]) {
+        const res = await call(t, { ...r, token });
+        assertProblem(res, 404, 'not_found');
+        assert.match(String(res.json()['detail']), /^admin routes are off: set ADMIN_TOKEN/, 'says they are off and how to turn them on');
+      }
     }
     assert.equal(t.core.refresher.current(), undefined);
   });
