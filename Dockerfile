@@ -5,7 +5,10 @@
 # image needs DATABASE_URL (see docker-compose.yml). test/deploy.test.ts checks the rules
 # this file follows; `docker build -t codex-auth-broker .` builds it.
 
-ARG NODE_IMAGE=node:20-bookworm-slim
+# Node 22, an LTS line with security support (Node 20 reached end of life in April 2026).
+# The code also runs on Node 20.19+ and 24 (package.json engines); it uses nothing that
+# exists in only one of them.
+ARG NODE_IMAGE=node:22-bookworm-slim
 
 # ---- build: dev dependencies, tsc -> dist/ -------------------------------------------
 FROM ${NODE_IMAGE} AS build
@@ -42,7 +45,7 @@ COPY openapi.yaml ./
 # The code stays root-owned and read-only to the process; only DATA_DIR is writable.
 USER node
 EXPOSE 8080
-# No curl in the slim image: Node 20's fetch does the probe, on $PORT (8080 unless overridden).
+# No curl in the slim image: Node's fetch does the probe, on $PORT (8080 unless overridden).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
     CMD ["node", "-e", "fetch('http://127.0.0.1:'+(process.env.PORT||8080)+'/healthz').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"]
 # serve finishes a refresh in flight (SHUTDOWN_TIMEOUT_SECONDS, default 30 s) on SIGTERM:

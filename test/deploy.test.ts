@@ -621,7 +621,8 @@ describe('Dockerfile', () => {
   test('multi-stage: a build stage with dev dependencies, a runtime stage on the same base', () => {
     assert.ok(stages.length >= 2, 'at least two stages');
     assert.ok(build && build !== final, 'the final stage copies from a build stage');
-    assert.match(final.base, /^node:20[-.\w]*$/);
+    // A supported LTS line (Node 20 reached end of life in April 2026).
+    assert.match(final.base, /^node:(22|24)[-.\w]*$/);
     assert.equal(build.base, final.base);
     const buildRuns = runs(build).join('\n');
     assert.match(buildRuns, /\bnpm ci\b/);
