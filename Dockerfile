@@ -35,10 +35,14 @@ COPY package.json package-lock.json ./
 RUN npm ci --omit=dev --ignore-scripts --no-audit --no-fund \
     && npm cache clean --force \
     && mkdir -p /app/data \
-    && chown node:node /app/data
+    && chown node:node /app/data \
+    && ln -s /app/bin/codex-auth-broker.js /usr/local/bin/codex-auth-broker
 # dist/db.js reads ../migrations/ (/app/migrations); dist/routes/ops.js serves
 # ../../openapi.yaml (/app/openapi.yaml).
 COPY --from=build /app/dist ./dist
+# The launcher behind `npx codex-auth-broker …` (and `codex-auth-broker …` on PATH): with no
+# src/ here it runs dist/cli.js.
+COPY bin ./bin
 COPY migrations ./migrations
 COPY openapi.yaml ./
 

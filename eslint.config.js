@@ -15,6 +15,11 @@ export default tseslint.config(
     },
   },
   {
+    // The plain-JavaScript launcher runs on Node: its globals are Node's.
+    files: ['bin/**/*.js'],
+    languageOptions: { globals: { URL: 'readonly', console: 'readonly', process: 'readonly' } },
+  },
+  {
     files: ['src/cli.ts', 'scripts/**', 'bench/**', 'test/**'],
     rules: { 'no-console': 'off' },
   },

@@ -690,7 +690,8 @@ describe('Dockerfile', () => {
     assert.ok(cmd);
     assert.deepEqual(JSON.parse(cmd.args), ['node', 'dist/cli.js', 'serve']);
     const pkg = JSON.parse(read('package.json')) as { bin: Record<string, string> };
-    assert.equal(pkg.bin['codex-auth-broker'], 'dist/cli.js');
+    // One command form everywhere: `npx codex-auth-broker` runs the launcher, which needs no build step.
+    assert.equal(pkg.bin['codex-auth-broker'], 'bin/codex-auth-broker.js');
   });
 
   test('.dockerignore keeps local state out and lets in everything the Dockerfile copies', () => {
@@ -783,6 +784,11 @@ describe('the runtime image, rebuilt in a temp dir', () => {
 
     const help = await run(process.execPath, ['dist/cli.js', '--help'], { cwd: app });
     assert.match(help.stdout, /usage: codex-auth-broker <command>/);
+    // The launcher behind `npx codex-auth-broker` (and the PATH link): no src/ or tsx here, so dist/.
+    assert.ok(!fs.existsSync(path.join(app, 'src')) && !fs.existsSync(path.join(app, 'node_modules', 'tsx')));
+    const launched = await run(process.execPath, ['bin/codex-auth-broker.js', '--help'], { cwd: app });
+    assert.match(launched.stdout, /usage: codex-auth-broker <command>/);
+    assert.match(fs.readFileSync(path.join(ROOT, 'Dockerfile'), 'utf8'), /ln -s \/app\/bin\/codex-auth-broker\.js \/usr\/local\/bin\/codex-auth-broker/);
 
     const port = await freePort();
     const env: NodeJS.ProcessEnv = {
