@@ -9,7 +9,7 @@ import type { BrokerMetrics } from './metrics.js';
 import { RotationJournal } from './journal.js';
 import { Refresher } from './refresher.js';
 import { CHANGE_CHANNEL, SecretStore } from './secret-store.js';
-import { createUpstreamClient, type RefreshFn } from './upstream.js';
+import { createRevokeClient, createUpstreamClient, revokeUrlFor, type RefreshFn, type RevokeFn } from './upstream.js';
 
 export type CoreConfig = Pick<
   Config,
@@ -33,6 +33,7 @@ export interface BrokerCoreOptions {
   metrics: BrokerMetrics;
   /** Seams for tests: the upstream call, its dispatcher, the clock, the jitter source. */
   refresh?: RefreshFn;
+  revoke?: RevokeFn;
   dispatcher?: Dispatcher;
   now?: () => number;
   random?: () => number;
@@ -48,6 +49,8 @@ export interface BrokerCore {
   pool: Pool;
   store: SecretStore;
   refresher: Refresher;
+  /** Upstream revocation of a refresh token (an operator's explicit request only). */
+  revoke: RevokeFn;
   clients: ClientRegistry;
   /** The secret behind broker refresh credentials (see clients/credentials.ts). */
   credentialSecret: Buffer;
@@ -83,6 +86,12 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     o.refresh ??
     createUpstreamClient(
       { url: config.OAUTH_TOKEN_URL, clientId: config.OAUTH_CLIENT_ID, timeoutMs: ms(config.UPSTREAM_TIMEOUT_SECONDS), dispatcher: o.dispatcher },
+      o.now,
+    );
+  const revoke =
+    o.revoke ??
+    createRevokeClient(
+      { url: revokeUrlFor(config.OAUTH_TOKEN_URL), clientId: config.OAUTH_CLIENT_ID, timeoutMs: ms(config.UPSTREAM_TIMEOUT_SECONDS), dispatcher: o.dispatcher },
       o.now,
     );
   const refresher = new Refresher({
@@ -130,6 +139,7 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     pool,
     store,
     refresher,
+    revoke,
     clients,
     credentialSecret,
     listener,
