@@ -14,7 +14,7 @@ const KEY = 'CODEX_AUTH_JSON';
 const DAY = 86_400;
 const admin = { authorization: `Bearer ${ADMIN_TOKEN}` };
 const suite = useSuite();
-let nowMs = Date.UTC(2027, 0, 1);
+const nowMs = Date.UTC(2027, 0, 1);
 const now = () => nowMs;
 const nowSec = () => Math.floor(nowMs / 1000);
 
