@@ -61,7 +61,6 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}) {
 export type BrokerMetrics = ReturnType<typeof createMetrics>;
 
 export function setCredentialState(m: BrokerMetrics, state: CredentialState): void {
-  for (const source of ['client_logout', 'admin']) m.revocations.inc({ source }, 0);
   for (const s of CREDENTIAL_STATES) m.credentialState.set({ state: s }, s === state ? 1 : 0);
 }
 
