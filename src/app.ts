@@ -8,6 +8,7 @@ import type { Logger } from './logger.js';
 import { labelled, type BrokerMetrics } from './metrics.js';
 import { adminRoutes } from './routes/admin.js';
 import { opsRoutes } from './routes/ops.js';
+import { revokeRoutes } from './routes/revoke.js';
 import { shimRoutes } from './routes/shim.js';
 import { workspaceRoutes } from './routes/workspace.js';
 import { DocumentRenderer } from './serving.js';
@@ -113,6 +114,7 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     now,
     forcedRefreshFloorMs: (o.config.SHIM_FORCED_REFRESH_FLOOR_SECONDS ?? 600) * 1000,
   });
+  await app.register(revokeRoutes, { clients: core.clients, refresher: core.refresher, metrics });
   if (!o.config.ADMIN_TOKEN) {
     // Off is not "no such route": say why, and how to turn them on.
     const adminOff: RouteHandlerMethod = (req, reply) =>
@@ -134,6 +136,8 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
       clients: core.clients,
       renderer,
       credentialSecret: core.credentialSecret,
+      revoke: core.revoke,
+      metrics,
     });
   }
   return app;

@@ -1,7 +1,13 @@
 import type { Pool, PoolClient } from './db.js';
 
+/** refresh: an upstream refresh POST; seed: a seed, stored or refused; revoke: an operator's upstream revocation. */
+export type EventKind = 'refresh' | 'seed' | 'revoke';
+
 export interface RefreshEvent {
   id: number;
+  kind: EventKind;
+  /** Who asked, for seeds and revocations (cli, admin_api, admin); null for refreshes. */
+  source: string | null;
   replicaId: string;
   reason: string;
   refreshTokenSha8: string;
@@ -16,13 +22,58 @@ export interface RefreshEvent {
 
 type Db = Pool | PoolClient;
 
-/** Written before the POST: if it cannot be written, the POST does not happen. */
-export async function recordIntent(db: Db, e: { secretKey: string; replicaId: string; reason: string; refreshTokenSha8: string }): Promise<number> {
+/**
+ * Written before the POST: if it cannot be written, the POST does not happen. The full
+ * SHA-256 is what lets a later seed of the same (now spent) token be refused.
+ */
+export async function recordIntent(
+  db: Db,
+  e: { secretKey: string; replicaId: string; reason: string; refreshTokenSha256: string; kind?: 'refresh' | 'revoke'; source?: string },
+): Promise<number> {
   const r = await db.query<{ id: string }>(
-    'INSERT INTO broker_refresh_events (secret_key, replica_id, reason, refresh_token_sha8) VALUES ($1, $2, $3, $4) RETURNING id',
-    [e.secretKey, e.replicaId, e.reason, e.refreshTokenSha8],
+    `INSERT INTO broker_refresh_events (secret_key, replica_id, reason, refresh_token_sha8, refresh_token_sha256, kind, source)
+     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id`,
+    [e.secretKey, e.replicaId, e.reason, e.refreshTokenSha256.slice(0, 8), e.refreshTokenSha256, e.kind ?? 'refresh', e.source ?? null],
   );
   return Number(r.rows[0]?.id);
+}
+
+/**
+ * A seed, stored or refused, written complete (with its outcome) in one statement: a seed
+ * row never looks like a crashed POST. Only 8-hex prefixes: the seeded token, and what the
+ * credential holds afterwards (null when nothing was stored).
+ */
+export async function recordSeed(
+  db: Db,
+  e: { secretKey: string; replicaId: string; source: string; outcome: string; refreshTokenSha8: string; storedRefreshTokenSha8: string | undefined },
+): Promise<void> {
+  await db.query(
+    `INSERT INTO broker_refresh_events (secret_key, replica_id, reason, kind, source, refresh_token_sha8, finished_at, outcome, new_refresh_token_sha8)
+     VALUES ($1, $2, 'seed', 'seed', $3, $4, now(), $5, $6)`,
+    [e.secretKey, e.replicaId, e.source, e.refreshTokenSha8, e.outcome, e.storedRefreshTokenSha8 ?? null],
+  );
+}
+
+/** Outcomes after which the upstream may still honour the token: the broker keeps (or keeps retrying) it. */
+const NOT_SPENT = ['transient_failure', 'revoke_failed'];
+
+/**
+ * When the broker last sent this refresh token upstream in a way that used it up (a
+ * rotation, a refusal, a revocation, or a POST whose outcome a crash lost), for any key.
+ * Seeds are not spending: only rows the broker POSTed. Rows from before the full hash
+ * was kept match by their 8-hex prefix.
+ */
+export async function spentAt(db: Db, refreshTokenSha256: string): Promise<{ at: Date; kind: 'refresh' | 'revoke'; outcome: string | null } | undefined> {
+  const r = await db.query<{ started_at: Date; kind: 'refresh' | 'revoke'; outcome: string | null }>(
+    `SELECT started_at, kind, outcome FROM broker_refresh_events
+     WHERE kind IN ('refresh', 'revoke')
+       AND (refresh_token_sha256 = $1 OR (refresh_token_sha256 IS NULL AND refresh_token_sha8 = $2))
+       AND (outcome IS NULL OR NOT (outcome = ANY($3::text[])))
+     ORDER BY id DESC LIMIT 1`,
+    [refreshTokenSha256, refreshTokenSha256.slice(0, 8), NOT_SPENT],
+  );
+  const row = r.rows[0];
+  return row ? { at: row.started_at, kind: row.kind, outcome: row.outcome } : undefined;
 }
 
 export async function recordOutcome(
@@ -45,18 +96,20 @@ export async function recordOutcome(
 export async function rotatedWithin(db: Db, secretKey: string, withinMs: number): Promise<boolean> {
   const r = await db.query<{ recent: boolean }>(
     `SELECT EXISTS (SELECT 1 FROM broker_refresh_events
-       WHERE secret_key = $1 AND outcome LIKE 'rotated%' AND finished_at > now() - make_interval(secs => $2)) AS recent`,
+       WHERE secret_key = $1 AND kind = 'refresh' AND outcome LIKE 'rotated%' AND finished_at > now() - make_interval(secs => $2)) AS recent`,
     [secretKey, withinMs / 1000],
   );
   return r.rows[0]?.recent === true;
 }
 
-const COLUMNS = `id, replica_id, reason, refresh_token_sha8, started_at, finished_at, outcome, upstream_status, upstream_code, duration_ms, new_refresh_token_sha8`;
+const COLUMNS = `id, kind, source, replica_id, reason, refresh_token_sha8, started_at, finished_at, outcome, upstream_status, upstream_code, duration_ms, new_refresh_token_sha8`;
 
 function toEvent(r: Record<string, unknown>): RefreshEvent {
   const iso = (d: unknown) => (d instanceof Date ? d.toISOString() : null);
   return {
     id: Number(r['id']),
+    kind: String(r['kind']) as EventKind,
+    source: (r['source'] as string | null) ?? null,
     replicaId: String(r['replica_id']),
     reason: String(r['reason']),
     refreshTokenSha8: String(r['refresh_token_sha8']),
@@ -76,13 +129,14 @@ export async function latestEvents(db: Db, secretKey: string, limit: number): Pr
 }
 
 /**
- * Intents with no outcome, older than any POST could still be running: each is a crash
- * between the POST and its record, where the upstream may have rotated the token.
+ * Refresh intents with no outcome, older than any POST could still be running: each is a
+ * crash between the POST and its record, where the upstream may have rotated the token.
+ * Seeds are written with their outcome and revocations cannot rotate anything: neither counts.
  */
 export async function unfinishedIntents(db: Db, secretKey: string, olderThanMs: number): Promise<RefreshEvent[]> {
   const r = await db.query(
     `SELECT ${COLUMNS} FROM broker_refresh_events
-     WHERE secret_key = $1 AND finished_at IS NULL AND acknowledged_at IS NULL AND started_at < now() - make_interval(secs => $2)
+     WHERE secret_key = $1 AND kind = 'refresh' AND finished_at IS NULL AND acknowledged_at IS NULL AND started_at < now() - make_interval(secs => $2)
      ORDER BY id DESC LIMIT 20`,
     [secretKey, olderThanMs / 1000],
   );

@@ -10,7 +10,7 @@ import { RotationJournal } from './journal.js';
 import { Refresher } from './refresher.js';
 import { CHANGE_CHANNEL, SecretStore } from './secret-store.js';
 import { createBackendTokenCheck, TokenVerifier, type TokenCheckFn } from './token-check.js';
-import { createUpstreamClient, type RefreshFn } from './upstream.js';
+import { createRevokeClient, createUpstreamClient, revokeUrlFor, type RefreshFn, type RevokeFn } from './upstream.js';
 
 export type CoreConfig = Pick<
   Config,
@@ -37,6 +37,7 @@ export interface BrokerCoreOptions {
   refresh?: RefreshFn;
   /** Asks the backend whether it accepts an access token (default: GET {CHATGPT_BASE_URL}/wham/usage). */
   tokenCheck?: TokenCheckFn;
+  revoke?: RevokeFn;
   dispatcher?: Dispatcher;
   now?: () => number;
   random?: () => number;
@@ -54,6 +55,8 @@ export interface BrokerCore {
   refresher: Refresher;
   /** Whether the backend really rejects the current access token, before the shim forces a rotation. */
   tokenVerifier: TokenVerifier;
+  /** Upstream revocation of a refresh token (an operator's explicit request only). */
+  revoke: RevokeFn;
   clients: ClientRegistry;
   /** The secret behind broker refresh credentials (see clients/credentials.ts). */
   credentialSecret: Buffer;
@@ -97,6 +100,12 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     o.refresh ??
     createUpstreamClient(
       { url: config.OAUTH_TOKEN_URL, clientId: config.OAUTH_CLIENT_ID, timeoutMs: ms(config.UPSTREAM_TIMEOUT_SECONDS), dispatcher },
+      o.now,
+    );
+  const revoke =
+    o.revoke ??
+    createRevokeClient(
+      { url: revokeUrlFor(config.OAUTH_TOKEN_URL), clientId: config.OAUTH_CLIENT_ID, timeoutMs: ms(config.UPSTREAM_TIMEOUT_SECONDS), dispatcher: o.dispatcher },
       o.now,
     );
   const refresher = new Refresher({
@@ -164,6 +173,7 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     store,
     refresher,
     tokenVerifier,
+    revoke,
     clients,
     credentialSecret,
     listener,

@@ -11,11 +11,16 @@ import { ClientInputError, createClient, listClients, revokeClient } from './cli
 import { loadCredentialSecret } from './clients/credentials.js';
 import { openDatabase, startBroker } from './runtime.js';
 import { SecretStore } from './secret-store.js';
+import { describeRefusal, seedCredential } from './seed-guard.js';
 
 const USAGE = `usage: codex-auth-broker <command>
 
   serve                 run the broker (HTTP API and the refresher)
-  seed <auth.json|->    validate a codex auth.json and store it as the shared login
+  seed [--force] <auth.json|->
+                        validate a codex auth.json and store it as the shared login; a stale
+                        copy (its refresh token already spent by the broker, or older than the
+                        stored login of the same account) is refused with exit code 4 unless
+                        --force
   status [--json]       print the stored credential's state (no secrets)
   migrate               apply database migrations and exit
   clients add <name> [--workspace <uuid>]
@@ -41,7 +46,12 @@ async function withStore<T>(
   }
 }
 
-async function seed(config: Config, logger: Logger, file: string | undefined): Promise<number> {
+/** Exit code of a seed the stale-seed guard refused (nothing stored). */
+const EXIT_STALE_SEED = 4;
+
+async function seed(config: Config, logger: Logger, args: string[]): Promise<number> {
+  const force = args.includes('--force');
+  const file = args.find((a) => a !== '--force');
   if (!file) {
     console.error('seed: name the auth.json file to store (or - for standard input)');
     return 2;
@@ -64,8 +74,16 @@ async function seed(config: Config, logger: Logger, file: string | undefined): P
     throw err;
   }
   const snap = buildSnapshot(Buffer.alloc(0), JSON.stringify(parsed.doc));
-  await withStore(config, logger, (store) => store.put(config.CODEX_AUTH_SECRET_KEY, JSON.stringify(parsed.doc)));
+  const result = await withStore(config, logger, (store) =>
+    seedCredential({ store, secretKey: config.CODEX_AUTH_SECRET_KEY, parsed, source: 'cli', force, replicaId: config.replicaId, logger }),
+  );
+  if (!result.stored) {
+    console.error(`seed: refused ${file}: ${describeRefusal(result.refusal)}. Nothing was stored.`);
+    console.error('Log in again for a fresh auth.json, or, if you are sure this is the login to keep, repeat with --force.');
+    return EXIT_STALE_SEED;
+  }
   const exp = snap.claims.exp !== undefined ? new Date(snap.claims.exp * 1000).toISOString() : 'unknown';
+  if (result.overrode) console.log(`forced past the stale-seed guard: ${describeRefusal(result.overrode)}`);
   console.log(
     `stored the login under ${config.CODEX_AUTH_SECRET_KEY}: account ${snap.account.accountId ?? 'unknown'}, plan ${snap.account.planType ?? 'unknown'}, access token expires ${exp}`,
   );
@@ -225,7 +243,7 @@ export async function main(argv: string[]): Promise<number> {
         await serve(config, logger);
         return -1;
       case 'seed':
-        return await seed(config, logger, rest[0]);
+        return await seed(config, logger, rest);
       case 'status':
         return await status(config, logger, rest.includes('--json'));
       case 'clients':

@@ -44,6 +44,7 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}) {
       registers,
     }),
     clients: new Gauge({ name: `${p}clients`, help: 'Workspace clients by state.', labelNames: ['state'], registers }),
+    revocations: new Counter({ name: `${p}revocations_total`, help: 'Token revocations by source: client_logout (answered locally, never forwarded), admin (revoked upstream).', labelNames: ['source'], registers }),
     dbQueries: new Counter({ name: `${p}db_queries_total`, help: 'Queries sent to the database (the serving path sends none).', registers }),
     httpDuration: new Histogram({
       name: `${p}http_request_duration_seconds`,
@@ -56,6 +57,7 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}) {
   for (const o of ATTEMPT_OUTCOMES) m.refreshAttempts.inc({ outcome: o }, 0);
   for (const r of CHECK_RESULTS) m.refreshChecks.inc({ result: r }, 0);
   for (const v of ['accepted', 'rejected', 'unknown']) m.tokenChecks.inc({ verdict: v }, 0);
+  for (const source of ['client_logout', 'admin']) m.revocations.inc({ source }, 0);
   for (const s of CREDENTIAL_STATES) m.credentialState.set({ state: s }, s === 'absent' ? 1 : 0);
   m.writebackPending.set(0);
   m.refreshLockHeld.set(0);

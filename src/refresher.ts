@@ -211,6 +211,17 @@ export class Refresher {
     }
   }
 
+  /**
+   * Adopt a latch written outside a refresh cycle (an operator's upstream revocation), so
+   * /status and the shim say so at once instead of at the next due check.
+   */
+  adoptLatch(latch: Latch): void {
+    this.#latch = latch;
+    this.#lastOutcome = { outcome: 'latched', at: this.#now() };
+    this.#lastError = { code: 'revoked', message: 'the login was revoked upstream at an operator\'s request; log in again and seed a new login', at: latch.at.toISOString() };
+    this.#publishState();
+  }
+
   /** A different refresh token (rotated elsewhere, or re-seeded): old failures no longer apply. */
   #newRefreshToken(): void {
     this.#consecutiveFailures = 0;
@@ -383,7 +394,7 @@ export class Refresher {
     // The audit intent goes in before the POST; a store that cannot take it gets no POST.
     let eventId: number;
     try {
-      eventId = await recordIntent(db, { secretKey: this.#o.secretKey, replicaId: this.#o.replicaId, reason: opts.reason ?? 'due', refreshTokenSha8: shortHash(refreshToken) });
+      eventId = await recordIntent(db, { secretKey: this.#o.secretKey, replicaId: this.#o.replicaId, reason: opts.reason ?? 'due', refreshTokenSha256: snap.refreshTokenSha });
     } catch (err) {
       this.#storeError = this.#problem('read_error', 'STORE_UNAVAILABLE', `could not record the refresh intent, not refreshing: ${(err as Error).message}`);
       return this.#check('read_error', { error: this.#storeError });

@@ -145,7 +145,35 @@ export function createUpstreamClient(opts: UpstreamClientOptions, now: () => num
   };
 }
 
+/** Revoke a refresh token upstream (RFC 7009): resolves on a 2xx, throws UpstreamError otherwise. One POST, no retries. */
+export type RevokeFn = (refreshToken: string) => Promise<void>;
+
+/** The revocation endpoint beside the token endpoint, where codex's own logout sends it. */
+export function revokeUrlFor(tokenUrl: string): string {
+  return new URL('/oauth/revoke', tokenUrl).toString();
+}
+
+/** opts.url is the revocation endpoint (revokeUrlFor); the same timeout, size cap and redaction as a refresh. */
+export function createRevokeClient(opts: UpstreamClientOptions, now: () => number = Date.now): RevokeFn {
+  return async (refreshToken) => {
+    try {
+      const res = await postJson(opts, { token: refreshToken, token_type_hint: 'refresh_token', client_id: opts.clientId });
+      if (res.status >= 200 && res.status < 300) return;
+      throw classifyFailure(res.status, res.text, parseRetryAfter(res.retryAfter, now()));
+    } catch (err) {
+      throw err instanceof UpstreamError ? redact(err, refreshToken) : err;
+    }
+  };
+}
+
 async function refreshOnce(opts: UpstreamClientOptions, now: () => number, refreshToken: string): Promise<RotationResponse> {
+  const res = await postJson(opts, { grant_type: 'refresh_token', client_id: opts.clientId, refresh_token: refreshToken });
+  if (res.status === 200) return parseRotation(res.text);
+  throw classifyFailure(res.status, res.text, parseRetryAfter(res.retryAfter, now()));
+}
+
+/** One JSON POST with a deadline over the whole exchange and a cap on the answer; every failure is transient. */
+async function postJson(opts: UpstreamClientOptions, payload: Record<string, string>): Promise<{ status: number; text: string; retryAfter: string | string[] | undefined }> {
   const signal = AbortSignal.timeout(opts.timeoutMs);
   let res: Dispatcher.ResponseData;
   try {
@@ -154,7 +182,7 @@ async function refreshOnce(opts: UpstreamClientOptions, now: () => number, refre
       dispatcher: opts.dispatcher,
       signal,
       headers: { 'content-type': 'application/json', accept: 'application/json' },
-      body: JSON.stringify({ grant_type: 'refresh_token', client_id: opts.clientId, refresh_token: refreshToken }),
+      body: JSON.stringify(payload),
       headersTimeout: opts.timeoutMs,
       bodyTimeout: opts.timeoutMs,
     });
@@ -179,6 +207,5 @@ async function refreshOnce(opts: UpstreamClientOptions, now: () => number, refre
     res.body.destroy();
     throw new UpstreamError('transient', `upstream answered ${res.statusCode} with a body over ${MAX_RESPONSE_BYTES} bytes`, { status: res.statusCode });
   }
-  if (res.statusCode === 200) return parseRotation(text);
-  throw classifyFailure(res.statusCode, text, parseRetryAfter(res.headers['retry-after'], now()));
+  return { status: res.statusCode, text, retryAfter: res.headers['retry-after'] };
 }

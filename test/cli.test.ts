@@ -2,7 +2,7 @@ import { strict as assert } from 'node:assert';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { runProcess } from './helpers/process.js';
 import { tempDirs } from './helpers/tmp.js';
-import { createCipheriv, randomBytes } from 'node:crypto';
+import { createCipheriv, createHash, randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -158,6 +158,53 @@ describe('seed and status', () => {
     assert.equal(missing.code, 2);
     assert.match(missing.stderr, /cannot read .*ENOENT/);
     assert.deepEqual(await rowBytes(url), before);
+  });
+
+  test('seed refuses a stale copy with exit code 4, saying why, how to force, and that nothing was stored; --force stores it', async () => {
+    const url = await pgServer.newDatabase();
+    const dir = tmpDir();
+    const env = { DATABASE_URL: url, SECRETS_ENCRYPTION_KEY: KEY_B64 };
+    const day = 86_400;
+    const nowSec = Math.floor(Date.now() / 1000);
+    const newer = upstream.seed({ accountId: 'acct-stale', iatSec: nowSec - day });
+    const older = upstream.seed({ accountId: 'acct-stale', iatSec: nowSec - 2 * day });
+    assert.equal((await run(['seed', writeJson(dir, 'newer.json', newer)], env)).code, 0);
+    const before = await rowBytes(url);
+    const refusedOlder = await run(['seed', writeJson(dir, 'older.json', older)], env);
+    assert.equal(refusedOlder.code, 4, refusedOlder.stderr);
+    assert.match(refusedOlder.stderr, /older than the stored login of the same account acct-stale/);
+    assert.match(refusedOlder.stderr, /Nothing was stored/);
+    assert.match(refusedOlder.stderr, /--force/);
+    // A token the broker already sent upstream (as its refresh intent records it).
+    const spent = upstream.seed({ accountId: 'acct-other' }) as { tokens: { refresh_token: string } };
+    const hash = createHash('sha256').update(spent.tokens.refresh_token).digest('hex');
+    const c = new pg.Client({ connectionString: url });
+    await c.connect();
+    await c.query(
+      `INSERT INTO broker_refresh_events (secret_key, replica_id, reason, refresh_token_sha8, refresh_token_sha256, finished_at, outcome)
+       VALUES ('CODEX_AUTH_JSON', 'r1', 'due', $1, $2, now(), 'rotated')`,
+      [hash.slice(0, 8), hash],
+    );
+    const refusedSpent = await run(['seed', writeJson(dir, 'spent.json', spent)], env);
+    assert.equal(refusedSpent.code, 4, refusedSpent.stderr);
+    assert.match(refusedSpent.stderr, /already spent by the broker .* on \d{4}-\d\d-\d\dT/);
+    assert.deepEqual(await rowBytes(url), before, 'nothing stored by a refused seed');
+    const forced = await run(['seed', '--force', path.join(dir, 'older.json')], env);
+    assert.equal(forced.code, 0, forced.stderr);
+    assert.match(forced.stdout, /forced past the stale-seed guard/);
+    assert.notDeepEqual(await rowBytes(url), before);
+    const audited = await c.query("SELECT source, outcome FROM broker_refresh_events WHERE kind = 'seed' ORDER BY id");
+    await c.end();
+    assert.deepEqual(
+      audited.rows.map((r) => [r.source, r.outcome]),
+      [
+        ['cli', 'stored'],
+        ['cli', 'refused_older'],
+        ['cli', 'refused_spent'],
+        ['cli', 'stored_forced'],
+      ],
+    );
+    assert.match((await run(['--help'], {})).stdout, /seed \[--force\][\s\S]*exit code 4/);
   });
 
   test('seed reads standard input with -', async () => {

@@ -340,6 +340,12 @@ test('every response validates against openapi.yaml', async () => {
   await expect(t, 'shim: 2 MiB body', '/oauth/token', shimRaw('application/json', JSON.stringify({ grant_type: 'refresh_token', refresh_token: 'a'.repeat(2 * 1024 * 1024) })), 400);
   await expect(t, 'shim: unknown credential', '/oauth/token', { method: 'POST', url: '/oauth/token', payload: { grant_type: 'refresh_token', refresh_token: 'cabrt_unknown.abc' } }, 401);
 
+  // A workspace's codex logout: acknowledged, never forwarded.
+  const revokeRaw = (contentType: string, payload: string) => ({ method: 'POST' as const, url: '/oauth/revoke', headers: { 'content-type': contentType }, payload });
+  await expect(t, 'oauth revoke (JSON)', '/oauth/revoke', revokeRaw('application/json', JSON.stringify({ token: served2.tokens.refresh_token, token_type_hint: 'refresh_token', client_id: 'app_EMoamEEZ73f0CkXaXp7hrann' })), 200);
+  await expect(t, 'oauth revoke: malformed JSON', '/oauth/revoke', revokeRaw('application/json', '{"token":'), 200);
+  await expect(t, 'oauth revoke: 2 MiB body', '/oauth/revoke', revokeRaw('application/json', JSON.stringify({ token: 'a'.repeat(2 * 1024 * 1024) })), 413);
+
   // A forced refresh.
   await expect(t, 'admin refresh', '/admin/refresh', { method: 'POST', url: '/admin/refresh', token: ADMIN_TOKEN }, 200);
   await expect(t, 'admin refresh: no admin token', '/admin/refresh', { method: 'POST', url: '/admin/refresh' }, 401);
@@ -373,6 +379,13 @@ test('every response validates against openapi.yaml', async () => {
   const latched = (await req(t, { method: 'POST', url: '/admin/clients', token: ADMIN_TOKEN, payload: { name: 'late' } })).json() as { refreshCredential: string };
   await expect(t, 'shim (latched, expired)', '/oauth/token', { method: 'POST', url: '/oauth/token', payload: { grant_type: 'refresh_token', refresh_token: latched.refreshCredential } }, 401);
   await expect(t, 'status (expired)', '/status', { method: 'GET', url: '/status', token: ADMIN_TOKEN }, 200);
+  // The operator's upstream revocation.
+  const CRED_REVOKE = '/admin/credentials/{name}/revoke';
+  await expect(t, 'credential revoke: another name', CRED_REVOKE, { method: 'POST', url: '/admin/credentials/other/revoke', token: ADMIN_TOKEN }, 404);
+  await expect(t, 'credential revoke: no admin token', CRED_REVOKE, { method: 'POST', url: '/admin/credentials/default/revoke' }, 401);
+  t.upstream.revokeFault({ kind: 'status', status: 503 });
+  await expect(t, 'credential revoke: upstream failure', CRED_REVOKE, { method: 'POST', url: '/admin/credentials/default/revoke', token: ADMIN_TOKEN }, 502);
+  await expect(t, 'credential revoke', CRED_REVOKE, { method: 'POST', url: '/admin/credentials/default/revoke', token: ADMIN_TOKEN }, 200);
   await expect(t, 'metrics (after all)', '/metrics', { method: 'GET', url: '/metrics', token: METRICS_TOKEN }, 200);
 
   assert.deepEqual(violations, []);

@@ -242,6 +242,33 @@ describe('FakeUpstream', () => {
     }
   });
 
+  test('revokes like RFC 7009: 200 {} for any token; a revoked refresh token then answers 401 refresh_token_invalidated', async () => {
+    const up = await FakeUpstream.start();
+    try {
+      const doc = up.seed();
+      const rt = (doc.tokens as Record<string, string>).refresh_token!;
+      const revokeUrl = up.url.replace('/oauth/token', '/oauth/revoke');
+      const unknown = await post(revokeUrl, { token: 'rt_nobody', token_type_hint: 'refresh_token', client_id: DEFAULT_CLIENT_ID });
+      assert.equal(unknown.status, 200);
+      assert.deepEqual(unknown.json, {});
+      assert.equal(up.currentRefreshToken(), rt, 'an unknown token revokes nothing');
+      assert.equal((await post(revokeUrl, { token: rt, client_id: 'app_wrong' })).status, 401);
+      assert.equal((await post(revokeUrl, { client_id: DEFAULT_CLIENT_ID })).status, 400);
+      const r = await post(revokeUrl, { token: rt, token_type_hint: 'refresh_token', client_id: DEFAULT_CLIENT_ID }, { form: true });
+      assert.equal(r.status, 200);
+      assert.equal(up.revocations, 2);
+      const after = await post(up.url, refreshBody(rt));
+      assert.equal(after.status, 401);
+      assert.equal((after.json as { error: { code: string } }).error.code, 'refresh_token_invalidated');
+      assert.equal(up.rotations, 0);
+      assert.equal(up.tokenPosts, 1, 'revocations are not counted as refresh POSTs');
+      up.revokeFault({ kind: 'status', status: 503 });
+      assert.equal((await post(revokeUrl, { token: rt, client_id: DEFAULT_CLIENT_ID })).status, 503);
+    } finally {
+      await up.close();
+    }
+  });
+
   test('applies queued faults in order', async () => {
     const up = await FakeUpstream.start();
     try {

@@ -7,6 +7,11 @@ import { AuthJsonError } from '../errors.js';
 import { bearerToken, sameSecret, sha256 } from '../http/auth.js';
 import { sendProblem, sendUnauthorized } from '../http/problem.js';
 import { latestEvents } from '../audit.js';
+import type { Logger } from '../logger.js';
+import { describeRefusal, seedCredential } from '../seed-guard.js';
+import type { BrokerMetrics } from '../metrics.js';
+import { revokeStoredLogin } from '../revocation.js';
+import type { RevokeFn } from '../upstream.js';
 import type { Refresher } from '../refresher.js';
 import type { SecretStore } from '../secret-store.js';
 import type { DocumentRenderer } from '../serving.js';
@@ -20,6 +25,9 @@ export interface AdminRoutesOptions {
   clients: ClientRegistry;
   renderer: DocumentRenderer;
   credentialSecret: Buffer;
+  /** Upstream revocation, for POST /admin/credentials/:name/revoke. */
+  revoke: RevokeFn;
+  metrics: BrokerMetrics;
 }
 
 /** Operator routes behind ADMIN_TOKEN. Registered only when ADMIN_TOKEN is set. */
@@ -39,7 +47,11 @@ export async function adminRoutes(app: FastifyInstance, o: AdminRoutesOptions): 
   await app.register(async (scope) => {
     scope.removeContentTypeParser('application/json');
     scope.addContentTypeParser('application/json', { parseAs: 'string' }, (_req, body, done) => done(null, body));
-    scope.put('/admin/credential', async (req, reply) => {
+    scope.put<{ Querystring: { force?: string } }>('/admin/credential', async (req, reply) => {
+      const force = req.query.force;
+      if (force !== undefined && force !== 'true' && force !== 'false') {
+        return sendProblem(reply, { status: 400, code: 'invalid_force', title: 'Bad Request', detail: 'force must be true or false', extra: { field: 'force' } });
+      }
       let parsed;
       try {
         parsed = validateSeed(req.body);
@@ -49,9 +61,25 @@ export async function adminRoutes(app: FastifyInstance, o: AdminRoutesOptions): 
         }
         throw err;
       }
-      await o.store.put(o.secretKey, JSON.stringify(parsed.doc));
+      const seeded = await seedCredential({
+        store: o.store,
+        secretKey: o.secretKey,
+        parsed,
+        source: 'admin_api',
+        force: force === 'true',
+        replicaId: o.refresher.replicaId,
+        logger: req.log as Logger,
+      });
+      if (!seeded.stored) {
+        return sendProblem(reply, {
+          status: 409,
+          code: 'stale_seed',
+          title: 'Conflict',
+          detail: `refused: ${describeRefusal(seeded.refusal)}. Nothing was stored. To store it anyway, repeat with ?force=true`,
+          extra: { refusal: seeded.refusal },
+        });
+      }
       await o.refresher.reload();
-      req.log.info({ event: 'reseeded', secretKey: o.secretKey }, 'the login was replaced through PUT /admin/credential');
       return o.refresher.status();
     });
   });
@@ -59,6 +87,29 @@ export async function adminRoutes(app: FastifyInstance, o: AdminRoutesOptions): 
   app.post('/admin/refresh', async () => {
     const report = await o.refresher.runCycle({ force: true, waitForLock: true, ignoreBackoff: true, reason: 'admin' });
     return { outcome: report.attempt ?? report.check, report, status: o.refresher.status() };
+  });
+
+  // Named credentials arrive with a later issue; until then the one login is `default`.
+  app.post<{ Params: { name: string } }>('/admin/credentials/:name/revoke', async (req, reply) => {
+    if (req.params.name !== 'default') {
+      return sendProblem(reply, { status: 404, code: 'not_found', title: 'Not Found', detail: `no credential named ${req.params.name} (the only one is default)` });
+    }
+    const r = await revokeStoredLogin({ store: o.store, secretKey: o.secretKey, revoke: o.revoke, replicaId: o.refresher.replicaId, logger: req.log as Logger, metrics: o.metrics });
+    if (r.outcome === 'absent') {
+      return sendProblem(reply, { status: 404, code: 'credential_absent', title: 'Not Found', detail: 'no login is stored under default: nothing to revoke' });
+    }
+    if (r.outcome === 'revoke_failed') {
+      return sendProblem(reply, {
+        status: 502,
+        code: 'revoke_failed',
+        title: 'Bad Gateway',
+        detail: `the upstream did not revoke the login (${r.message}); nothing changed and the login is still in use. Retry to revoke it`,
+        extra: { outcome: r.outcome, upstreamStatus: r.upstreamStatus ?? null, upstreamCode: r.upstreamCode ?? null },
+      });
+    }
+    await o.refresher.reload().catch(() => undefined);
+    o.refresher.adoptLatch(r.latch);
+    return { outcome: r.outcome, status: o.refresher.status() };
   });
 
   app.get<{ Querystring: { limit?: string } }>('/admin/events', async (req, reply) => {

@@ -7,7 +7,10 @@
  * - presenting an already-used refresh token answers 401 `refresh_token_reused`
  *   AND invalidates the whole family (its current refresh token dies too);
  * - unknown tokens / tokens of an invalidated family answer 401
- *   `refresh_token_invalidated`.
+ *   `refresh_token_invalidated`;
+ * - `POST /oauth/revoke` (RFC 7009, JSON or form `{token, token_type_hint, client_id}`)
+ *   answers 200 `{}` for any token and invalidates the family of a refresh token it
+ *   knows: that token's refresh then answers 401 `refresh_token_invalidated`.
  *
  * Tokens are HS256 JWTs signed with a random per-instance secret. Signing is done
  * synchronously with node:crypto (byte-for-byte the same compact JWS that jose's
@@ -59,6 +62,7 @@ export interface RecordedRequest {
 
 export const DEFAULT_CLIENT_ID = 'app_EMoamEEZ73f0CkXaXp7hrann';
 export const TOKEN_PATH = '/oauth/token';
+export const REVOKE_PATH = '/oauth/revoke';
 const AUTH_CLAIM = 'https://api.openai.com/auth';
 const ISSUER = 'https://auth.openai.com';
 const MAX_REQUEST_BODY = 1024 * 1024;
@@ -100,6 +104,8 @@ export class FakeUpstream {
   rotations = 0;
   /** Number of refresh_token_reused answers sent. */
   reuseAnswers = 0;
+  /** Revocations answered 200 (any token). */
+  revocations = 0;
   /** Every request received (any method, any path), in arrival-completion order. */
   readonly requests: RecordedRequest[] = [];
 
@@ -109,6 +115,7 @@ export class FakeUpstream {
   readonly #secret = randomBytes(32);
   #accessLifetimeSec: number;
   readonly #faults: Fault[] = [];
+  readonly #revokeFaults: Fault[] = [];
   readonly #families: Family[] = [];
   readonly #byRefreshToken = new Map<string, Family>();
   readonly #issued: string[] = [];
@@ -188,6 +195,16 @@ export class FakeUpstream {
 
   fault(f: Fault): void {
     this.#faults.push(f);
+  }
+
+  /** A fault for the next revocation (only `status` is meaningful there). */
+  revokeFault(f: Fault): void {
+    this.#revokeFaults.push(f);
+  }
+
+  /** POSTs to the token endpoint (refreshes), as opposed to revocations. */
+  get tokenPosts(): number {
+    return this.requests.filter((r) => r.method === 'POST' && r.path === TOKEN_PATH).length;
   }
 
   setAccessLifetime(sec: number): void {
@@ -279,8 +296,9 @@ export class FakeUpstream {
     const isPost = method === 'POST';
     if (isPost) this.posts++;
     const isToken = isPost && path === TOKEN_PATH;
+    const isRevoke = isPost && path === REVOKE_PATH;
     // Faults are dequeued at arrival so that concurrent requests consume them in arrival order.
-    const fault = isToken ? this.#faults.shift() : undefined;
+    const fault = isToken ? this.#faults.shift() : isRevoke ? this.#revokeFaults.shift() : undefined;
 
     res.on('error', () => {});
     req.on('error', () => {});
@@ -301,7 +319,7 @@ export class FakeUpstream {
       const body = parseBody(req.headers['content-type'], rawBody);
       this.requests.push({ method, path, headers: { ...req.headers }, rawBody, body });
       if (this.#closed) return;
-      if (!isToken) {
+      if (!isToken && !isRevoke) {
         sendJson(res, 404, { error: 'not_found' });
         return;
       }
@@ -313,7 +331,8 @@ export class FakeUpstream {
         this.#applyFault(fault, res, body);
         return;
       }
-      this.#handleToken(res, body);
+      if (isRevoke) this.#handleRevoke(res, body);
+      else this.#handleToken(res, body);
     });
   }
 
@@ -392,6 +411,23 @@ export class FakeUpstream {
         sendJson(res, 200, { error: { code: 'server_error', message: 'x' } });
         return;
     }
+  }
+
+  /** RFC 7009: 200 for any token, even an unknown one; a known refresh token's family dies. */
+  #handleRevoke(res: ServerResponse, body: unknown): void {
+    const b = typeof body === 'object' && body !== null && !Array.isArray(body) ? (body as Record<string, unknown>) : {};
+    if (typeof b['token'] !== 'string' || b['token'] === '') {
+      sendJson(res, 400, { error: 'invalid_request' });
+      return;
+    }
+    if (b['client_id'] !== this.#clientId) {
+      sendJson(res, 401, { error: 'invalid_client' });
+      return;
+    }
+    const family = this.#byRefreshToken.get(b['token']);
+    if (family) family.valid = false;
+    this.revocations++;
+    sendJson(res, 200, {});
   }
 
   #handleToken(res: ServerResponse, body: unknown): void {
