@@ -123,6 +123,7 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
       clients: core.clients,
       renderer,
       credentialSecret: core.credentialSecret,
+      logins: core.logins,
     });
   }
   return app;

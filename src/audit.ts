@@ -38,6 +38,19 @@ export async function recordOutcome(
 }
 
 /**
+ * A login performed by the broker, recorded finished (an intent without an outcome would
+ * read as a crashed POST). `refresh_token_sha8` is the token the login brought: the one
+ * the next rotation will send.
+ */
+export async function recordLogin(db: Db, e: { secretKey: string; replicaId: string; refreshTokenSha8: string; outcome: string; durationMs: number }): Promise<void> {
+  await db.query(
+    `INSERT INTO broker_refresh_events (secret_key, replica_id, reason, refresh_token_sha8, finished_at, outcome, duration_ms, new_refresh_token_sha8)
+     VALUES ($1, $2, 'login', $3, now(), $4, $5, $3)`,
+    [e.secretKey, e.replicaId, e.refreshTokenSha8, e.outcome, Math.round(e.durationMs)],
+  );
+}
+
+/**
  * Whether a rotation of this credential landed within the last `withinMs`, by the
  * database's clock (every replica's audit rows share it). This is the forced-refresh floor
  * that holds even when the stored document carries no `last_refresh`.

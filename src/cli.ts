@@ -11,10 +11,14 @@ import { ClientInputError, createClient, listClients, revokeClient } from './cli
 import { loadCredentialSecret } from './clients/credentials.js';
 import { openDatabase, startBroker } from './runtime.js';
 import { SecretStore } from './secret-store.js';
+import { loginCommand } from './login/command.js';
 
 const USAGE = `usage: codex-auth-broker <command>
 
   serve                 run the broker (HTTP API and the refresher)
+  login [--credential default] [--browser]
+                        log in from here (device code, or a browser sign-in whose callback
+                        URL you paste) and store the result as the shared login
   seed <auth.json|->    validate a codex auth.json and store it as the shared login
   status [--json]       print the stored credential's state (no secrets)
   migrate               apply database migrations and exit
@@ -226,6 +230,11 @@ export async function main(argv: string[]): Promise<number> {
         return -1;
       case 'seed':
         return await seed(config, logger, rest[0]);
+      case 'login':
+        return await loginCommand(config, logger, rest, (fn) => withStore(config, logger, (store) => fn(store)), {
+          out: (l) => console.log(l),
+          err: (l) => console.error(l),
+        });
       case 'status':
         return await status(config, logger, rest.includes('--json'));
       case 'clients':

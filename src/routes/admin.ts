@@ -7,6 +7,8 @@ import { AuthJsonError } from '../errors.js';
 import { bearerToken, sameSecret, sha256 } from '../http/auth.js';
 import { sendProblem, sendUnauthorized } from '../http/problem.js';
 import { latestEvents } from '../audit.js';
+import { loginRoutes } from './logins.js';
+import type { LoginManager } from '../login/logins.js';
 import type { Refresher } from '../refresher.js';
 import type { SecretStore } from '../secret-store.js';
 import type { DocumentRenderer } from '../serving.js';
@@ -20,6 +22,7 @@ export interface AdminRoutesOptions {
   clients: ClientRegistry;
   renderer: DocumentRenderer;
   credentialSecret: Buffer;
+  logins?: LoginManager;
 }
 
 /** Operator routes behind ADMIN_TOKEN. Registered only when ADMIN_TOKEN is set. */
@@ -32,6 +35,8 @@ export async function adminRoutes(app: FastifyInstance, o: AdminRoutesOptions): 
     }
     return undefined;
   });
+  // In this plugin's scope, so the admin check above guards the login routes too.
+  if (o.logins) await app.register(loginRoutes, { logins: o.logins });
 
   // The credential route reads its JSON body as text and leaves parsing to validateSeed:
   // the framework's parser refuses a `__proto__` key as "not valid JSON" without naming
