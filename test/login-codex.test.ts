@@ -107,8 +107,8 @@ test("codex's browser authorize request, replayed against the fake issuer, is ac
     await exited;
     fs.rmSync(scratch, { recursive: true, force: true });
   }
-  // Strip terminal styling that may trail the URL.
-  const printed = new URL(URL_RE.exec(out)![0].replace(/\u001b\[[0-9;]*m.*$/, ''));
+  // Cut terminal styling (ESC[…m) that may trail the URL.
+  const printed = new URL(URL_RE.exec(out)![0].split(String.fromCharCode(27))[0]!);
   const replay = new URL(`${printed.pathname}${printed.search}`, fake.url);
   const res = await fetch(replay, { redirect: 'manual' });
   assert.equal(res.status, 302, await res.text());
