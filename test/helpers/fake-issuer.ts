@@ -118,6 +118,11 @@ export class FakeIssuer {
     for (const d of this.#devices) if (userCode === undefined || d.userCode === userCode) d.approved = true;
   }
 
+  /** Turn device login off (the usercode endpoint answers 404) or back on. */
+  setDeviceDisabled(disabled: boolean): void {
+    this.#o.deviceDisabled = disabled;
+  }
+
   setBrowser(mode: 'approve' | 'deny' | 'wait'): void {
     this.#o.browser = mode;
   }
