@@ -138,6 +138,7 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
       credentialSecret: core.credentialSecret,
       revoke: core.revoke,
       metrics,
+      logins: core.logins,
     });
   }
   return app;

@@ -1,7 +1,7 @@
 import type { Pool, PoolClient } from './db.js';
 
 /** refresh: an upstream refresh POST; seed: a seed, stored or refused; revoke: an operator's upstream revocation. */
-export type EventKind = 'refresh' | 'seed' | 'revoke';
+export type EventKind = 'refresh' | 'seed' | 'revoke' | 'login';
 
 export interface RefreshEvent {
   id: number;
@@ -85,6 +85,23 @@ export async function recordOutcome(
     `UPDATE broker_refresh_events SET finished_at = now(), outcome = $2, upstream_status = $3, upstream_code = $4,
        duration_ms = $5, new_refresh_token_sha8 = $6 WHERE id = $1`,
     [id, o.outcome, o.status ?? null, o.code ?? null, Math.round(o.durationMs), o.newRefreshTokenSha8 ?? null],
+  );
+}
+
+/**
+ * A login performed by the broker, recorded finished (an intent without an outcome would
+ * read as a crashed POST). `refresh_token_sha8` is the token the login brought: the one
+ * the next rotation will send.
+ */
+/** A login performed by the broker, stored or refused: always written with its outcome (kind 'login', never a POST the crash check or the spent-token guard reads). */
+export async function recordLogin(
+  db: Db,
+  e: { secretKey: string; replicaId: string; source: string; refreshTokenSha8: string; outcome: string; durationMs: number; stored: boolean },
+): Promise<void> {
+  await db.query(
+    `INSERT INTO broker_refresh_events (secret_key, replica_id, reason, kind, source, refresh_token_sha8, finished_at, outcome, duration_ms, new_refresh_token_sha8)
+     VALUES ($1, $2, 'login', 'login', $3, $4, now(), $5, $6, $7)`,
+    [e.secretKey, e.replicaId, e.source, e.refreshTokenSha8, e.outcome, Math.round(e.durationMs), e.stored ? e.refreshTokenSha8 : null],
   );
 }
 

@@ -9,6 +9,7 @@ import type { BrokerMetrics } from './metrics.js';
 import { RotationJournal } from './journal.js';
 import { Refresher } from './refresher.js';
 import { CHANGE_CHANNEL, SecretStore } from './secret-store.js';
+import { LoginManager, type LoginManagerOptions } from './login/logins.js';
 import { createBackendTokenCheck, TokenVerifier, type TokenCheckFn } from './token-check.js';
 import { createRevokeClient, createUpstreamClient, revokeUrlFor, type RefreshFn, type RevokeFn } from './upstream.js';
 
@@ -16,6 +17,7 @@ export type CoreConfig = Pick<
   Config,
   | 'CODEX_AUTH_SECRET_KEY'
   | 'OAUTH_TOKEN_URL'
+  | 'OAUTH_ISSUER'
   | 'CHATGPT_BASE_URL'
   | 'OAUTH_CLIENT_ID'
   | 'REFRESH_MARGIN_SECONDS'
@@ -47,6 +49,8 @@ export interface BrokerCoreOptions {
   clientFlushMs?: number;
   /** Where rotations are journaled before their write-back (DATA_DIR); needs an encryption key. */
   journalDir?: string;
+  /** Seams for broker-performed logins (lifetime, poller lease, poll interval, sweep period). */
+  login?: Pick<LoginManagerOptions, 'ttlMs' | 'leaseMs' | 'pollIntervalMs' | 'sweepMs'>;
 }
 
 export interface BrokerCore {
@@ -61,6 +65,8 @@ export interface BrokerCore {
   /** The secret behind broker refresh credentials (see clients/credentials.ts). */
   credentialSecret: Buffer;
   listener: ChangeListener;
+  /** Logins the broker performs (device code, browser), shared by every replica through the database. */
+  logins: LoginManager;
   /** Load the credential, start listening for changes and start the refresh loop. */
   start(): Promise<void>;
   /** Stop refreshing (waiting, bounded, for one in flight), then close connections. */
@@ -165,6 +171,18 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
         .catch(() => undefined);
     },
   });
+  const logins = new LoginManager({
+    pool,
+    store,
+    secretKey: config.CODEX_AUTH_SECRET_KEY,
+    replicaId: config.replicaId,
+    encryptionKey: config.encryptionKey,
+    issuer: { issuer: config.OAUTH_ISSUER, clientId: config.OAUTH_CLIENT_ID, timeoutMs: ms(config.UPSTREAM_TIMEOUT_SECONDS), dispatcher: o.dispatcher },
+    logger,
+    onStored: () => refresher.reload().then(() => refresher.poke()),
+    onFinished: (method, result) => o.metrics.logins.inc({ method, result }),
+    ...o.login,
+  });
   const timers: NodeJS.Timeout[] = [];
   const flush = () =>
     clients.flush().catch((err: Error) => logger.debug({ event: 'clients_flush_failed', err: { message: err.message } }, 'could not record client last-seen facts; will retry'));
@@ -177,6 +195,7 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     clients,
     credentialSecret,
     listener,
+    logins,
     async start() {
       // A rotation journaled before a crash lands before anything may refresh.
       await refresher.recoverJournal();
@@ -185,12 +204,14 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
       await clients.reload();
       await listener.start();
       refresher.start();
+      logins.startSweeping();
       timers.push(setInterval(() => void reloadClients(), o.clientReloadMs ?? (config.PLATFORM_WORKSPACE_TOKENS ? 5_000 : 30_000)));
       timers.push(setInterval(() => void flush(), o.clientFlushMs ?? 2_000));
       for (const t of timers) t.unref();
     },
     async close(timeoutMs) {
       const finished = await refresher.stop(timeoutMs);
+      await logins.close();
       for (const t of timers) clearInterval(t);
       await flush();
       await listener.close();

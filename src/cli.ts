@@ -12,10 +12,14 @@ import { loadCredentialSecret } from './clients/credentials.js';
 import { openDatabase, startBroker } from './runtime.js';
 import { SecretStore } from './secret-store.js';
 import { describeRefusal, seedCredential } from './seed-guard.js';
+import { loginCommand } from './login/command.js';
 
 const USAGE = `usage: codex-auth-broker <command>
 
   serve                 run the broker (HTTP API and the refresher)
+  login [--credential default] [--browser]
+                        log in from here (device code, or a browser sign-in whose callback
+                        URL you paste) and store the result as the shared login
   seed [--force] <auth.json|->
                         validate a codex auth.json and store it as the shared login; a stale
                         copy (its refresh token already spent by the broker, or older than the
@@ -244,6 +248,11 @@ export async function main(argv: string[]): Promise<number> {
         return -1;
       case 'seed':
         return await seed(config, logger, rest);
+      case 'login':
+        return await loginCommand(config, logger, rest, (fn) => withStore(config, logger, (store) => fn(store)), {
+          out: (l) => console.log(l),
+          err: (l) => console.error(l),
+        });
       case 'status':
         return await status(config, logger, rest.includes('--json'));
       case 'clients':

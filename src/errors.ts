@@ -13,7 +13,8 @@ export type BrokerErrorCode =
   | 'UPSTREAM_PERMANENT'
   | 'UPSTREAM_TRANSIENT'
   | 'STORE_UNAVAILABLE'
-  | 'CLIENT_INVALID';
+  | 'CLIENT_INVALID'
+  | 'LOGIN_FAILED';
 
 export class BrokerError extends Error {
   readonly code: BrokerErrorCode;

@@ -43,6 +43,7 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}) {
       labelNames: ['verdict'],
       registers,
     }),
+    logins: new Counter({ name: `${p}logins_total`, help: 'Logins performed by the broker, by method (device, browser) and result (succeeded, failed, expired).', labelNames: ['method', 'result'], registers }),
     clients: new Gauge({ name: `${p}clients`, help: 'Workspace clients by state.', labelNames: ['state'], registers }),
     revocations: new Counter({ name: `${p}revocations_total`, help: 'Token revocations by source: client_logout (answered locally, never forwarded), admin (revoked upstream).', labelNames: ['source'], registers }),
     dbQueries: new Counter({ name: `${p}db_queries_total`, help: 'Queries sent to the database (the serving path sends none).', registers }),

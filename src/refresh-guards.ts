@@ -56,3 +56,8 @@ export async function writeBackoff(db: PoolClient, secretKey: string, b: Backoff
 export async function clearBackoff(db: PoolClient, secretKey: string): Promise<void> {
   await db.query('DELETE FROM broker_backoff WHERE secret_key = $1', [secretKey]);
 }
+
+/** A new login starts clean: no latch (it named the old token) for this credential. */
+export async function clearLatch(db: PoolClient, secretKey: string): Promise<void> {
+  await db.query('DELETE FROM broker_latch WHERE secret_key = $1', [secretKey]);
+}

@@ -52,7 +52,7 @@ export function describeRefusal(r: SeedRefusal): string {
   return `it is older than the stored login of the same account ${r.accountId} (access token issued ${r.seedIssuedAt}, the stored one ${r.storedIssuedAt}): it would replace a newer login with an old copy`;
 }
 
-function storedSnapshot(store: SecretStore, row: Awaited<ReturnType<SecretStore['read']>>): Snapshot | undefined {
+export function storedSnapshot(store: SecretStore, row: Awaited<ReturnType<SecretStore['read']>>): Snapshot | undefined {
   if (!row) return undefined;
   try {
     return buildSnapshot(row.raw, store.decrypt(row));

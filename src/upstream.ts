@@ -113,7 +113,7 @@ export function parseRotation(text: string): RotationResponse {
   return { access_token: at, refresh_token: str(b['refresh_token']), id_token: str(b['id_token']) };
 }
 
-async function readCapped(body: AsyncIterable<Buffer>, cap: number): Promise<string | undefined> {
+export async function readCapped(body: AsyncIterable<Buffer>, cap: number): Promise<string | undefined> {
   const chunks: Buffer[] = [];
   let size = 0;
   for await (const chunk of body) {

@@ -8,7 +8,9 @@ import { Ajv, type ValidateFunction } from 'ajv';
 import addFormatsModule from 'ajv-formats';
 import type { InjectOptions, LightMyRequestResponse } from 'fastify';
 import { ADMIN_TOKEN, type TestApp } from './helpers/app.js';
+import { FakeIssuer } from './helpers/fake-issuer.js';
 import { useSuite } from './helpers/suite.js';
+import { waitFor } from './helpers/wait.js';
 
 const SPEC_PATH = fileURLToPath(new URL('../openapi.yaml', import.meta.url));
 const METRICS_TOKEN = 'metrics-token-for-contract-0123456789';
@@ -399,13 +401,56 @@ test('with ADMIN_TOKEN unset, the admin routes answer a documented 404', async (
   for (const [path, ops] of Object.entries(spec.paths)) {
     if (!path.startsWith('/admin/')) continue;
     for (const method of Object.keys(ops) as Method[]) {
-      const url = path.replace('{name}', 'someone');
+      const url = path.replace(/\{[^}]+\}/g, 'someone');
       const res = await req(t, { method: method.toUpperCase() as 'GET', url, token: ADMIN_TOKEN, ...(method === 'put' || method === 'post' ? { payload: {} } : {}) });
       assert.equal(res.statusCode, 404, `${method} ${url}`);
       check('admin off', res, path, method);
     }
   }
   assert.deepEqual(violations.slice(before), []);
+});
+
+test('the login routes validate against openapi.yaml', async () => {
+  if (!spec) spec = (await SwaggerParser.validate(SPEC_PATH)) as unknown as Spec;
+  const issuer = await FakeIssuer.start();
+  try {
+    const upstream = await suite.upstream();
+    const t = await suite.app({ databaseUrl: await suite.pg.newDatabase(), upstreamUrl: upstream.url, config: { OAUTH_ISSUER: issuer.url }, login: { pollIntervalMs: 50 } });
+    const LOGIN = '/admin/credentials/{name}/login';
+    const GET = '/admin/logins/{id}';
+    const CB = '/admin/logins/{id}/callback';
+    const begin = (method: string, name = 'default') => ({ method: 'POST' as const, url: `/admin/credentials/${name}/login`, token: ADMIN_TOKEN, payload: { method } });
+    const paste = (id: string, payload: object) => ({ method: 'POST' as const, url: `/admin/logins/${id}/callback`, token: ADMIN_TOKEN, payload });
+    const landOn = async (authorizeUrl: string) => String((await fetch(authorizeUrl, { redirect: 'manual' })).headers.get('location'));
+
+    await expect(t, 'login: no admin token', LOGIN, { method: 'POST', url: '/admin/credentials/default/login', payload: { method: 'device' } }, 401);
+    await expect(t, 'login: unknown method', LOGIN, begin('password'), 400);
+    await expect(t, 'login: unknown credential', LOGIN, begin('device', 'other'), 404);
+    issuer.setDeviceDisabled(true);
+    await expect(t, 'login: device login off', LOGIN, begin('device'), 502);
+    issuer.setDeviceDisabled(false);
+    const device = (await expect(t, 'login: device', LOGIN, begin('device'), 202)).json() as { id: string };
+    await expect(t, 'login: another in progress', LOGIN, begin('browser'), 409);
+    await expect(t, 'login progress (pending)', GET, { method: 'GET', url: `/admin/logins/${device.id}`, token: ADMIN_TOKEN }, 200);
+    await expect(t, 'login progress: unknown', GET, { method: 'GET', url: '/admin/logins/nope', token: ADMIN_TOKEN }, 404);
+    await expect(t, 'login progress: no admin token', GET, { method: 'GET', url: `/admin/logins/${device.id}` }, 401);
+    await expect(t, 'callback: device login', CB, paste(device.id, { callback_url: 'http://localhost:1455/auth/callback?code=c&state=s' }), 409);
+    issuer.approveDevice();
+    await waitFor('the device login to succeed', async () => ((await req(t, { method: 'GET', url: `/admin/logins/${device.id}`, token: ADMIN_TOKEN })).json() as { state: string }).state === 'succeeded');
+    await expect(t, 'login progress (succeeded)', GET, { method: 'GET', url: `/admin/logins/${device.id}`, token: ADMIN_TOKEN }, 200);
+
+    const browser = (await expect(t, 'login: browser', LOGIN, begin('browser'), 202)).json() as { id: string; authorize_url: string };
+    await expect(t, 'callback: no URL', CB, paste(browser.id, {}), 400);
+    await expect(t, 'callback: unknown login', CB, paste('nope', { callback_url: 'http://localhost:1455/auth/callback?code=c&state=s' }), 404);
+    await expect(t, 'callback: no admin token', CB, { method: 'POST', url: `/admin/logins/${browser.id}/callback`, payload: { callback_url: 'x' } }, 401);
+    issuer.failNextExchange(400);
+    await expect(t, 'callback: exchange refused', CB, paste(browser.id, { callback_url: await landOn(browser.authorize_url) }), 502);
+    const again = (await expect(t, 'login: browser again', LOGIN, begin('browser'), 202)).json() as { id: string; authorize_url: string };
+    await expect(t, 'callback', CB, paste(again.id, { callback_url: await landOn(again.authorize_url) }), 200);
+    assert.deepEqual(violations, []);
+  } finally {
+    await issuer.close();
+  }
 });
 
 test('/openapi.yaml serves this very file', async () => {

@@ -221,3 +221,34 @@ test('judgeSeed: no age refusal without both iat claims, for an equal iat, or wi
 test('no token value appears in any log line of the seed-guard tests', () => {
   assert.deepEqual(findLeaks(suite.logLines(), suite.issuedTokens()), []);
 });
+
+test('the stale-seed guard applies to logins too: a login of a spent token or an older login of the same account is refused (409 stale_login), audited as login, unless forced', async () => {
+  const { t, upstream } = await setup();
+  const { storeLogin } = await import('../src/login/store.js');
+  const { LoginError } = await import('../src/login/errors.js');
+  const login = (doc: Doc, force = false) =>
+    storeLogin({ store: t.core.store, secretKey: KEY, replicaId: 'test', method: 'device', doc: doc as never, startedAt: nowMs, now, source: 'admin_api', force });
+  const refusedAs = async (doc: Doc) => {
+    const before = await rowBytes(t);
+    await assert.rejects(login(doc), (err: unknown) => err instanceof LoginError && err.reason === 'stale_login' && /nothing was stored|not stored/.test(err.message));
+    assert.deepEqual(await rowBytes(t), before, 'nothing stored');
+  };
+  // A spent token: stored by a login, rotated by the broker, then the same login again.
+  const first = dueSeed(upstream, 'acct-login');
+  await login(first);
+  assert.equal((await t.core.refresher.runCycle()).attempt, 'rotated');
+  await refusedAs(first);
+  // An older login of the same account.
+  const older = upstream.seed({ accountId: 'acct-login', iatSec: nowSec() - 20 * DAY, expSec: nowSec() + DAY }) as Doc;
+  await refusedAs(older);
+  await login(older, true);
+  assert.equal(JSON.parse(t.core.store.decrypt((await t.core.store.read(KEY))!)).tokens.refresh_token, older.tokens.refresh_token, 'forced: stored');
+  const logins = (await events(t)).filter((e) => e['kind'] === 'login');
+  assert.deepEqual(
+    logins.map((e) => e['outcome']),
+    ['stored_forced', 'refused_older', 'refused_spent', 'stored'],
+  );
+  for (const e of logins) assert.equal(e['source'], 'admin_api');
+  // A stored login is not itself "spent": storing the same login again is allowed.
+  await login(older);
+});

@@ -12,6 +12,8 @@ import { describeRefusal, seedCredential } from '../seed-guard.js';
 import type { BrokerMetrics } from '../metrics.js';
 import { revokeStoredLogin } from '../revocation.js';
 import type { RevokeFn } from '../upstream.js';
+import { loginRoutes } from './logins.js';
+import type { LoginManager } from '../login/logins.js';
 import type { Refresher } from '../refresher.js';
 import type { SecretStore } from '../secret-store.js';
 import type { DocumentRenderer } from '../serving.js';
@@ -28,6 +30,7 @@ export interface AdminRoutesOptions {
   /** Upstream revocation, for POST /admin/credentials/:name/revoke. */
   revoke: RevokeFn;
   metrics: BrokerMetrics;
+  logins?: LoginManager;
 }
 
 /** Operator routes behind ADMIN_TOKEN. Registered only when ADMIN_TOKEN is set. */
@@ -40,6 +43,8 @@ export async function adminRoutes(app: FastifyInstance, o: AdminRoutesOptions): 
     }
     return undefined;
   });
+  // In this plugin's scope, so the admin check above guards the login routes too.
+  if (o.logins) await app.register(loginRoutes, { logins: o.logins });
 
   // The credential route reads its JSON body as text and leaves parsing to validateSeed:
   // the framework's parser refuses a `__proto__` key as "not valid JSON" without naming

@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
 import type { Dispatcher } from 'undici';
 import { buildApp } from '../../src/app.js';
-import { createBrokerCore, type BrokerCore, type CoreConfig } from '../../src/broker.js';
+import { createBrokerCore, type BrokerCore, type BrokerCoreOptions, type CoreConfig } from '../../src/broker.js';
 import { testCoreConfig } from './config.js';
 import { createMetrics, type BrokerMetrics } from '../../src/metrics.js';
 import { LogCapture } from './logs.js';
@@ -50,6 +50,8 @@ export interface TestAppOptions {
   /** App-level load-shedding settings passed into buildApp (default: the app's defaults). */
   maxEventLoopDelayMs?: number;
   pressureSampleIntervalMs?: number;
+  /** Seams for broker-performed logins (lifetime, lease, poll interval, sweep period). */
+  login?: BrokerCoreOptions['login'];
 }
 
 /** The app as serve builds it (core + HTTP), on a real Postgres, without listening. */
@@ -73,6 +75,7 @@ export async function createTestApp(o: TestAppOptions): Promise<TestApp> {
     ...(o.dispatcher ? { dispatcher: o.dispatcher } : {}),
     ...(o.now ? { now: o.now } : {}),
     ...(o.random ? { random: o.random } : {}),
+    ...(o.login ? { login: o.login } : {}),
   });
   if (o.start !== false) await core.start();
   const app = await buildApp({
