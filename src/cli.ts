@@ -184,8 +184,18 @@ async function serve(config: Config, logger: Logger): Promise<void> {
     closing = true;
     logger.info({ event: 'shutdown', reason }, `${reason}: finishing any refresh in flight, then stopping`);
     const deadline = setTimeout(() => {
-      logger.error({ event: 'shutdown_timeout' }, 'shutdown did not finish in time; exiting');
-      exit(1);
+      // Something held the orderly shutdown (a connection, a hung query). Exiting without
+      // the embedded Postgres would leave it running, owned by nobody.
+      const embedded = broker.db.embedded?.owned ? broker.db.embedded : undefined;
+      logger.error({ event: 'shutdown_timeout', embedded: embedded !== undefined }, `shutdown did not finish in time; ${embedded ? 'stopping the embedded Postgres, then ' : ''}exiting`);
+      if (!embedded) return exit(1);
+      embedded
+        .forceStop(5_000)
+        .catch(() => false)
+        .then((gone) => {
+          if (!gone) logger.error({ event: 'embedded_db_stop_failed' }, 'the embedded Postgres did not stop; the next serve on this DATA_DIR takes it over and stops it');
+          exit(1);
+        });
     }, (config.SHUTDOWN_TIMEOUT_SECONDS + 10) * 1000);
     deadline.unref();
     broker
