@@ -2,6 +2,7 @@ import underPressure from '@fastify/under-pressure';
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type onResponseHookHandler, type RouteHandlerMethod } from 'fastify';
 import type { BrokerCore } from './broker.js';
 import type { Config } from './config.js';
+import { guardConnections, serverTimeouts, type HttpLimitsConfig } from './http/connection-limits.js';
 import { errorHandler, notFoundHandler, sendProblem } from './http/problem.js';
 import { lazyChildLoggerFactory, requestIdGenerator } from './http/request-logger.js';
 import type { Logger } from './logger.js';
@@ -20,7 +21,8 @@ export interface AppOptions {
         Config,
         'REFRESH_TOKEN_EXPOSURE' | 'PLATFORM_WORKSPACE_TOKENS' | 'SHIM_FORCED_REFRESH_FLOOR_SECONDS' | 'MAX_EVENT_LOOP_DELAY_MS' | 'MAX_HEAP_USED_BYTES' | 'MAX_RSS_BYTES'
       >
-    >;
+    > &
+    Partial<HttpLimitsConfig>;
   core: BrokerCore;
   metrics: BrokerMetrics;
   logger: Logger;
@@ -43,7 +45,9 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     genReqId: requestIdGenerator(),
     childLoggerFactory: lazyChildLoggerFactory,
     return503OnClosing: true,
+    ...serverTimeouts(o.config),
   });
+  guardConnections(app.server, o.config, o.logger);
   app.setErrorHandler(errorHandler);
 
   // Echo the request id so an operator can find the matching log line.

