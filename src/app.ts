@@ -89,7 +89,14 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
 
   const now = o.now ?? Date.now;
   const { core, metrics } = o;
-  const renderer = new DocumentRenderer(core.refresher, o.config.REFRESH_TOKEN_EXPOSURE ?? 'proxy', now);
+  const exposure = o.config.REFRESH_TOKEN_EXPOSURE ?? 'proxy';
+  if (exposure === 'raw') {
+    o.logger.warn(
+      { event: 'refresh_token_exposure_raw' },
+      "REFRESH_TOKEN_EXPOSURE=raw serves the fleet's real upstream refresh token to every workspace: one workspace's `codex logout` without CODEX_REFRESH_TOKEN_URL_OVERRIDE revokes the shared login upstream, and any workspace can burn it. Use proxy unless you must",
+    );
+  }
+  const renderer = new DocumentRenderer(core.refresher, exposure, now);
   await app.register(opsRoutes, {
     core,
     metrics,

@@ -7,6 +7,7 @@ import { createPool, migrate } from './db.js';
 import { AuthJsonError, BrokerError, ConfigError } from './errors.js';
 import { readLatch } from './refresh-guards.js';
 import { createLogger, type Logger } from './logger.js';
+import { isoFromMs, isoFromSeconds } from './lib/time.js';
 import { ClientInputError, createClient, listClients, revokeClient } from './clients/client-store.js';
 import { loadCredentialSecret } from './clients/credentials.js';
 import { openDatabase, startBroker } from './runtime.js';
@@ -97,11 +98,11 @@ async function status(config: Config, logger: Logger, json: boolean): Promise<nu
       state: stateOf(snap, latched, Date.now(), config.REFRESH_MARGIN_SECONDS),
       accountId: snap.account.accountId ?? null,
       planType: snap.account.planType ?? null,
-      accessTokenExpiresAt: snap.claims.exp !== undefined ? new Date(snap.claims.exp * 1000).toISOString() : null,
-      lastRefresh: snap.lastRefreshMs !== undefined ? new Date(snap.lastRefreshMs).toISOString() : null,
+      accessTokenExpiresAt: isoFromSeconds(snap.claims.exp),
+      lastRefresh: isoFromMs(snap.lastRefreshMs),
       encryptionVersion: row.version,
-      updatedAt: row.updatedAt.toISOString(),
-      latch: latched ? { upstreamStatus: latch.status ?? null, upstreamCode: latch.code ?? null, at: latch.at.toISOString() } : null,
+      updatedAt: isoFromMs(row.updatedAt.getTime()),
+      latch: latched ? { upstreamStatus: latch.status ?? null, upstreamCode: latch.code ?? null, at: isoFromMs(latch.at.getTime()) } : null,
     };
   });
   if (json) console.log(JSON.stringify(report, null, 2));

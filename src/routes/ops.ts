@@ -1,8 +1,10 @@
 import { readFile } from 'node:fs/promises';
 import type { FastifyInstance } from 'fastify';
 import type { BrokerCore } from '../broker.js';
+import { unusable } from '../credential.js';
 import { bearerToken, sameSecret, sha256 } from '../http/auth.js';
 import { sendProblem, sendUnauthorized } from '../http/problem.js';
+import { isoFromSeconds } from '../lib/time.js';
 import type { BrokerMetrics } from '../metrics.js';
 
 export interface OpsRoutesOptions {
@@ -55,8 +57,8 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
     const store = await storeReachable();
     const snap = refresher.current();
     const state = refresher.state();
-    const exp = snap?.claims.exp;
-    const unexpired = exp !== undefined && exp > o.now() / 1000;
+    // The same rule GET /codex-auth serves by: ready exactly when a workspace would get a token.
+    const why = unusable(snap, o.now());
     const pending = refresher.pending !== undefined;
     // A pending rotation is the only valid token: keep serving it even with the store down.
     if (!store.ok && !pending) {
@@ -68,17 +70,17 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
         headers: { 'retry-after': '5' },
       });
     }
-    if (!unexpired) {
-      const code = !snap ? (state === 'invalid' ? 'credential_unreadable' : 'no_credential') : 'token_expired';
+    if (why) {
+      const code = !snap && state === 'invalid' ? 'credential_unreadable' : why;
       const detail =
         code === 'no_credential'
-          ? 'no credential is stored: run `codex-auth-broker seed auth.json` or PUT /admin/credential'
+          ? 'no usable credential is stored: run `codex-auth-broker seed auth.json` or PUT /admin/credential'
           : code === 'credential_unreadable'
             ? `the stored credential cannot be read (${refresher.readError?.code ?? 'unknown'}); see /status and the logs`
             : 'the held access token has expired; see /status for the last refresh error';
       return sendProblem(reply, { status: 503, code, title: 'Service Unavailable', detail, headers: { 'retry-after': '30' } });
     }
-    return { status: 'ready', credentialState: state, accessTokenExpiresAt: new Date((exp ?? 0) * 1000).toISOString(), writebackPending: pending };
+    return { status: 'ready', credentialState: state, accessTokenExpiresAt: isoFromSeconds(snap?.claims.exp), writebackPending: pending };
   });
 
   app.get('/metrics', async (req, reply) => {
