@@ -2,7 +2,7 @@ import underPressure from '@fastify/under-pressure';
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type onResponseHookHandler } from 'fastify';
 import type { BrokerCore } from './broker.js';
 import type { Config } from './config.js';
-import { errorHandler, notFoundHandler, sendProblem } from './http/problem.js';
+import { errorHandler, frameworkErrorHandler, notFoundHandler, sendProblem } from './http/problem.js';
 import { lazyChildLoggerFactory, requestIdGenerator } from './http/request-logger.js';
 import type { Logger } from './logger.js';
 import { labelled, type BrokerMetrics } from './metrics.js';
@@ -42,6 +42,7 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     genReqId: requestIdGenerator(),
     childLoggerFactory: lazyChildLoggerFactory,
     return503OnClosing: true,
+    frameworkErrors: frameworkErrorHandler,
   });
   app.setErrorHandler(errorHandler);
 

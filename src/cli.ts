@@ -134,7 +134,8 @@ async function clients(config: Config, logger: Logger, args: string[]): Promise<
       case 'list': {
         const rows = await listClients(pool);
         if (rows.length === 0) console.log('no clients');
-        for (const r of rows) console.log(`${r.name.padEnd(32)} ${(r.workspaceId ?? '-').padEnd(36)} ${r.tokenPrefix}…  last used ${r.lastUsedAt ?? 'never'}`);
+        // No part of a token: a prefix narrows a guess and ends up in screenshots and tickets.
+        for (const r of rows) console.log(`${r.name.padEnd(32)} ${(r.workspaceId ?? '-').padEnd(36)} last used ${r.lastUsedAt ?? 'never'}`);
         return 0;
       }
       case 'revoke': {

@@ -37,7 +37,8 @@ export async function adminRoutes(app: FastifyInstance, o: AdminRoutesOptions): 
   // the framework's parser refuses a `__proto__` key as "not valid JSON" without naming
   // it; validateSeed names the field (size and JSON errors included).
   await app.register(async (scope) => {
-    scope.removeContentTypeParser('application/json');
+    // Only JSON: a text/plain body would otherwise reach validateSeed through the default parser.
+    scope.removeAllContentTypeParsers();
     scope.addContentTypeParser('application/json', { parseAs: 'string' }, (_req, body, done) => done(null, body));
     scope.put('/admin/credential', async (req, reply) => {
       let parsed;
@@ -94,7 +95,6 @@ export async function adminRoutes(app: FastifyInstance, o: AdminRoutesOptions): 
       clients: rows.map((r) => ({
         name: r.name,
         workspaceId: r.workspaceId,
-        tokenPrefix: r.tokenPrefix,
         createdAt: r.createdAt,
         lastUsedAt: r.lastUsedAt,
         holdsCurrentToken: current !== undefined && r.lastServedGeneration === current,
