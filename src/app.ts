@@ -2,6 +2,7 @@ import underPressure from '@fastify/under-pressure';
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type onResponseHookHandler } from 'fastify';
 import type { BrokerCore } from './broker.js';
 import type { Config } from './config.js';
+import { AuthFailures } from './http/auth.js';
 import { errorHandler, frameworkErrorHandler, notFoundHandler, sendProblem } from './http/problem.js';
 import { lazyChildLoggerFactory, requestIdGenerator } from './http/request-logger.js';
 import type { Logger } from './logger.js';
@@ -98,12 +99,16 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     );
   }
   const renderer = new DocumentRenderer(core.refresher, exposure, now);
+  // One count, one cap and one log line for every admin-token check (admin routes and /status).
+  const authFailures = new AuthFailures({ logger: o.logger });
+  app.addHook('onClose', async () => authFailures.flush());
   await app.register(opsRoutes, {
     core,
     metrics,
     adminToken: o.config.ADMIN_TOKEN,
     metricsToken: o.config.METRICS_TOKEN,
     now,
+    authFailures,
     // Platform workspace tokens are for the drop-in route only.
     isClient: (token) => core.clients.authenticate(token)?.kind === 'broker',
     beforeScrape: () => {
@@ -130,6 +135,7 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
       clients: core.clients,
       renderer,
       credentialSecret: core.credentialSecret,
+      authFailures,
     });
   }
   return app;

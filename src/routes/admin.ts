@@ -4,7 +4,7 @@ import { ClientInputError, createClient, listClients, revokeClient } from '../cl
 import type { ClientRegistry } from '../clients/registry.js';
 import type { Pool } from '../db.js';
 import { AuthJsonError } from '../errors.js';
-import { bearerToken, sameSecret, sha256 } from '../http/auth.js';
+import { AuthFailures, bearerToken, sameSecret, sha256 } from '../http/auth.js';
 import { sendProblem, sendUnauthorized } from '../http/problem.js';
 import { latestEvents } from '../audit.js';
 import type { Refresher } from '../refresher.js';
@@ -20,16 +20,20 @@ export interface AdminRoutesOptions {
   clients: ClientRegistry;
   renderer: DocumentRenderer;
   credentialSecret: Buffer;
+  /** Shared with /status, so one count and one cap cover every admin-token check. */
+  authFailures?: AuthFailures;
 }
 
 /** Operator routes behind ADMIN_TOKEN. Registered only when ADMIN_TOKEN is set. */
 export async function adminRoutes(app: FastifyInstance, o: AdminRoutesOptions): Promise<void> {
   const adminSha = sha256(o.adminToken);
+  const failures = o.authFailures ?? new AuthFailures({ logger: app.log });
   app.addHook('onRequest', async (req, reply) => {
     const t = bearerToken(req);
-    if (!t || !sameSecret(t, adminSha)) {
-      return sendUnauthorized(reply, 'the ADMIN_TOKEN bearer token is required');
-    }
+    if (!t) return sendUnauthorized(reply, 'the ADMIN_TOKEN bearer token is required');
+    if (failures.saturated) return failures.throttle(req, reply);
+    // A wrong token is a guess (or a misconfiguration): slowed, capped and counted.
+    if (!sameSecret(t, adminSha)) return failures.reject(req, reply, 'the ADMIN_TOKEN bearer token is required');
     return undefined;
   });
 

@@ -2,7 +2,7 @@ import { readFile } from 'node:fs/promises';
 import type { FastifyInstance } from 'fastify';
 import type { BrokerCore } from '../broker.js';
 import { unusable } from '../credential.js';
-import { bearerToken, sameSecret, sha256 } from '../http/auth.js';
+import { AuthFailures, bearerToken, sameSecret, sha256 } from '../http/auth.js';
 import { sendProblem, sendUnauthorized } from '../http/problem.js';
 import { isoFromSeconds } from '../lib/time.js';
 import type { BrokerMetrics } from '../metrics.js';
@@ -17,6 +17,8 @@ export interface OpsRoutesOptions {
   isClient?: (token: string) => boolean;
   /** Refresh gauges that are computed rather than tracked (clients by state). */
   beforeScrape?: () => void;
+  /** Shared with the admin routes: a wrong token here is slowed and counted the same way. */
+  authFailures?: AuthFailures;
 }
 
 const SPEC_URL = new URL('../../openapi.yaml', import.meta.url);
@@ -26,6 +28,7 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
   const adminSha = o.adminToken ? sha256(o.adminToken) : undefined;
   const metricsSha = o.metricsToken ? sha256(o.metricsToken) : undefined;
   const { refresher } = o.core;
+  const failures = o.authFailures ?? new AuthFailures({ logger: app.log });
 
   // Readiness asks the database at most once a second, however often it is probed.
   let storeCheck: { at: number; ok: boolean; message?: string } | undefined;
@@ -97,9 +100,11 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
 
   app.get('/status', async (req, reply) => {
     const t = bearerToken(req);
+    if (t !== undefined && failures.saturated) return failures.throttle(req, reply);
     const ok = t !== undefined && ((adminSha !== undefined && sameSecret(t, adminSha)) || (o.isClient?.(t) ?? false));
     if (!ok) {
-      return sendUnauthorized(reply, adminSha ? 'an ADMIN_TOKEN or client bearer token is required' : 'a client bearer token is required (ADMIN_TOKEN is not set)');
+      const detail = adminSha ? 'an ADMIN_TOKEN or client bearer token is required' : 'a client bearer token is required (ADMIN_TOKEN is not set)';
+      return t === undefined ? sendUnauthorized(reply, detail) : failures.reject(req, reply, detail);
     }
     return { ...refresher.status(), listener: o.core.listener.connected ? 'connected' : 'disconnected' };
   });
