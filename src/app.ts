@@ -3,7 +3,8 @@ import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, t
 import type { BrokerCore } from './broker.js';
 import type { Config } from './config.js';
 import { guardConnections, serverTimeouts, type HttpLimitsConfig } from './http/connection-limits.js';
-import { errorHandler, notFoundHandler, sendProblem } from './http/problem.js';
+import { AuthFailures } from './http/auth.js';
+import { errorHandler, frameworkErrorHandler, notFoundHandler, sendProblem } from './http/problem.js';
 import { lazyChildLoggerFactory, requestIdGenerator } from './http/request-logger.js';
 import type { Logger } from './logger.js';
 import { labelled, type BrokerMetrics } from './metrics.js';
@@ -46,6 +47,7 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     childLoggerFactory: lazyChildLoggerFactory,
     return503OnClosing: true,
     ...serverTimeouts(o.config),
+    frameworkErrors: frameworkErrorHandler,
   });
   guardConnections(app.server, o.config, o.logger);
   app.setErrorHandler(errorHandler);
@@ -94,13 +96,24 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
 
   const now = o.now ?? Date.now;
   const { core, metrics } = o;
-  const renderer = new DocumentRenderer(core.refresher, o.config.REFRESH_TOKEN_EXPOSURE ?? 'proxy', now);
+  const exposure = o.config.REFRESH_TOKEN_EXPOSURE ?? 'proxy';
+  if (exposure === 'raw') {
+    o.logger.warn(
+      { event: 'refresh_token_exposure_raw' },
+      "REFRESH_TOKEN_EXPOSURE=raw serves the fleet's real upstream refresh token to every workspace: one workspace's `codex logout` without CODEX_REFRESH_TOKEN_URL_OVERRIDE revokes the shared login upstream, and any workspace can burn it. Use proxy unless you must",
+    );
+  }
+  const renderer = new DocumentRenderer(core.refresher, exposure, now);
+  // One count, one cap and one log line for every admin-token check (admin routes and /status).
+  const authFailures = new AuthFailures({ logger: o.logger });
+  app.addHook('onClose', async () => authFailures.flush());
   await app.register(opsRoutes, {
     core,
     metrics,
     adminToken: o.config.ADMIN_TOKEN,
     metricsToken: o.config.METRICS_TOKEN,
     now,
+    authFailures,
     // Platform workspace tokens are for the drop-in route only.
     isClient: (token) => core.clients.authenticate(token)?.kind === 'broker',
     beforeScrape: () => {
@@ -143,6 +156,7 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
       revoke: core.revoke,
       metrics,
       logins: core.logins,
+      authFailures,
     });
   }
   return app;

@@ -1,5 +1,6 @@
 import { decodeJwt } from 'jose';
 import { AuthJsonError } from './errors.js';
+import { isEpochSeconds, MAX_EPOCH_SECONDS } from './lib/time.js';
 
 export type JsonObject = Record<string, unknown>;
 export type Shape = 'nested' | 'flat';
@@ -102,6 +103,21 @@ function jwtPayload(token: string): JsonObject | undefined {
 }
 
 /**
+ * exp and iat, when present, must be numbers of seconds from 1970 to 2100. Out of range
+ * they are corrupt, not dates: the broker would schedule by them and format them. Both
+ * tokens are checked: the id_token is served to codex, which parses its claims, and a
+ * real login never carries such values, so a document that does is not one to store.
+ */
+function checkTimeClaims(field: string, claims: JsonObject | undefined): void {
+  for (const claim of ['exp', 'iat'] as const) {
+    if (claims === undefined || !Object.hasOwn(claims, claim)) continue;
+    if (!isEpochSeconds(claims[claim])) {
+      throw new AuthJsonError(`${field}.${claim}`, `must be a number of seconds from 0 to ${MAX_EPOCH_SECONDS} (1970 to 2100) when present`);
+    }
+  }
+}
+
+/**
  * Strict validation of a login about to be stored (seed, PUT /admin/credential): what
  * codex itself needs to accept the file. Throws AuthJsonError naming the field.
  */
@@ -125,11 +141,13 @@ export function validateSeed(input: string | unknown): ParsedCredential {
   if (typeof at !== 'string' || !jwtPayload(at)) throw new AuthJsonError('tokens.access_token', 'must be a three-part JWT with a JSON payload');
   const id = tokens['id_token'];
   if (typeof id !== 'string' || !jwtPayload(id)) throw new AuthJsonError('tokens.id_token', 'must be a three-part JWT with a JSON payload (codex rejects the file otherwise)');
+  checkTimeClaims('tokens.access_token', jwtPayload(at));
+  checkTimeClaims('tokens.id_token', jwtPayload(id));
   const acct = tokens['account_id'];
   if (acct !== undefined && acct !== null && typeof acct !== 'string') throw new AuthJsonError('tokens.account_id', 'must be a string when present');
   const lr = doc['last_refresh'];
-  if (lr !== undefined && lr !== null && (typeof lr !== 'string' || Number.isNaN(Date.parse(lr)))) {
-    throw new AuthJsonError('last_refresh', 'must be an RFC 3339 timestamp when present');
+  if (lr !== undefined && lr !== null && (typeof lr !== 'string' || !isEpochSeconds(Date.parse(lr) / 1000))) {
+    throw new AuthJsonError('last_refresh', 'must be an RFC 3339 timestamp from 1970 to 2100 when present');
   }
   return { doc, shape: 'nested', tokens: pickTokens(tokens) };
 }

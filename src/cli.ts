@@ -7,6 +7,7 @@ import { createPool, migrate } from './db.js';
 import { AuthJsonError, BrokerError, ConfigError } from './errors.js';
 import { readLatch } from './refresh-guards.js';
 import { createLogger, type Logger } from './logger.js';
+import { isoFromMs, isoFromSeconds } from './lib/time.js';
 import { ClientInputError, createClient, listClients, revokeClient } from './clients/client-store.js';
 import { loadCredentialSecret } from './clients/credentials.js';
 import { fdExhaustionReporter } from './http/connection-limits.js';
@@ -121,11 +122,11 @@ async function status(config: Config, logger: Logger, json: boolean): Promise<nu
       state: stateOf(snap, latched, Date.now(), config.REFRESH_MARGIN_SECONDS),
       accountId: snap.account.accountId ?? null,
       planType: snap.account.planType ?? null,
-      accessTokenExpiresAt: snap.claims.exp !== undefined ? new Date(snap.claims.exp * 1000).toISOString() : null,
-      lastRefresh: snap.lastRefreshMs !== undefined ? new Date(snap.lastRefreshMs).toISOString() : null,
+      accessTokenExpiresAt: isoFromSeconds(snap.claims.exp),
+      lastRefresh: isoFromMs(snap.lastRefreshMs),
       encryptionVersion: row.version,
-      updatedAt: row.updatedAt.toISOString(),
-      latch: latched ? { upstreamStatus: latch.status ?? null, upstreamCode: latch.code ?? null, at: latch.at.toISOString() } : null,
+      updatedAt: isoFromMs(row.updatedAt.getTime()),
+      latch: latched ? { upstreamStatus: latch.status ?? null, upstreamCode: latch.code ?? null, at: isoFromMs(latch.at.getTime()) } : null,
     };
   });
   if (json) console.log(JSON.stringify(report, null, 2));
@@ -157,7 +158,8 @@ async function clients(config: Config, logger: Logger, args: string[]): Promise<
       case 'list': {
         const rows = await listClients(pool);
         if (rows.length === 0) console.log('no clients');
-        for (const r of rows) console.log(`${r.name.padEnd(32)} ${(r.workspaceId ?? '-').padEnd(36)} ${r.tokenPrefix}…  last used ${r.lastUsedAt ?? 'never'}`);
+        // No part of a token: a prefix narrows a guess and ends up in screenshots and tickets.
+        for (const r of rows) console.log(`${r.name.padEnd(32)} ${(r.workspaceId ?? '-').padEnd(36)} last used ${r.lastUsedAt ?? 'never'}`);
         return 0;
       }
       case 'revoke': {

@@ -1,16 +1,21 @@
 import { decodeJwt } from 'jose';
+import { isEpochSeconds } from './lib/time.js';
 
 export interface AccessClaims {
   exp: number | undefined;
   iat: number | undefined;
 }
 
-/** exp/iat of a JWT, WITHOUT verifying the signature: the broker only schedules by them. */
+/**
+ * exp/iat of a JWT, WITHOUT verifying the signature: the broker only schedules by them.
+ * A claim outside 1970..2100 is unreadable (undefined), like a missing one: whatever a
+ * stored document holds, nothing downstream formats or compares a nonsense date.
+ */
 export function accessClaims(token: string | undefined): AccessClaims {
   if (!token) return { exp: undefined, iat: undefined };
   try {
     const c = decodeJwt(token);
-    const num = (v: unknown) => (typeof v === 'number' && Number.isFinite(v) ? v : undefined);
+    const num = (v: unknown) => (isEpochSeconds(v) ? v : undefined);
     return { exp: num(c.exp), iat: num(c.iat) };
   } catch {
     return { exp: undefined, iat: undefined };
@@ -35,6 +40,11 @@ export function isDue(claims: AccessClaims, nowMs: number, marginSeconds: number
   return claims.exp - nowMs / 1000 < refreshLeadSeconds(claims, marginSeconds);
 }
 
+/**
+ * The one definition of "expired", for serving, readiness, state and the shim: only a
+ * readable exp that has passed. A token with no readable exp is served, as codex itself
+ * keeps using one (it then goes by last_refresh); isDue makes the broker rotate it at once.
+ */
 export function isExpired(claims: AccessClaims, nowMs: number): boolean {
-  return claims.exp === undefined || claims.exp <= nowMs / 1000;
+  return claims.exp !== undefined && claims.exp <= nowMs / 1000;
 }

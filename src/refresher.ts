@@ -3,6 +3,7 @@ import { recordIntent, recordOutcome, rotatedWithin, unfinishedIntents, type Ref
 import { buildSnapshot, shortHash, stateOf, type Snapshot } from './credential.js';
 import type { PoolClient } from './db.js';
 import { isDue } from './due.js';
+import { isoFromMs, isoFromSeconds } from './lib/time.js';
 import { BrokerError, UpstreamError } from './errors.js';
 import { clearBackoff, readBackoff, readLatch, writeBackoff, writeLatch, type Latch } from './refresh-guards.js';
 import type { RotationJournal } from './journal.js';
@@ -133,13 +134,13 @@ export class Refresher {
 
   status() {
     const s = this.#snapshot;
-    const iso = (ms: number | undefined) => (ms === undefined ? null : new Date(ms).toISOString());
+    const iso = isoFromMs;
     return {
       state: this.state(),
       secretKey: this.#o.secretKey,
       accountId: s?.account.accountId ?? null,
       planType: s?.account.planType ?? null,
-      accessTokenExpiresAt: s?.claims.exp !== undefined ? new Date(s.claims.exp * 1000).toISOString() : null,
+      accessTokenExpiresAt: isoFromSeconds(s?.claims.exp),
       lastRotationAt: iso(s?.lastRefreshMs ?? this.#lastRotationAt),
       lastOutcome: this.#lastOutcome ? { outcome: this.#lastOutcome.outcome, at: iso(this.#lastOutcome.at) } : null,
       lastError: this.#storeError ?? this.#lastError ?? this.#readError ?? null,

@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto';
 import type { JsonObject } from './auth-json.js';
 import { generationOf } from './clients/credentials.js';
 import type { Client } from './clients/registry.js';
-import type { Snapshot } from './credential.js';
+import { unusable, type Snapshot } from './credential.js';
 import type { Refresher } from './refresher.js';
 
 export type Exposure = 'proxy' | 'omit' | 'raw';
@@ -33,6 +33,10 @@ interface Template {
   hash: string;
   /** Same bytes for every client (omit, raw): rendered once. */
   shared: Rendered | undefined;
+}
+
+function isObject(v: unknown): v is JsonObject {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
 }
 
 /** A string's JSON escaping without the quotes: per character, so pieces concatenate. */
@@ -119,13 +123,12 @@ export class DocumentRenderer {
 
   /** Why nothing can be served right now, or undefined when a token is usable. */
   unavailable(): Unavailable | undefined {
-    const snap = this.#refresher.current();
-    if (!snap || !snap.parsed.tokens.access_token) {
-      return { code: 'no_credential', detail: 'the broker holds no usable login; an operator must seed one (codex-auth-broker seed)' };
+    const why = unusable(this.#refresher.current(), this.#now());
+    if (why === 'no_credential') {
+      return { code: why, detail: 'the broker holds no usable login; an operator must seed one (codex-auth-broker seed)' };
     }
-    // A latched credential whose access token still works is the best the fleet has.
-    if (snap.claims.exp !== undefined && snap.claims.exp <= this.#now() / 1000) {
-      return { code: 'token_expired', detail: 'the held access token has expired and could not be refreshed yet; see /status' };
+    if (why === 'token_expired') {
+      return { code: why, detail: 'the held access token has expired and could not be refreshed yet; see /status' };
     }
     return undefined;
   }
@@ -137,9 +140,11 @@ export class DocumentRenderer {
 
   #templateFor(snap: Snapshot): Template {
     if (this.#template?.snap === snap) return this.#template;
-    const doc = codexDocument(snap);
-    const tokens = doc['tokens'] as JsonObject;
-    const generation = generationOf(String(tokens['access_token']));
+    const doc = codexDocument(snap, this.#exposure !== 'raw');
+    // Always an object here, even if scrubbing renamed a key that equalled the refresh token.
+    const tokens: JsonObject = isObject(doc['tokens']) ? doc['tokens'] : {};
+    doc['tokens'] = tokens;
+    const generation = generationOf(String(snap.parsed.tokens.access_token));
     let shared: Rendered | undefined;
     let pre = '';
     let post = '';
@@ -185,11 +190,17 @@ export class DocumentRenderer {
 /**
  * The stored document in the shape codex reads. A nested document is served as stored;
  * a flat one (the original refresher accepted both) is lifted into `tokens`, since codex
- * cannot read flat tokens.
+ * cannot read flat tokens. With `scrub`, every other copy of the upstream refresh token
+ * is cut out too (tokens.refresh_token is then set by the exposure policy).
  */
-export function codexDocument(snap: Snapshot): JsonObject {
+export function codexDocument(snap: Snapshot, scrub = false): JsonObject {
   const doc = structuredClone(snap.parsed.doc);
-  if (snap.parsed.shape === 'nested') return doc;
+  const rt = snap.parsed.tokens.refresh_token;
+  const lifted = snap.parsed.shape === 'nested' ? doc : liftFlat(doc);
+  return scrub && rt ? (withoutSecret(lifted, rt) as JsonObject) : lifted;
+}
+
+function liftFlat(doc: JsonObject): JsonObject {
   const tokens: JsonObject = {};
   for (const f of ['id_token', 'access_token', 'refresh_token', 'account_id'] as const) {
     if (f in doc) {
@@ -198,4 +209,35 @@ export function codexDocument(snap: Snapshot): JsonObject {
     }
   }
   return { OPENAI_API_KEY: null, ...doc, tokens };
+}
+
+/** Below this length a refresh token is cut out only where it is a whole value: a 3-character one would shred the JWTs. */
+const MIN_SUBSTRING_SECRET = 8;
+
+/**
+ * A copy of a JSON value with the secret cut out of every string (keys included) and
+ * every string field named refresh_token emptied. codex reads only tokens.refresh_token,
+ * but a stored document may hold the upstream refresh token elsewhere (a flat leftover
+ * beside `tokens`, an extra or nested field, an array): any served copy is the fleet's
+ * single-use login in a workspace's hands.
+ */
+export function withoutSecret(v: unknown, secret: string): unknown {
+  if (typeof v === 'string') {
+    if (v === secret) return '';
+    if (secret.length < MIN_SUBSTRING_SECRET) return v;
+    let out = v;
+    // Cutting one copy can join two halves into another: repeat until none is left.
+    while (out.includes(secret)) out = out.split(secret).join('');
+    return out;
+  }
+  if (Array.isArray(v)) return v.map((x) => withoutSecret(x, secret));
+  if (typeof v !== 'object' || v === null) return v;
+  const out: JsonObject = {};
+  for (const [k, x] of Object.entries(v)) {
+    // A field named refresh_token is one by its name, whatever it holds (an older or another login's).
+    const value = k === 'refresh_token' && typeof x === 'string' ? '' : withoutSecret(x, secret);
+    // defineProperty: a stored "__proto__" key stays a plain key, never a prototype.
+    Object.defineProperty(out, withoutSecret(k, secret) as string, { value, enumerable: true, writable: true, configurable: true });
+  }
+  return out;
 }

@@ -260,6 +260,24 @@ describe('auth-json: validateSeed', () => {
     expectAuthJsonError(() => validateSeed(JSON.stringify(codexAuthJson({ top: { last_refresh: 12 } }))), 'last_refresh');
   });
 
+  test('rejects an exp or iat outside 1970..2100 (or not a number) in either token, naming the claim', () => {
+    for (const bad of [1e13, -1, 4_102_444_801, '1900000000', null, true, [1], { n: 1 }]) {
+      for (const claim of ['exp', 'iat']) {
+        const payload = { iat: NOW_SEC, exp: NOW_SEC + 3600, [claim]: bad };
+        expectAuthJsonError(() => validateSeed(codexAuthJson({ tokens: { access_token: jwt(payload) } })), `tokens.access_token.${claim}`);
+        expectAuthJsonError(() => validateSeed(codexAuthJson({ tokens: { id_token: jwt(payload) } })), `tokens.id_token.${claim}`);
+      }
+    }
+    expectAuthJsonError(() => validateSeed(codexAuthJson({ top: { last_refresh: '2100-01-01T00:00:01Z' } })), 'last_refresh');
+    expectAuthJsonError(() => validateSeed(codexAuthJson({ top: { last_refresh: '1969-12-31T23:59:59Z' } })), 'last_refresh');
+  });
+
+  test('accepts exp and iat at the edges of the range, and a token with neither', () => {
+    for (const payload of [{ exp: 4_102_444_800, iat: 0 }, { exp: 0 }, {}, { exp: NOW_SEC + 0.5 }]) {
+      assert.equal(validateSeed(codexAuthJson({ tokens: { access_token: jwt(payload), id_token: jwt(payload) } })).tokens.access_token, jwt(payload));
+    }
+  });
+
   test('rejects a document over 1 MiB naming the document', () => {
     const doc = codexAuthJson({ top: { padding: 'x'.repeat(MAX_DOCUMENT_BYTES) } });
     const text = JSON.stringify(doc);

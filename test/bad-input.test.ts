@@ -17,6 +17,8 @@ const TWO_MIB = 2 * 1024 * 1024;
 const admin = { authorization: `Bearer ${ADMIN_TOKEN}` };
 
 const suite = useSuite();
+const handJwt = (payload: Record<string, unknown>) => ['{"alg":"none"}', JSON.stringify(payload), 'sig'].map((p) => Buffer.from(p).toString('base64url')).join('.');
+const tok = (doc: Record<string, unknown>, f: string) => (doc['tokens'] as Record<string, string>)[f]!;
 const outputs: string[] = [];
 
 interface Row {
@@ -55,7 +57,15 @@ describe('PUT /admin/credential and seed refuse bad documents', () => {
     const json = { 'content-type': 'application/json' };
     const cases: Array<{ name: string; payload: string; headers?: Record<string, string>; status: number; field?: string; detail?: RegExp }> = [
       { name: 'non-JSON', payload: '{"tokens": ', headers: json, status: 400, detail: /JSON/ },
-      { name: 'non-JSON as text', payload: 'tokens=1', headers: { 'content-type': 'text/plain' }, status: 400, field: 'document' },
+      { name: 'non-JSON as text', payload: 'tokens=1', headers: { 'content-type': 'text/plain' }, status: 415, detail: /content-type|media type/i },
+      { name: 'a good document as text/plain', payload: JSON.stringify(upstream.seed()), headers: { 'content-type': 'text/plain' }, status: 415, detail: /content-type|media type/i },
+      { name: 'exp past 2100 (1e13)', payload: JSON.stringify({ tokens: { ...gt, access_token: tok(upstream.seed({ expSec: 1e13 }), 'access_token') } }), headers: json, status: 400, field: 'tokens.access_token.exp' },
+      { name: 'exp just past 2100', payload: JSON.stringify({ tokens: { ...gt, access_token: handJwt({ exp: 4_102_444_801 }) } }), headers: json, status: 400, field: 'tokens.access_token.exp' },
+      { name: 'negative iat', payload: JSON.stringify({ tokens: { ...gt, access_token: handJwt({ iat: -1, exp: 1_900_000_000 }) } }), headers: json, status: 400, field: 'tokens.access_token.iat' },
+      { name: 'exp a string', payload: JSON.stringify({ tokens: { ...gt, access_token: handJwt({ exp: '1900000000' }) } }), headers: json, status: 400, field: 'tokens.access_token.exp' },
+      { name: 'exp null', payload: JSON.stringify({ tokens: { ...gt, access_token: handJwt({ exp: null }) } }), headers: json, status: 400, field: 'tokens.access_token.exp' },
+      { name: 'id_token exp past 2100', payload: JSON.stringify({ tokens: { ...gt, id_token: handJwt({ exp: 1e13, email: 'a@b' }) } }), headers: json, status: 400, field: 'tokens.id_token.exp' },
+      { name: 'last_refresh past 2100', payload: JSON.stringify({ tokens: gt, last_refresh: '2200-01-01T00:00:00Z' }), headers: json, status: 400, field: 'last_refresh' },
       { name: 'an array', payload: '[1, 2]', headers: json, status: 400, field: 'document' },
       { name: 'a string', payload: '"auth.json"', headers: json, status: 400, field: 'document' },
       { name: 'missing tokens', payload: JSON.stringify({ OPENAI_API_KEY: null }), headers: json, status: 400, field: 'tokens' },
@@ -70,10 +80,10 @@ describe('PUT /admin/credential and seed refuse bad documents', () => {
       { name: 'id_token with a non-JSON payload', payload: JSON.stringify({ tokens: { ...gt, id_token: 'a.b.c' } }), headers: json, status: 400, field: 'tokens.id_token' },
       { name: 'id_token missing', payload: JSON.stringify({ tokens: { ...gt, id_token: undefined } }), headers: json, status: 400, field: 'tokens.id_token' },
       { name: 'a 2 MiB document', payload: JSON.stringify({ tokens: gt, pad: 'a'.repeat(TWO_MIB) }), headers: json, status: 413, detail: /too large/i },
-      { name: 'a 2 MiB document as text', payload: JSON.stringify({ tokens: gt, pad: 'a'.repeat(TWO_MIB) }), headers: { 'content-type': 'text/plain' }, status: 413, detail: /too large/i },
+      { name: 'a 2 MiB document as text', payload: JSON.stringify({ tokens: gt, pad: 'a'.repeat(TWO_MIB) }), headers: { 'content-type': 'text/plain' }, status: 415, detail: /content-type|media type/i },
       { name: 'a __proto__ key', payload: `{"__proto__": {"admin": true}, "tokens": ${JSON.stringify(gt)}}`, headers: json, status: 400, field: 'document', detail: /__proto__/ },
       { name: 'a nested __proto__ key', payload: `{"tokens": ${JSON.stringify(gt).slice(0, -1)}, "__proto__": {"x": 1}}}`, headers: json, status: 400, field: 'document', detail: /__proto__/ },
-      { name: 'a __proto__ key as text', payload: `{"__proto__": {"admin": true}, "tokens": ${JSON.stringify(gt)}}`, headers: { 'content-type': 'text/plain' }, status: 400, field: 'document' },
+      { name: 'a __proto__ key as text', payload: `{"__proto__": {"admin": true}, "tokens": ${JSON.stringify(gt)}}`, headers: { 'content-type': 'text/plain' }, status: 415 },
       { name: 'a constructor key', payload: JSON.stringify({ constructor: { prototype: 1 }, tokens: gt }), headers: json, status: 400, field: 'document', detail: /constructor/ },
       { name: 'wrong content type (xml)', payload: '<auth/>', headers: { 'content-type': 'application/xml' }, status: 415, detail: /content-type|media type/i },
       { name: 'wrong content type (form)', payload: `tokens=${encodeURIComponent(JSON.stringify(gt))}`, headers: { 'content-type': 'application/x-www-form-urlencoded' }, status: 415, detail: /content-type|media type/i },
@@ -158,6 +168,38 @@ describe('names, headers and bodies at the edge', () => {
       ['a'.repeat(64)],
       'no rejected name was stored',
     );
+  });
+
+  test('DELETE /admin/clients with a NUL, invalid UTF-8 or an over-long name is a 4xx problem, never a database error', async () => {
+    const { t } = await seededApp();
+    const names = ['a%00b', '%00', 'a%ffb', '%c3%28', '%ed%a0%80', 'a'.repeat(65), 'a'.repeat(300), '%E2%80%A8', '..', 'a b'.replace(' ', '%20')];
+    for (const name of names) {
+      const res = await t.app.inject({ method: 'DELETE', url: `/admin/clients/${name}`, headers: admin });
+      outputs.push(res.body);
+      assert.ok(res.statusCode === 404 || res.statusCode === 400, `${name.slice(0, 20)}: ${res.statusCode} ${res.body}`);
+      assert.match(String(res.headers['content-type']), /^application\/problem\+json/, name.slice(0, 20));
+      assert.doesNotMatch(res.body, /22021|22P05|sqlstate|invalid byte sequence|internal_error/i, name.slice(0, 20));
+    }
+    assert.deepEqual(t.logs.withEvent('request_failed'), [], 'no request failed inside a route');
+  });
+
+  test('a 500 answers code internal_error, never the error\'s own code (a SQLSTATE, an errno)', async () => {
+    const { t } = await seededApp();
+    // The pool itself failing mid-request: what a database error looks like to a route.
+    const query = t.core.pool.query.bind(t.core.pool);
+    t.core.pool.query = (() => Promise.reject(Object.assign(new Error('invalid byte sequence for encoding "UTF8": 0x00'), { code: '22021' }))) as unknown as typeof t.core.pool.query;
+    try {
+      const res = await t.app.inject({ method: 'GET', url: '/admin/events', headers: admin });
+      assert.equal(res.statusCode, 500);
+      const body = res.json<{ code: string; type: string; detail: string }>();
+      assert.equal(body.code, 'internal_error');
+      assert.match(body.type, /\/internal_error$/);
+      assert.doesNotMatch(res.body, /22021|UTF8|0x00/);
+    } finally {
+      t.core.pool.query = query;
+    }
+    // The log line keeps the code for the operator.
+    assert.ok(t.logs.withEvent('request_failed').some((l) => JSON.stringify(l).includes('22021')));
   });
 
   test('headers with absurd sizes get 431, not a crash', async () => {

@@ -9,7 +9,7 @@ import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
 import { openForPostgresUser } from '../src/embedded.js';
 import { FakeUpstream } from './helpers/fake-upstream.js';
-import { findLeaks } from './helpers/logs.js';
+import { findLeaks, findSlices } from './helpers/logs.js';
 import { freePort, startTestPostgres, type TestPostgres } from './helpers/pg.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
@@ -246,6 +246,67 @@ describe('seed and status', () => {
     const v7 = await run(['status', '--json'], env);
     assert.equal(v7.code, 3);
     assert.match(JSON.parse(v7.stdout).detail, /encryption_version 7/);
+  });
+});
+
+describe('values in range', () => {
+  /** A row as the platform's Go code writes it (AES-256-GCM, v1): what no seed validation saw. */
+  async function putV1(url: string, doc: unknown) {
+    const nonce = randomBytes(12);
+    const c = createCipheriv('aes-256-gcm', Buffer.from(KEY_B64, 'base64'), nonce);
+    const sealed = Buffer.concat([nonce, c.update(Buffer.from(JSON.stringify(doc))), c.final(), c.getAuthTag()]);
+    const client = new pg.Client({ connectionString: url });
+    await client.connect();
+    await client.query("INSERT INTO global_secrets (key, encrypted_value, encryption_version) VALUES ('CODEX_AUTH_JSON', $1, 1)", [sealed]);
+    await client.end();
+  }
+
+  test('seed refuses an exp or iat outside 1970..2100, naming the field, and stores nothing', async () => {
+    const url = await pgServer.newDatabase();
+    const dir = tmpDir();
+    const env = { DATABASE_URL: url, SECRETS_ENCRYPTION_KEY: KEY_B64 };
+    assert.equal((await run(['migrate'], env)).code, 0);
+    const cases: Array<[string, unknown, RegExp]> = [
+      ['exp-1e13', upstream.seed({ expSec: 1e13 }), /tokens\.access_token\.exp: must be a number of seconds/],
+      ['iat-negative', upstream.seed({ iatSec: -5, expSec: 1_900_000_000 }), /tokens\.access_token\.iat/],
+    ];
+    for (const [name, body, expected] of cases) {
+      const r = await run(['seed', writeJson(dir, `${name}.json`, body)], env);
+      assert.equal(r.code, 2, `${name}: ${r.stderr}`);
+      assert.match(r.stderr, expected, name);
+      assert.match(r.stderr, /Nothing was stored/);
+      assert.doesNotMatch(r.stderr, /seed failed/);
+    }
+    assert.equal(await rowBytes(url), undefined);
+  });
+
+  test('status of a stored row with an exp past 2100 prints the state, never a date error', async () => {
+    const url = await pgServer.newDatabase();
+    const env = { DATABASE_URL: url, SECRETS_ENCRYPTION_KEY: KEY_B64 };
+    assert.equal((await run(['migrate'], env)).code, 0);
+    await putV1(url, upstream.seed({ expSec: 1e13 }));
+    const st = await run(['status', '--json'], env);
+    assert.doesNotMatch(st.stderr, /Invalid time value|failed/);
+    const report = JSON.parse(st.stdout);
+    // An unreadable exp: due (the broker rotates it at once), no expiry shown.
+    assert.equal(report.state, 'due');
+    assert.equal(report.accessTokenExpiresAt, null);
+  });
+
+  test('clients list shows no part of any client token', async () => {
+    const url = await pgServer.newDatabase();
+    const env = { DATABASE_URL: url, SECRETS_ENCRYPTION_KEY: KEY_B64 };
+    const secrets: string[] = [];
+    for (const name of ['list-a', 'list-b']) {
+      const r = await run(['clients', 'add', name], env);
+      assert.equal(r.code, 0, r.stderr);
+      for (const m of r.stdout.matchAll(/^(?:token|refresh credential)\s+(\S+)$/gm)) secrets.push(m[1]!);
+    }
+    assert.equal(secrets.length, 4);
+    const list = await run(['clients', 'list'], env);
+    assert.equal(list.code, 0, list.stderr);
+    assert.match(list.stdout, /list-a/);
+    assert.deepEqual(findSlices(list.stdout + list.stderr, secrets), []);
   });
 });
 

@@ -1,4 +1,5 @@
 import { strict as assert } from 'node:assert';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { randomUUID } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
@@ -407,6 +408,37 @@ test('with ADMIN_TOKEN unset, the admin routes answer a documented 404', async (
       check('admin off', res, path, method);
     }
   }
+  assert.deepEqual(violations.slice(before), []);
+});
+
+test('a flood of wrong admin tokens gets a documented 429 on every admin route and /status; a stale seed a documented 409', async () => {
+  if (!spec) spec = (await SwaggerParser.validate(SPEC_PATH)) as unknown as Spec;
+  const t = await setup();
+  const before = violations.length;
+  // Fill every delayed-answer slot with wrong guesses; while they are held, a route answers 429 unchecked.
+  const pending: Promise<unknown>[] = [];
+  for (const [path, ops] of Object.entries(spec.paths)) {
+    if (!path.startsWith('/admin/') && path !== '/status') continue;
+    for (const method of Object.keys(ops) as Method[]) {
+      const url = path.replace(/\{[^}]+\}/g, 'someone');
+      let res;
+      for (let attempt = 0; attempt < 20; attempt++) {
+        pending.push(...Array.from({ length: 40 }, () => req(t, { method: 'GET', url: '/admin/clients', token: 'wrong-admin-token-0123456789' })));
+        await sleep(20);
+        res = await req(t, { method: method.toUpperCase() as 'GET', url, token: 'another-wrong-token-0123456789', ...(method === 'put' || method === 'post' ? { payload: {} } : {}) });
+        if (res.statusCode === 429) break;
+      }
+      assert.equal(res?.statusCode, 429, `${method} ${url}: ${res?.body}`);
+      check('auth flood', res!, path, method);
+    }
+  }
+  await Promise.all(pending);
+  // The stale-seed guard's 409.
+  const nowSec = Math.floor(Date.now() / 1000);
+  const newer = t.upstream.seed({ accountId: 'acct-contract', iatSec: nowSec - 60 });
+  const older = t.upstream.seed({ accountId: 'acct-contract', iatSec: nowSec - 86_400 });
+  await expect(t, 'seed', '/admin/credential', { method: 'PUT', url: '/admin/credential', token: ADMIN_TOKEN, payload: newer }, 200);
+  await expect(t, 'stale seed', '/admin/credential', { method: 'PUT', url: '/admin/credential', token: ADMIN_TOKEN, payload: older }, 409);
   assert.deepEqual(violations.slice(before), []);
 });
 

@@ -39,6 +39,12 @@ describe('due: accessClaims (decoded WITHOUT verifying the signature)', () => {
     assert.deepEqual(accessClaims(`${Buffer.from('{}').toString('base64url')}.${Buffer.from('nope').toString('base64url')}.x`), none);
   });
 
+  test('an exp or iat outside 1970..2100 is unreadable, like a missing one', () => {
+    const none = { exp: undefined, iat: undefined };
+    for (const v of [1e13, -1, 4_102_444_801, Number.MAX_VALUE, 1e308]) assert.deepEqual(accessClaims(handJwt({ exp: v, iat: v })), none, String(v));
+    assert.deepEqual(accessClaims(handJwt({ exp: 4_102_444_800, iat: 0 })), { exp: 4_102_444_800, iat: 0 });
+  });
+
   test('a non-numeric exp or iat is unreadable', () => {
     assert.deepEqual(accessClaims(handJwt({ exp: String(T0), iat: 'yesterday' })), { exp: undefined, iat: undefined });
     assert.deepEqual(accessClaims(handJwt({ iat: T0 })), { exp: undefined, iat: T0 });
@@ -134,8 +140,9 @@ describe('due: isExpired', () => {
     assert.equal(isExpired(claims, atSec(claims.exp) + 1), true);
   });
 
-  test('no readable exp counts as expired (never served as usable)', () => {
-    assert.equal(isExpired({ exp: undefined, iat: undefined }, atSec(T0)), true);
-    assert.equal(isExpired(accessClaims('opaque'), atSec(T0)), true);
+  test('no readable exp is not expired (served, as codex uses it; isDue rotates it at once)', () => {
+    assert.equal(isExpired({ exp: undefined, iat: undefined }, atSec(T0)), false);
+    assert.equal(isExpired(accessClaims('opaque'), atSec(T0)), false);
+    assert.equal(isDue(accessClaims('opaque'), atSec(T0), MARGIN), true);
   });
 });

@@ -17,6 +17,7 @@ function generator(rand: () => number) {
   const token = (): unknown =>
     pick<() => unknown>([
       () => jwt(JSON.stringify({ exp: 1_900_000_000 + int(1000), sub: `u${int(99)}` })),
+      () => jwt(JSON.stringify({ exp: pick([1e13, -1, 4_102_444_801, '1900000000', null, 0, 4_102_444_800]), iat: pick([0, -5, 1e13, 'x', 1_700_000_000]) })),
       () => jwt('{}'),
       () => jwt('[1,2]'),
       () => jwt('null'),
@@ -99,6 +100,12 @@ function codexJwt(v: unknown): boolean {
   }
 }
 
+/** exp and iat, when present, are seconds from 1970 to 2100 (in both tokens). */
+function timesInRange(token: unknown): boolean {
+  const claims = JSON.parse(Buffer.from(String(token).split('.')[1]!, 'base64url').toString('utf8')) as JsonObject;
+  return ['exp', 'iat'].every((c) => !Object.hasOwn(claims, c) || (typeof claims[c] === 'number' && (claims[c] as number) >= 0 && (claims[c] as number) <= 4_102_444_800));
+}
+
 function oracle(text: string): boolean {
   let doc: unknown;
   try {
@@ -112,10 +119,11 @@ function oracle(text: string): boolean {
   const rt = t['refresh_token'];
   if (typeof rt !== 'string' || rt.trim() === '') return false;
   if (!codexJwt(t['access_token']) || !codexJwt(t['id_token'])) return false;
+  if (!timesInRange(t['access_token']) || !timesInRange(t['id_token'])) return false;
   const acct = t['account_id'];
   if (acct !== undefined && acct !== null && typeof acct !== 'string') return false;
   const lr = doc['last_refresh'];
-  if (lr !== undefined && lr !== null && (typeof lr !== 'string' || Number.isNaN(Date.parse(lr)))) return false;
+  if (lr !== undefined && lr !== null && (typeof lr !== 'string' || !(Date.parse(lr) >= 0 && Date.parse(lr) <= 4_102_444_800_000))) return false;
   return true;
 }
 

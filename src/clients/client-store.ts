@@ -26,7 +26,6 @@ export interface NewClient {
 export interface ClientRow {
   name: string;
   workspaceId: string | null;
-  tokenPrefix: string;
   createdAt: string;
   lastUsedAt: string | null;
   lastServedGeneration: string | null;
@@ -54,7 +53,8 @@ export async function createClient(pool: Pool, secret: Buffer, nameIn: unknown, 
        INSERT INTO broker_clients (name, workspace_id, token_sha256, token_prefix, refresh_credential_sha256)
        VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING RETURNING created_at)
      SELECT created_at, pg_notify($6, $1) FROM ins`,
-    [name, workspaceId, tokenSha, token.slice(0, 8), sha256(credential), CLIENTS_CHANNEL],
+    // token_prefix (NOT NULL since migration 004) stays empty: no part of a token is kept in clear.
+    [name, workspaceId, tokenSha, '', sha256(credential), CLIENTS_CHANNEL],
   );
   const row = r.rows[0];
   if (!row) throw new ClientInputError('name', `a client named ${name} already exists (revoke it first, or choose another name)`);
@@ -65,20 +65,18 @@ export async function listClients(pool: Pool, includeRevoked = false): Promise<C
   const r = await pool.query<{
     name: string;
     workspace_id: string | null;
-    token_prefix: string;
     created_at: Date;
     last_used_at: Date | null;
     last_served_generation: string | null;
     revoked_at: Date | null;
   }>(
-    `SELECT name, workspace_id::text AS workspace_id, token_prefix, created_at, last_used_at, last_served_generation, revoked_at
+    `SELECT name, workspace_id::text AS workspace_id, created_at, last_used_at, last_served_generation, revoked_at
      FROM broker_clients ${includeRevoked ? '' : 'WHERE revoked_at IS NULL'} ORDER BY name`,
   );
   const iso = (d: Date | null) => (d ? d.toISOString() : null);
   return r.rows.map((x) => ({
     name: x.name,
     workspaceId: x.workspace_id,
-    tokenPrefix: x.token_prefix,
     createdAt: x.created_at.toISOString(),
     lastUsedAt: iso(x.last_used_at),
     lastServedGeneration: x.last_served_generation,
@@ -91,6 +89,9 @@ export async function listClients(pool: Pool, includeRevoked = false): Promise<C
  * replica drops the client from memory on the NOTIFY.
  */
 export async function revokeClient(pool: Pool, name: string): Promise<boolean> {
+  // No live client can have any other name, and a NUL or invalid UTF-8 would make
+  // Postgres itself fail the query: answer "no such client" before asking it.
+  if (!CLIENT_NAME.test(name)) return false;
   const r = await pool.query(
     `WITH upd AS (
        UPDATE broker_clients SET revoked_at = now(), name = name || '~revoked~' || extract(epoch from now())::bigint::text || '~' || left(id::text, 8)

@@ -39,13 +39,28 @@ const TITLES: Record<number, string> = {
   503: 'Service Unavailable',
 };
 
+/**
+ * A 4xx code a client may see: a framework name such as FST_ERR_CTP_INVALID_MEDIA_TYPE.
+ * Anything else (a SQLSTATE like 22021, an errno) names the broker's insides: it is
+ * logged, never answered. A 5xx always says internal_error.
+ */
+function publicCode(code: string | undefined): string {
+  return code !== undefined && /^FST_[A-Z0-9_]+$/.test(code) ? code.toLowerCase() : 'bad_request';
+}
+
 export function errorHandler(err: FastifyError, req: FastifyRequest, reply: FastifyReply): FastifyReply {
   const status = err.statusCode && err.statusCode >= 400 && err.statusCode < 600 ? err.statusCode : 500;
   if (status >= 500) req.log.error({ event: 'request_failed', err: { message: err.message, code: err.code } }, 'request failed');
-  const code = err.validation ? 'invalid_request' : (err.code ?? 'internal_error').toLowerCase();
+  const code = status >= 500 ? 'internal_error' : err.validation ? 'invalid_request' : publicCode(err.code);
   // Validation and parser messages name the field, never echo values; a 500 says nothing internal.
   const detail = status >= 500 ? 'the broker failed to handle this request; see its logs' : err.message;
   return sendProblem(reply, { status, code, title: TITLES[status] ?? 'Error', detail });
+}
+
+/** URLs the router cannot decode (bad percent-encoding, a path segment over 100 characters): 400, not the framework's own JSON. */
+export function frameworkErrorHandler(err: FastifyError, _req: FastifyRequest, reply: FastifyReply): FastifyReply {
+  const detail = err.code === 'FST_ERR_MAX_PARAM_LENGTH' ? 'a path segment is longer than 100 characters' : 'the URL is not valid (bad percent-encoding or invalid UTF-8)';
+  return sendProblem(reply, { status: 400, code: 'invalid_url', title: 'Bad Request', detail });
 }
 
 export function notFoundHandler(req: FastifyRequest, reply: FastifyReply): FastifyReply {

@@ -4,7 +4,7 @@ import { ClientInputError, createClient, listClients, revokeClient } from '../cl
 import type { ClientRegistry } from '../clients/registry.js';
 import type { Pool } from '../db.js';
 import { AuthJsonError } from '../errors.js';
-import { bearerToken, sameSecret, sha256 } from '../http/auth.js';
+import { AuthFailures, bearerToken, sameSecret, sha256 } from '../http/auth.js';
 import { sendProblem, sendUnauthorized } from '../http/problem.js';
 import { latestEvents } from '../audit.js';
 import type { Logger } from '../logger.js';
@@ -31,16 +31,20 @@ export interface AdminRoutesOptions {
   revoke: RevokeFn;
   metrics: BrokerMetrics;
   logins?: LoginManager;
+  /** Shared with /status, so one count and one cap cover every admin-token check. */
+  authFailures?: AuthFailures;
 }
 
 /** Operator routes behind ADMIN_TOKEN. Registered only when ADMIN_TOKEN is set. */
 export async function adminRoutes(app: FastifyInstance, o: AdminRoutesOptions): Promise<void> {
   const adminSha = sha256(o.adminToken);
+  const failures = o.authFailures ?? new AuthFailures({ logger: app.log });
   app.addHook('onRequest', async (req, reply) => {
     const t = bearerToken(req);
-    if (!t || !sameSecret(t, adminSha)) {
-      return sendUnauthorized(reply, 'the ADMIN_TOKEN bearer token is required');
-    }
+    if (!t) return sendUnauthorized(reply, 'the ADMIN_TOKEN bearer token is required');
+    if (failures.saturated) return failures.throttle(req, reply);
+    // A wrong token is a guess (or a misconfiguration): slowed, capped and counted.
+    if (!sameSecret(t, adminSha)) return failures.reject(req, reply, 'the ADMIN_TOKEN bearer token is required');
     return undefined;
   });
   // In this plugin's scope, so the admin check above guards the login routes too.
@@ -50,7 +54,8 @@ export async function adminRoutes(app: FastifyInstance, o: AdminRoutesOptions): 
   // the framework's parser refuses a `__proto__` key as "not valid JSON" without naming
   // it; validateSeed names the field (size and JSON errors included).
   await app.register(async (scope) => {
-    scope.removeContentTypeParser('application/json');
+    // Only JSON: a text/plain body would otherwise reach validateSeed through the default parser.
+    scope.removeAllContentTypeParsers();
     scope.addContentTypeParser('application/json', { parseAs: 'string' }, (_req, body, done) => done(null, body));
     scope.put<{ Querystring: { force?: string } }>('/admin/credential', async (req, reply) => {
       const force = req.query.force;
@@ -150,7 +155,6 @@ export async function adminRoutes(app: FastifyInstance, o: AdminRoutesOptions): 
       clients: rows.map((r) => ({
         name: r.name,
         workspaceId: r.workspaceId,
-        tokenPrefix: r.tokenPrefix,
         createdAt: r.createdAt,
         lastUsedAt: r.lastUsedAt,
         holdsCurrentToken: current !== undefined && r.lastServedGeneration === current,

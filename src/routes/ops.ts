@@ -1,8 +1,10 @@
 import { readFile } from 'node:fs/promises';
 import type { FastifyInstance } from 'fastify';
 import type { BrokerCore } from '../broker.js';
-import { bearerToken, sameSecret, sha256 } from '../http/auth.js';
+import { unusable } from '../credential.js';
+import { AuthFailures, bearerToken, sameSecret, sha256 } from '../http/auth.js';
 import { sendProblem, sendUnauthorized } from '../http/problem.js';
+import { isoFromSeconds } from '../lib/time.js';
 import type { BrokerMetrics } from '../metrics.js';
 
 export interface OpsRoutesOptions {
@@ -15,6 +17,8 @@ export interface OpsRoutesOptions {
   isClient?: (token: string) => boolean;
   /** Refresh gauges that are computed rather than tracked (clients by state). */
   beforeScrape?: () => void;
+  /** Shared with the admin routes: a wrong token here is slowed and counted the same way. */
+  authFailures?: AuthFailures;
 }
 
 const SPEC_URL = new URL('../../openapi.yaml', import.meta.url);
@@ -24,6 +28,7 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
   const adminSha = o.adminToken ? sha256(o.adminToken) : undefined;
   const metricsSha = o.metricsToken ? sha256(o.metricsToken) : undefined;
   const { refresher } = o.core;
+  const failures = o.authFailures ?? new AuthFailures({ logger: app.log });
 
   // Readiness asks the database at most once a second, however often it is probed.
   let storeCheck: { at: number; ok: boolean; message?: string } | undefined;
@@ -55,8 +60,8 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
     const store = await storeReachable();
     const snap = refresher.current();
     const state = refresher.state();
-    const exp = snap?.claims.exp;
-    const unexpired = exp !== undefined && exp > o.now() / 1000;
+    // The same rule GET /codex-auth serves by: ready exactly when a workspace would get a token.
+    const why = unusable(snap, o.now());
     const pending = refresher.pending !== undefined;
     // A pending rotation is the only valid token: keep serving it even with the store down.
     if (!store.ok && !pending) {
@@ -68,17 +73,17 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
         headers: { 'retry-after': '5' },
       });
     }
-    if (!unexpired) {
-      const code = !snap ? (state === 'invalid' ? 'credential_unreadable' : 'no_credential') : 'token_expired';
+    if (why) {
+      const code = !snap && state === 'invalid' ? 'credential_unreadable' : why;
       const detail =
         code === 'no_credential'
-          ? 'no credential is stored: run `codex-auth-broker seed auth.json` or PUT /admin/credential'
+          ? 'no usable credential is stored: run `codex-auth-broker seed auth.json` or PUT /admin/credential'
           : code === 'credential_unreadable'
             ? `the stored credential cannot be read (${refresher.readError?.code ?? 'unknown'}); see /status and the logs`
             : 'the held access token has expired; see /status for the last refresh error';
       return sendProblem(reply, { status: 503, code, title: 'Service Unavailable', detail, headers: { 'retry-after': '30' } });
     }
-    return { status: 'ready', credentialState: state, accessTokenExpiresAt: new Date((exp ?? 0) * 1000).toISOString(), writebackPending: pending };
+    return { status: 'ready', credentialState: state, accessTokenExpiresAt: isoFromSeconds(snap?.claims.exp), writebackPending: pending };
   });
 
   app.get('/metrics', async (req, reply) => {
@@ -95,9 +100,11 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
 
   app.get('/status', async (req, reply) => {
     const t = bearerToken(req);
+    if (t !== undefined && failures.saturated) return failures.throttle(req, reply);
     const ok = t !== undefined && ((adminSha !== undefined && sameSecret(t, adminSha)) || (o.isClient?.(t) ?? false));
     if (!ok) {
-      return sendUnauthorized(reply, adminSha ? 'an ADMIN_TOKEN or client bearer token is required' : 'a client bearer token is required (ADMIN_TOKEN is not set)');
+      const detail = adminSha ? 'an ADMIN_TOKEN or client bearer token is required' : 'a client bearer token is required (ADMIN_TOKEN is not set)';
+      return t === undefined ? sendUnauthorized(reply, detail) : failures.reject(req, reply, detail);
     }
     return { ...refresher.status(), listener: o.core.listener.connected ? 'connected' : 'disconnected' };
   });

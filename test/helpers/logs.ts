@@ -39,3 +39,17 @@ export function findLeaks(texts: Iterable<string>, secrets: Iterable<string>): s
   }
   return leaks;
 }
+
+/** Every secret that shares a substring of `len` characters or more with the text (a prefix shown in a list, say). */
+export function findSlices(text: string, secrets: Iterable<string>, len = 6): string[] {
+  const hits: string[] = [];
+  for (const s of secrets) {
+    for (let i = 0; i + len <= s.length; i++) {
+      if (text.includes(s.slice(i, i + len))) {
+        hits.push(`${s.slice(i, i + len)} (offset ${i})`);
+        break;
+      }
+    }
+  }
+  return hits;
+}
