@@ -1,18 +1,20 @@
-import { mergeRotation, type RotationResponse } from './auth-json.js';
-import { recordIntent, recordOutcome, rotatedWithin, unfinishedIntents, type RefreshEvent } from './audit.js';
-import { buildSnapshot, shortHash, stateOf, type Snapshot } from './credential.js';
-import type { PoolClient } from './db.js';
+import type { RefreshEvent } from './audit.js';
+import type { Snapshot } from './credential.js';
+import { attemptRefresh, type AttemptOutcome } from './credential/attempt.js';
+import { describeLogin } from './credential/describe.js';
+import { CredentialHolder, type SanitisedError } from './credential/holder.js';
+import { databaseLedger, type Latch, type Ledger } from './credential/ledger.js';
 import { isDue } from './due.js';
-import { isoFromMs, isoFromSeconds } from './lib/time.js';
-import { BrokerError, UpstreamError } from './errors.js';
-import { clearBackoff, readBackoff, readLatch, writeBackoff, writeLatch, type Latch } from './refresh-guards.js';
 import type { RotationJournal } from './journal.js';
-import { RefreshLoop } from './refresh-loop.js';
+import { isoFromMs } from './lib/time.js';
 import type { Logger } from './logger.js';
-import { setCredentialState, type AttemptOutcome, type BrokerMetrics, type CheckResult, type CredentialState } from './metrics.js';
+import { setCredentialState, type AttemptOutcome as AttemptMetric, type BrokerMetrics, type CheckResult, type CredentialState } from './metrics.js';
+import { RefreshLoop } from './refresh-loop.js';
 import type { SecretStore, StoredRow } from './secret-store.js';
 import type { RefreshFn } from './upstream.js';
 import { WriteBack, type Pending, type RecoveryResult } from './writeback.js';
+
+export type { SanitisedError };
 
 export interface RefresherOptions {
   store: SecretStore;
@@ -29,19 +31,13 @@ export interface RefresherOptions {
   random?: () => number;
   /** Local encrypted copy of a rotation until its write-back lands (absent: no key to encrypt it with). */
   journal?: RotationJournal | undefined;
-}
-
-export interface SanitisedError {
-  code: string;
-  message: string;
-  status?: number | undefined;
-  upstreamCode?: string | undefined;
-  at: string;
+  /** Where latch, backoff and audit live (default: the broker's tables). */
+  ledger?: Ledger;
 }
 
 export interface CycleReport {
   check: CheckResult;
-  attempt?: AttemptOutcome;
+  attempt?: AttemptMetric;
   /** The cycle ran while another was in flight and shared its result. */
   joined?: boolean;
   /** Due, but a transient backoff step has not elapsed: no POST. */
@@ -62,40 +58,48 @@ export interface CycleOptions {
 }
 
 /**
- * The one owner of the credential in this process. Single-flight inside the process
- * (one in-flight promise that concurrent callers share) and across replicas (an advisory
- * lock, a re-read under it, and a compare-and-set write), because the upstream refresh
- * token is single-use: a second POST of the same token logs the whole fleet out.
+ * The one owner of a credential in this process. Single-flight inside the process (one
+ * in-flight promise that concurrent callers share) and across replicas (an advisory lock,
+ * a re-read under it, and a compare-and-set write: see credential/attempt.ts), because the
+ * upstream refresh token is single-use: a second POST of the same token logs the whole
+ * fleet out. What it holds is in credential/holder.ts; what it shares, in the ledger.
  */
 export class Refresher {
-  readonly #o: Required<Omit<RefresherOptions, 'now' | 'random' | 'journal'>>;
+  readonly #o: Required<Omit<RefresherOptions, 'now' | 'random' | 'journal' | 'ledger'>>;
+  readonly #holder: CredentialHolder;
+  readonly #ledger: Ledger;
   readonly #writeBack: WriteBack;
   readonly #loop: RefreshLoop;
   readonly #now: () => number;
   readonly #random: () => number;
-  #snapshot: Snapshot | undefined;
-  #appliedSeq = 0;
-  #readSeq = 0;
   #inflight: Promise<CycleReport> | undefined;
   #inflightForced = false;
-  #latch: Latch | undefined;
   #consecutiveFailures = 0;
   #nextAttemptAt = 0;
-  #lastOutcome: { outcome: AttemptOutcome | CheckResult; at: number } | undefined;
-  #lastError: SanitisedError | undefined;
+  #lastOutcome: { outcome: AttemptMetric | CheckResult; at: number } | undefined;
   #lastLoggedProblem: string | undefined;
   #lastRotationAt: number | undefined;
   #lockHeld = false;
-  #readError: SanitisedError | undefined;
-  /** The store could not be read or locked; cleared by the next successful read. */
-  #storeError: SanitisedError | undefined;
   #unfinished: RefreshEvent[] = [];
 
   constructor(opts: RefresherOptions) {
-    const { now, random, journal, ...rest } = opts;
+    const { now, random, journal, ledger, ...rest } = opts;
     this.#o = rest;
     this.#now = now ?? Date.now;
     this.#random = random ?? Math.random;
+    this.#ledger = ledger ?? databaseLedger(rest.store.pool, rest.secretKey);
+    this.#holder = new CredentialHolder({
+      decrypt: (row) => rest.store.decrypt(row),
+      marginSeconds: rest.marginSeconds,
+      now: this.#now,
+      onChange: () => this.#publish(),
+      onNewRefreshToken: () => {
+        this.#consecutiveFailures = 0;
+        this.#nextAttemptAt = 0;
+        this.#holder.problems.refresh = undefined;
+      },
+      onUnreadable: (code, message) => this.#note('read_error', code, message, 'error'),
+    });
     this.#writeBack = new WriteBack({ store: rest.store, secretKey: rest.secretKey, logger: rest.logger, metrics: rest.metrics, journal });
     this.#loop = new RefreshLoop({ run: () => this.#scheduledCycle(), inflight: () => this.#inflight, now: this.#now });
   }
@@ -104,11 +108,19 @@ export class Refresher {
 
   /** The credential to serve: a pending rotation first (it is the only valid one), else the last read. */
   current(): Snapshot | undefined {
-    return this.#snapshot;
+    return this.#holder.current();
+  }
+
+  get holder(): CredentialHolder {
+    return this.#holder;
   }
 
   get latched(): boolean {
-    return this.#latch !== undefined && this.#snapshot !== undefined && this.#latch.refreshTokenSha === this.#snapshot.refreshTokenSha;
+    return this.#holder.latched;
+  }
+
+  get latch(): Latch | undefined {
+    return this.#holder.latch;
   }
 
   get pending(): Pending | undefined {
@@ -119,35 +131,38 @@ export class Refresher {
     return this.#o.replicaId;
   }
 
+  get secretKey(): string {
+    return this.#o.secretKey;
+  }
+
   get lockHeld(): boolean {
     return this.#lockHeld;
   }
 
   get readError(): SanitisedError | undefined {
-    return this.#readError;
+    return this.#holder.problems.document;
   }
 
   state(): CredentialState {
-    if (!this.#snapshot && this.#readError) return 'invalid';
-    return stateOf(this.#snapshot, this.latched, this.#now(), this.#o.marginSeconds);
+    return this.#holder.state();
   }
 
+  /** What /status, the CLI and the admin API say about this credential. No secret. */
   status() {
-    const s = this.#snapshot;
+    const s = this.current();
     const iso = isoFromMs;
+    const { latch, ...login } = describeLogin(s, this.#holder.latch);
     return {
       state: this.state(),
       secretKey: this.#o.secretKey,
-      accountId: s?.account.accountId ?? null,
-      planType: s?.account.planType ?? null,
-      accessTokenExpiresAt: isoFromSeconds(s?.claims.exp),
+      ...login,
       lastRotationAt: iso(s?.lastRefreshMs ?? this.#lastRotationAt),
       lastOutcome: this.#lastOutcome ? { outcome: this.#lastOutcome.outcome, at: iso(this.#lastOutcome.at) } : null,
-      lastError: this.#storeError ?? this.#lastError ?? this.#readError ?? null,
+      lastError: this.#holder.lastError ?? null,
       consecutiveFailures: this.#consecutiveFailures,
       nextCheckAt: iso(this.#loop.nextCheckAt),
       nextAttemptNotBefore: this.#nextAttemptAt > this.#now() ? iso(this.#nextAttemptAt) : null,
-      latch: this.latched && this.#latch ? { upstreamStatus: this.#latch.status ?? null, upstreamCode: this.#latch.code ?? null, at: this.#latch.at.toISOString() } : null,
+      latch,
       writebackPending: this.#writeBack.pending !== undefined,
       unfinishedRefreshes: this.#unfinished.map((e) => ({ id: e.id, replicaId: e.replicaId, startedAt: e.startedAt })),
       replicaId: this.#o.replicaId,
@@ -160,56 +175,20 @@ export class Refresher {
    * start-up). Reads are sequenced so an older read never overwrites a newer one.
    */
   async reload(): Promise<void> {
-    const seq = ++this.#readSeq;
+    await this.#read();
+  }
+
+  /** Read and adopt; a store that cannot be read is recorded (and rethrown). */
+  async #read(): Promise<{ row: StoredRow | null; snap: Snapshot | undefined }> {
+    const seq = this.#holder.nextRead();
     let row: StoredRow | null;
     try {
       row = await this.#o.store.read(this.#o.secretKey);
     } catch (err) {
-      this.#storeError = this.#problem('read_error', 'STORE_UNAVAILABLE', `could not read the credential: ${(err as Error).message}`);
+      this.#holder.problems.store = this.#problem('read_error', 'STORE_UNAVAILABLE', `could not read the credential: ${(err as Error).message}`);
       throw err;
     }
-    this.#adoptRow(row, seq);
-  }
-
-  #adoptRow(row: StoredRow | null, seq: number): Snapshot | undefined {
-    if (seq < this.#appliedSeq) return this.#snapshot;
-    this.#appliedSeq = seq;
-    this.#storeError = undefined;
-    const pending = this.#writeBack.pending;
-    // A rotation the store does not hold yet is the only valid token; a row that still
-    // holds what the pending write expects is simply older.
-    if (pending && row && row.raw.equals(pending.expectedRaw)) return this.#snapshot;
-    if (!row) {
-      this.#setSnapshot(undefined);
-      this.#readError = undefined;
-      return undefined;
-    }
-    if (this.#snapshot && row.raw.equals(this.#snapshot.raw)) return this.#snapshot;
-    let plaintext: string;
-    try {
-      plaintext = this.#o.store.decrypt(row);
-    } catch (err) {
-      const code = err instanceof BrokerError ? err.code : 'DECRYPT_FAILED';
-      this.#setSnapshot(undefined);
-      this.#readError = this.#problem('read_error', code, (err as Error).message);
-      return undefined;
-    }
-    if (plaintext.trim() === '') {
-      this.#setSnapshot(undefined);
-      this.#readError = undefined;
-      return undefined;
-    }
-    try {
-      const snap = buildSnapshot(row.raw, plaintext);
-      this.#readError = undefined;
-      if (this.#snapshot && snap.refreshTokenSha !== this.#snapshot.refreshTokenSha) this.#newRefreshToken();
-      this.#setSnapshot(snap);
-      return snap;
-    } catch (err) {
-      this.#setSnapshot(undefined);
-      this.#readError = this.#problem('read_error', 'AUTH_JSON_INVALID', `stored credential is unusable: ${(err as Error).message}`);
-      return undefined;
-    }
+    return { row, snap: this.#holder.adopt(row, seq) };
   }
 
   /**
@@ -217,29 +196,17 @@ export class Refresher {
    * /status and the shim say so at once instead of at the next due check.
    */
   adoptLatch(latch: Latch): void {
-    this.#latch = latch;
     this.#lastOutcome = { outcome: 'latched', at: this.#now() };
-    this.#lastError = { code: 'revoked', message: 'the login was revoked upstream at an operator\'s request; log in again and seed a new login', at: latch.at.toISOString() };
-    this.#publishState();
+    this.#holder.problems.refresh = { code: 'revoked', message: 'the login was revoked upstream at an operator\'s request; log in again and seed a new login', at: latch.at.toISOString() };
+    this.#holder.setLatch(latch);
   }
 
-  /** A different refresh token (rotated elsewhere, or re-seeded): old failures no longer apply. */
-  #newRefreshToken(): void {
-    this.#consecutiveFailures = 0;
-    this.#nextAttemptAt = 0;
-    this.#lastError = undefined;
-  }
-
-  #setSnapshot(snap: Snapshot | undefined): void {
-    this.#snapshot = snap;
+  #publish(): void {
     const m = this.#o.metrics;
+    const snap = this.current();
     m.accessTokenExpiry.set(snap?.claims.exp ?? 0);
     m.lastRotation.set(snap?.lastRefreshMs !== undefined ? snap.lastRefreshMs / 1000 : 0);
-    this.#publishState();
-  }
-
-  #publishState(): void {
-    setCredentialState(this.#o.metrics, this.state());
+    setCredentialState(m, this.state());
   }
 
   // ---- the cycle -------------------------------------------------------------
@@ -268,52 +235,116 @@ export class Refresher {
     return this.#inflight;
   }
 
+  /** The checks that need no lock, then the attempt under it. */
   async #cycle(opts: CycleOptions): Promise<CycleReport> {
     if (this.#writeBack.pending) {
       const flushed = await this.#writeBack.flush();
       if (!flushed.resolved) {
         this.#problem('writeback_pending', 'STORE_UNAVAILABLE', `write-back still failing: ${flushed.error.message}`);
-        return this.#check('due', { error: this.#lastError });
+        return this.#check('due', { error: this.#holder.problems.refresh });
       }
       await this.reload().catch(() => undefined);
     }
-    const seq = ++this.#readSeq;
-    let row: StoredRow | null;
+    let read: { row: StoredRow | null; snap: Snapshot | undefined };
     try {
-      row = await this.#o.store.read(this.#o.secretKey);
-    } catch (err) {
-      const e = this.#problem('read_error', 'STORE_UNAVAILABLE', `could not read the credential: ${(err as Error).message}`);
-      this.#storeError = e;
-      return this.#check('read_error', { error: e });
+      read = await this.#read();
+    } catch {
+      return this.#check('read_error', { error: this.#holder.problems.store });
     }
-    const snap = this.#adoptRow(row, seq);
-    if (!row || (!snap && !this.#readError)) {
+    const { row, snap } = read;
+    const documentProblem = this.#holder.problems.document;
+    if (!row || (!snap && !documentProblem)) {
       this.#note('inert', 'credential_absent', `no credential stored under ${this.#o.secretKey}: nothing to refresh; seed one with \`codex-auth-broker seed auth.json\``, 'info');
       return this.#check('inert');
     }
     if (!snap || !snap.parsed.tokens.refresh_token) {
       // Unreadable or without a refresh token: never POST a guess.
-      if (snap) this.#readError = this.#problem('read_error', 'AUTH_JSON_INVALID', 'stored credential has no refresh_token; re-seed it');
-      return this.#check('read_error', { error: this.#readError });
+      if (snap) this.#holder.problems.document = this.#problem('read_error', 'AUTH_JSON_INVALID', 'stored credential has no refresh_token; re-seed it');
+      return this.#check('read_error', { error: this.#holder.problems.document });
     }
-    if (this.latched) return this.#check('latched', { error: this.#lastError });
+    if (this.latched) return this.#check('latched', { error: this.#holder.problems.refresh });
     const now = this.#now();
     if (!opts.force && !isDue(snap.claims, now, this.#o.marginSeconds)) return this.#check('fresh');
-    if (opts.force && this.#rotatedWithin(snap, now, opts.onlyIfOlderThanMs)) return this.#check('fresh');
+    if (opts.force && this.#rotatedWithin(snap, opts.onlyIfOlderThanMs)) return this.#check('fresh');
     this.#o.metrics.refreshChecks.inc({ result: 'due' });
-    if (!opts.ignoreBackoff && now < this.#nextAttemptAt) {
-      return { check: 'due', backoff: true, ...(this.#lastError ? { error: this.#lastError } : {}) };
+    if (!opts.ignoreBackoff && now < this.#nextAttemptAt) return this.#backingOff();
+    return this.#underLock(opts.waitForLock === true, snap, opts);
+  }
+
+  async #underLock(wait: boolean, before: Snapshot, opts: CycleOptions): Promise<CycleReport> {
+    let outcome: AttemptOutcome | undefined;
+    try {
+      const r = await this.#o.store.withLock(this.#o.secretKey, wait, async (db) => {
+        this.#lockHeld = true;
+        this.#o.metrics.refreshLockHeld.set(1);
+        try {
+          return await attemptRefresh(this.#attemptContext(), db, {
+            before,
+            force: opts.force === true,
+            ignoreBackoff: opts.ignoreBackoff === true,
+            onlyIfOlderThanMs: opts.onlyIfOlderThanMs,
+            reason: opts.reason ?? 'due',
+            failures: this.#consecutiveFailures,
+            rotatedWithin: (snap, ms) => this.#rotatedWithin(snap, ms),
+            backoffMs: (failures, retryAfterMs) => this.#backoffMs(failures, retryAfterMs),
+          });
+        } finally {
+          this.#lockHeld = false;
+          this.#o.metrics.refreshLockHeld.set(0);
+        }
+      });
+      if (!r) return this.#check('locked_elsewhere');
+      outcome = r.value;
+    } catch (err) {
+      this.#holder.problems.store = this.#problem('read_error', 'STORE_UNAVAILABLE', `refresh lock unavailable: ${(err as Error).message}`);
+      return this.#check('read_error', { error: this.#holder.problems.store });
     }
-    const locked = await this.#withLock(opts.waitForLock === true, (db) => this.#refreshUnderLock(db, snap, opts));
-    if (!locked) return this.#check('locked_elsewhere');
-    return locked;
+    return this.#apply(outcome, opts);
+  }
+
+  #attemptContext() {
+    const o = this.#o;
+    return { holder: this.#holder, ledger: this.#ledger, store: o.store, writeBack: this.#writeBack, refresh: o.refresh, logger: o.logger, metrics: o.metrics, replicaId: o.replicaId, marginSeconds: o.marginSeconds, now: this.#now };
+  }
+
+  /** What this process learns from an attempt: counters, backoff, latch, logs, the report. */
+  async #apply(a: AttemptOutcome, opts: CycleOptions): Promise<CycleReport> {
+    switch (a.kind) {
+      case 'absent':
+        return this.#check('inert');
+      case 'unreadable':
+        return this.#check('read_error', { error: this.#holder.problems.document });
+      case 'fresh':
+        return this.#check('fresh');
+      case 'latched':
+        this.#holder.setLatch(a.latch);
+        return this.#check('latched');
+      case 'backing_off':
+        this.#nextAttemptAt = Math.max(this.#nextAttemptAt, a.notBefore);
+        this.#consecutiveFailures = Math.max(this.#consecutiveFailures, a.failures);
+        return this.#backingOff();
+      case 'no_intent':
+        this.#consecutiveFailures = Math.max(this.#consecutiveFailures, a.failures);
+        this.#holder.problems.store = this.#problem('read_error', 'STORE_UNAVAILABLE', `could not record the refresh intent, not refreshing: ${a.message}`);
+        return this.#check('read_error', { error: this.#holder.problems.store });
+      case 'rotated':
+        return this.#rotated(a, opts.reason);
+      case 'refused':
+      case 'failed':
+        return this.#failed(a);
+    }
+  }
+
+  #backingOff(): CycleReport {
+    const error = this.#holder.problems.refresh;
+    return { check: 'due', backoff: true, ...(error ? { error } : {}) };
   }
 
   /** Known here, without a query: the stored last_refresh, or a rotation this process made. */
-  #rotatedWithin(snap: Snapshot, now: number, ms: number | undefined): boolean {
+  #rotatedWithin(snap: Snapshot, ms: number | undefined): boolean {
     if (ms === undefined) return false;
     const last = Math.max(snap.lastRefreshMs ?? -Infinity, this.#lastRotationAt ?? -Infinity);
-    return now - last < ms;
+    return this.#now() - last < ms;
   }
 
   /**
@@ -321,8 +352,8 @@ export class Refresher {
    * knows (the shim asks before it spends a backend call verifying the caller's token).
    */
   forcedRefreshBlocked(floorMs: number): boolean {
-    const snap = this.#snapshot;
-    return snap !== undefined && this.#rotatedWithin(snap, this.#now(), floorMs);
+    const snap = this.current();
+    return snap !== undefined && this.#rotatedWithin(snap, floorMs);
   }
 
   #check(result: CheckResult, extra: Omit<CycleReport, 'check'> = {}): CycleReport {
@@ -330,103 +361,8 @@ export class Refresher {
     // Healthy again: the next problem, even one seen before, deserves a log line.
     if (result === 'fresh') this.#lastLoggedProblem = undefined;
     if (result !== 'fresh' || this.#lastOutcome === undefined) this.#lastOutcome = { outcome: result, at: this.#now() };
-    this.#publishState();
+    this.#publish();
     return { check: result, ...extra };
-  }
-
-  async #withLock(wait: boolean, fn: (db: PoolClient) => Promise<CycleReport>): Promise<CycleReport | undefined> {
-    try {
-      const r = await this.#o.store.withLock(this.#o.secretKey, wait, async (db) => {
-        this.#lockHeld = true;
-        this.#o.metrics.refreshLockHeld.set(1);
-        try {
-          return await fn(db);
-        } finally {
-          this.#lockHeld = false;
-          this.#o.metrics.refreshLockHeld.set(0);
-        }
-      });
-      return r?.value;
-    } catch (err) {
-      const e = this.#problem('read_error', 'STORE_UNAVAILABLE', `refresh lock unavailable: ${(err as Error).message}`);
-      this.#storeError = e;
-      return this.#check('read_error', { error: e });
-    }
-  }
-
-  async #refreshUnderLock(db: PoolClient, before: Snapshot, opts: CycleOptions): Promise<CycleReport> {
-    // Re-read under the lock: another replica may have rotated between our read and
-    // the lock, and POSTing the token we read first would be a reuse.
-    const seq = ++this.#readSeq;
-    const row = await this.#o.store.read(this.#o.secretKey, db);
-    const snap = this.#adoptRow(row, seq);
-    if (!row) return this.#check('inert');
-    if (!snap || !snap.parsed.tokens.refresh_token) return this.#check(this.#readError ? 'read_error' : 'inert', { error: this.#readError });
-    const now = this.#now();
-    const changed = !snap.raw.equals(before.raw);
-    if (changed && (opts.force || !isDue(snap.claims, now, this.#o.marginSeconds))) {
-      // Someone rotated (or re-seeded) while we waited: that is the outcome we wanted.
-      return this.#check('fresh');
-    }
-    if (!opts.force && !isDue(snap.claims, now, this.#o.marginSeconds)) return this.#check('fresh');
-    if (opts.force && this.#rotatedWithin(snap, now, opts.onlyIfOlderThanMs)) return this.#check('fresh');
-    // The floor holds without last_refresh too (a document seeded without it, or one
-    // whose last_refresh was edited back): the audit knows when a rotation last landed.
-    if (opts.force && opts.onlyIfOlderThanMs !== undefined && (await rotatedWithin(db, this.#o.secretKey, opts.onlyIfOlderThanMs))) {
-      return this.#check('fresh');
-    }
-    const shared = await readLatch(db, this.#o.secretKey);
-    if (shared && shared.refreshTokenSha === snap.refreshTokenSha) {
-      this.#latch = shared;
-      this.#publishState();
-      return this.#check('latched');
-    }
-    if (!opts.ignoreBackoff) {
-      // Another replica's failed attempt counts here too: one POST per backoff step, fleet-wide.
-      const step = await readBackoff(db, this.#o.secretKey);
-      if (step && step.refreshTokenSha === snap.refreshTokenSha && step.notBefore > now) {
-        this.#nextAttemptAt = Math.max(this.#nextAttemptAt, step.notBefore);
-        this.#consecutiveFailures = Math.max(this.#consecutiveFailures, step.failures);
-        return { check: 'due', backoff: true, ...(this.#lastError ? { error: this.#lastError } : {}) };
-      }
-      if (step && step.refreshTokenSha === snap.refreshTokenSha) this.#consecutiveFailures = Math.max(this.#consecutiveFailures, step.failures);
-    }
-    const refreshToken = snap.parsed.tokens.refresh_token;
-    // The audit intent goes in before the POST; a store that cannot take it gets no POST.
-    let eventId: number;
-    try {
-      eventId = await recordIntent(db, { secretKey: this.#o.secretKey, replicaId: this.#o.replicaId, reason: opts.reason ?? 'due', refreshTokenSha256: snap.refreshTokenSha });
-    } catch (err) {
-      this.#storeError = this.#problem('read_error', 'STORE_UNAVAILABLE', `could not record the refresh intent, not refreshing: ${(err as Error).message}`);
-      return this.#check('read_error', { error: this.#storeError });
-    }
-    const started = Date.now();
-    const timer = this.#o.metrics.upstreamDuration.startTimer();
-    let answer: RotationResponse;
-    try {
-      answer = await this.#o.refresh(refreshToken);
-    } catch (err) {
-      timer();
-      const report = await this.#failed(db, snap, err, started);
-      const ue = err instanceof UpstreamError ? err : undefined;
-      await this.#audit(db, eventId, { outcome: report.attempt ?? 'transient_failure', status: ue?.status, code: ue?.upstreamCode, durationMs: Date.now() - started });
-      return report;
-    }
-    timer();
-    const report = await this.#rotated(db, snap, answer, opts.reason);
-    await this.#audit(db, eventId, {
-      outcome: this.#writeBack.pending ? 'rotated_writeback_pending' : 'rotated',
-      status: 200,
-      durationMs: Date.now() - started,
-      newRefreshTokenSha8: answer.refresh_token ? shortHash(answer.refresh_token) : undefined,
-    });
-    return report;
-  }
-
-  async #audit(db: PoolClient, id: number, o: Parameters<typeof recordOutcome>[2]): Promise<void> {
-    await recordOutcome(db, id, o).catch((err: Error) =>
-      this.#o.logger.warn({ event: 'audit_outcome_lost', eventId: id, err: { message: err.message } }, 'could not record the outcome of a refresh in broker_refresh_events'),
-    );
   }
 
   /** At start, before any refresh and before the first reload: finish a write-back a crash left in the journal. */
@@ -439,7 +375,7 @@ export class Refresher {
    * and its record, where the upstream may have rotated a token nobody kept.
    */
   async checkUnfinished(olderThanMs = 120_000): Promise<RefreshEvent[]> {
-    const found = await unfinishedIntents(this.#o.store.pool, this.#o.secretKey, olderThanMs);
+    const found = await this.#ledger.unfinished(olderThanMs);
     this.#unfinished = found;
     for (const e of found) {
       this.#o.logger.error(
@@ -450,28 +386,22 @@ export class Refresher {
     return found;
   }
 
-  async #rotated(db: PoolClient, snap: Snapshot, answer: RotationResponse, reason: string | undefined): Promise<CycleReport> {
-    const now = this.#now();
-    const merged = mergeRotation(snap.parsed, answer, new Date(now));
-    const plaintext = JSON.stringify(merged);
+  async #rotated(a: Extract<AttemptOutcome, { kind: 'rotated' }>, reason: string | undefined): Promise<CycleReport> {
     this.#o.metrics.refreshAttempts.inc({ outcome: 'rotated' });
     this.#consecutiveFailures = 0;
     this.#nextAttemptAt = 0;
-    this.#lastError = undefined;
-    this.#lastRotationAt = now;
-    this.#lastOutcome = { outcome: 'rotated', at: now };
-    // Durable before anything else: the upstream has already burned the old token.
-    const landed = await this.#writeBack.land(snap.raw, plaintext, now, db);
-    if (landed === 'pending') {
-      this.#applyLocal(snap.raw, plaintext);
+    this.#holder.problems.refresh = undefined;
+    this.#lastRotationAt = a.at;
+    this.#lastOutcome = { outcome: 'rotated', at: a.at };
+    if (a.landed === 'pending') {
+      this.#holder.holdPending(a.expectedRaw, a.plaintext);
       return { check: 'due', attempt: 'rotated' };
     }
-    if (landed === 'discarded') {
+    if (a.landed === 'discarded') {
       await this.reload().catch(() => undefined);
       return { check: 'due', attempt: 'rotated' };
     }
-    await clearBackoff(db, this.#o.secretKey).catch(() => undefined);
-    const fresh = this.#applyLocal(undefined, plaintext, await this.#o.store.read(this.#o.secretKey, db).catch(() => null));
+    const fresh = this.#holder.adoptWritten(a.plaintext, a.row);
     this.#o.logger.info(
       {
         event: 'rotation',
@@ -485,58 +415,35 @@ export class Refresher {
     return { check: 'due', attempt: 'rotated' };
   }
 
-  /** Adopt what we just wrote (or hold pending) without waiting for our own NOTIFY. */
-  #applyLocal(expectedRaw: Buffer | undefined, plaintext: string, row?: StoredRow | null): Snapshot | undefined {
-    const seq = ++this.#readSeq;
-    this.#appliedSeq = seq;
-    const raw = row ? row.raw : Buffer.concat([Buffer.from('pending:'), expectedRaw ?? Buffer.alloc(0)]);
-    try {
-      const snap = buildSnapshot(raw, plaintext);
-      this.#setSnapshot(snap);
-      return snap;
-    } catch {
-      return undefined;
-    }
-  }
-
-  async #failed(db: PoolClient, snap: Snapshot, err: unknown, started: number): Promise<CycleReport> {
-    const now = this.#now();
-    const ue = err instanceof UpstreamError ? err : new UpstreamError('transient', `refresh failed: ${(err as Error).message}`);
+  #failed(a: Extract<AttemptOutcome, { kind: 'refused' | 'failed' }>): CycleReport {
+    const ue = a.error;
     const e: SanitisedError = {
-      code: ue.kind === 'permanent' ? 'upstream_permanent' : 'upstream_transient',
+      code: a.kind === 'refused' ? 'upstream_permanent' : 'upstream_transient',
       message: ue.message,
       status: ue.status,
       upstreamCode: ue.upstreamCode,
-      at: new Date(now).toISOString(),
+      at: new Date(a.at).toISOString(),
     };
-    this.#lastError = e;
-    this.#consecutiveFailures += 1;
-    if (ue.kind === 'permanent') {
-      this.#latch = { refreshTokenSha: snap.refreshTokenSha, status: ue.status, code: ue.upstreamCode, at: new Date(now) };
-      await writeLatch(db, this.#o.secretKey, this.#latch, this.#o.replicaId).catch((werr: Error) =>
-        this.#o.logger.warn({ event: 'latch_not_shared', err: { message: werr.message } }, 'could not record the latch for other replicas'),
-      );
+    this.#holder.problems.refresh = e;
+    this.#consecutiveFailures = a.failures;
+    if (a.kind === 'refused') {
       this.#o.metrics.refreshAttempts.inc({ outcome: 'permanent_failure' });
-      this.#lastOutcome = { outcome: 'permanent_failure', at: now };
+      this.#lastOutcome = { outcome: 'permanent_failure', at: a.at };
       this.#o.logger.error(
-        { event: 'latched', secretKey: this.#o.secretKey, status: ue.status, upstreamCode: ue.upstreamCode, durationMs: now - started },
+        { event: 'latched', secretKey: this.#o.secretKey, status: ue.status, upstreamCode: ue.upstreamCode, durationMs: a.durationMs },
         `the upstream refused the refresh token for good (${ue.upstreamCode ?? ue.status}); it will not be sent again. Log in again and run \`codex-auth-broker seed auth.json\` (or PUT /admin/credential)`,
       );
-      this.#publishState();
+      this.#holder.setLatch(a.latch);
       return { check: 'due', attempt: 'permanent_failure', error: e };
     }
-    const step = this.#backoffMs(this.#consecutiveFailures, ue.retryAfterMs);
-    this.#nextAttemptAt = now + step;
-    await writeBackoff(db, this.#o.secretKey, { refreshTokenSha: snap.refreshTokenSha, notBefore: now + step, failures: this.#consecutiveFailures }, this.#o.replicaId).catch(
-      (werr: Error) => this.#o.logger.warn({ event: 'backoff_not_shared', err: { message: werr.message } }, 'could not record the backoff step for other replicas'),
-    );
+    this.#nextAttemptAt = a.notBefore;
     this.#o.metrics.refreshAttempts.inc({ outcome: 'transient_failure' });
-    this.#lastOutcome = { outcome: 'transient_failure', at: now };
+    this.#lastOutcome = { outcome: 'transient_failure', at: a.at };
     this.#o.logger.warn(
-      { event: 'transient_failure', secretKey: this.#o.secretKey, status: ue.status, upstreamCode: ue.upstreamCode, retryInMs: step, consecutiveFailures: this.#consecutiveFailures },
+      { event: 'transient_failure', secretKey: this.#o.secretKey, status: ue.status, upstreamCode: ue.upstreamCode, retryInMs: a.stepMs, consecutiveFailures: a.failures },
       `refresh failed, will retry: ${ue.message}`,
     );
-    this.#publishState();
+    this.#publish();
     return { check: 'due', attempt: 'transient_failure', error: e };
   }
 

@@ -93,10 +93,10 @@ export async function shimRoutes(app: FastifyInstance, o: ShimRoutesOptions): Pr
     }
     const nowSec = o.now() / 1000;
     if (!current || (current.exp !== undefined && current.exp <= nowSec)) {
-      const latch = o.refresher.status().latch;
+      const latch = o.refresher.latch;
       if (latch && current) {
         served('unauthorized');
-        return oauthError(reply, 401, latch.upstreamCode ?? 'refresh_token_invalidated', 'The shared login was refused upstream; an operator must log in again and re-seed the broker.');
+        return oauthError(reply, 401, latch.code ?? 'refresh_token_invalidated', 'The shared login was refused upstream; an operator must log in again and re-seed the broker.');
       }
       served('unavailable');
       reply.header('retry-after', '30');
