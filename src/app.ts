@@ -153,7 +153,7 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
       clients: core.clients,
       renderer,
       credentialSecret: core.credentialSecret,
-      revoke: core.revoke,
+      core,
       metrics,
       logins: core.logins,
       authFailures,

@@ -5,8 +5,10 @@ import { ClientRegistry } from './clients/registry.js';
 import type { Config } from './config.js';
 import { createPool, migrate, type Pool } from './db.js';
 import type { Logger } from './logger.js';
-import type { BrokerMetrics } from './metrics.js';
+import { credentialMetrics, dropCredentialMetrics, type BrokerMetrics } from './metrics.js';
 import { RotationJournal } from './journal.js';
+import { CREDENTIALS_CHANNEL, registerCredential } from './credential/catalog.js';
+import { CredentialSet } from './credential/set.js';
 import { Refresher } from './refresher.js';
 import { CHANGE_CHANNEL, SecretStore } from './secret-store.js';
 import { LoginManager, type LoginManagerOptions } from './login/logins.js';
@@ -56,6 +58,9 @@ export interface BrokerCoreOptions {
 export interface BrokerCore {
   pool: Pool;
   store: SecretStore;
+  /** Every credential this replica holds, each with its own refresher. */
+  credentials: CredentialSet;
+  /** The refresher of credential `default`. */
   refresher: Refresher;
   /** Whether the backend really rejects the current access token, before the shim forces a rotation. */
   tokenVerifier: TokenVerifier;
@@ -114,12 +119,15 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
       { url: revokeUrlFor(config.OAUTH_TOKEN_URL), clientId: config.OAUTH_CLIENT_ID, timeoutMs: ms(config.UPSTREAM_TIMEOUT_SECONDS), dispatcher: o.dispatcher },
       o.now,
     );
-  const refresher = new Refresher({
+  const journal = o.journalDir && config.encryptionKey ? new RotationJournal(o.journalDir, config.encryptionKey) : undefined;
+  const createRefresher = (name: string, secretKey: string) =>
+    new Refresher({
+    name,
     store,
-    secretKey: config.CODEX_AUTH_SECRET_KEY,
+    secretKey,
     refresh,
-    logger,
-    metrics: o.metrics,
+    logger: name === 'default' ? logger : logger.child({ credential: name }),
+    metrics: credentialMetrics(o.metrics, name),
     replicaId: config.replicaId,
     marginSeconds: config.REFRESH_MARGIN_SECONDS,
     checkIntervalMs: ms(config.REFRESH_CHECK_INTERVAL_SECONDS),
@@ -127,8 +135,16 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     transientBaseMs: ms(config.TRANSIENT_BACKOFF_BASE_SECONDS),
     ...(o.now ? { now: o.now } : {}),
     ...(o.random ? { random: o.random } : {}),
-    journal: o.journalDir && config.encryptionKey ? new RotationJournal(o.journalDir, config.encryptionKey) : undefined,
+    journal,
   });
+  const credentials = new CredentialSet({
+    pool,
+    defaultKey: config.CODEX_AUTH_SECRET_KEY,
+    logger,
+    create: (e) => createRefresher(e.name, e.secretKey),
+    removed: (name) => dropCredentialMetrics(o.metrics, name),
+  });
+  const refresher = credentials.default;
   const check = o.tokenCheck ?? createBackendTokenCheck({ baseUrl: config.CHATGPT_BASE_URL, timeoutMs: TOKEN_CHECK_TIMEOUT_MS, dispatcher });
   const tokenVerifier = new TokenVerifier({
     ttlMs: TOKEN_CHECK_TTL_MS,
@@ -156,19 +172,25 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
   const listener = new ChangeListener({
     connectionString: o.databaseUrl,
     logger,
-    channels: [CHANGE_CHANNEL, CLIENTS_CHANNEL],
+    channels: [CHANGE_CHANNEL, CLIENTS_CHANNEL, CREDENTIALS_CHANNEL],
     onNotify: (channel, key) => {
       if (channel === CLIENTS_CHANNEL) {
         void reloadClients();
         return;
       }
-      if (key !== undefined && key !== config.CODEX_AUTH_SECRET_KEY) return;
+      if (channel === CREDENTIALS_CHANNEL) {
+        void credentials.sync();
+        return;
+      }
       // Reload first so a client never gets the burned token; then re-check, since a
-      // re-seed may be due or may clear a latch.
-      refresher
-        .reload()
-        .then(() => refresher.poke())
-        .catch(() => undefined);
+      // re-seed may be due or may clear a latch. No key: a reconnect, anything may have changed.
+      const held = key === undefined ? credentials.list() : [credentials.bySecretKey(key)];
+      for (const h of held) {
+        h?.refresher
+          .reload()
+          .then(() => h.refresher.poke())
+          .catch(() => undefined);
+      }
     },
   });
   const logins = new LoginManager({
@@ -179,7 +201,14 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     encryptionKey: config.encryptionKey,
     issuer: { issuer: config.OAUTH_ISSUER, clientId: config.OAUTH_CLIENT_ID, timeoutMs: ms(config.UPSTREAM_TIMEOUT_SECONDS), dispatcher: o.dispatcher },
     logger,
-    onStored: () => refresher.reload().then(() => refresher.poke()),
+    register: async (name) => {
+      if (name !== 'default') await registerCredential(pool, name, config.CODEX_AUTH_SECRET_KEY, undefined);
+      await credentials.sync();
+    },
+    onStored: async (name) => {
+      const r = credentials.get(name)?.refresher;
+      await r?.reload().then(() => r.poke());
+    },
     onFinished: (method, result) => o.metrics.logins.inc({ method, result }),
     ...o.login,
   });
@@ -189,6 +218,7 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
   return {
     pool,
     store,
+    credentials,
     refresher,
     tokenVerifier,
     revoke,
@@ -198,19 +228,17 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     logins,
     async start() {
       // A rotation journaled before a crash lands before anything may refresh.
-      await refresher.recoverJournal();
-      await refresher.reload().catch(() => undefined);
-      await refresher.checkUnfinished().catch((err: Error) => logger.warn({ event: 'audit_unreadable', err: { message: err.message } }, 'could not read broker_refresh_events'));
+      await credentials.load();
       await clients.reload();
       await listener.start();
-      refresher.start();
+      credentials.start();
       logins.startSweeping();
       timers.push(setInterval(() => void reloadClients(), o.clientReloadMs ?? (config.PLATFORM_WORKSPACE_TOKENS ? 5_000 : 30_000)));
       timers.push(setInterval(() => void flush(), o.clientFlushMs ?? 2_000));
       for (const t of timers) t.unref();
     },
     async close(timeoutMs) {
-      const finished = await refresher.stop(timeoutMs);
+      const finished = await credentials.stop(timeoutMs);
       await logins.close();
       for (const t of timers) clearInterval(t);
       await flush();

@@ -23,19 +23,20 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}) {
   const registers = [registry];
   const m = {
     registry,
-    refreshAttempts: new Counter({ name: `${p}refresh_attempts_total`, help: 'Upstream refresh POSTs by outcome.', labelNames: ['outcome'], registers }),
-    refreshChecks: new Counter({ name: `${p}refresh_checks_total`, help: 'Refresh checks by result.', labelNames: ['result'], registers }),
-    accessTokenExpiry: new Gauge({ name: `${p}access_token_expiry_timestamp_seconds`, help: 'exp of the held access token (0 when none).', registers }),
-    lastRotation: new Gauge({ name: `${p}last_rotation_timestamp_seconds`, help: 'When the credential was last rotated (its last_refresh; 0 when unknown).', registers }),
-    credentialState: new Gauge({ name: `${p}credential_state`, help: '1 for the current state of the credential, 0 for the others.', labelNames: ['state'], registers }),
+    refreshAttempts: new Counter({ name: `${p}refresh_attempts_total`, help: 'Upstream refresh POSTs by credential and outcome.', labelNames: ['credential', 'outcome'], registers }),
+    refreshChecks: new Counter({ name: `${p}refresh_checks_total`, help: 'Refresh checks by credential and result.', labelNames: ['credential', 'result'], registers }),
+    accessTokenExpiry: new Gauge({ name: `${p}access_token_expiry_timestamp_seconds`, help: 'exp of the held access token, per credential (0 when none).', labelNames: ['credential'], registers }),
+    lastRotation: new Gauge({ name: `${p}last_rotation_timestamp_seconds`, help: 'When the credential was last rotated (its last_refresh; 0 when unknown).', labelNames: ['credential'], registers }),
+    credentialState: new Gauge({ name: `${p}credential_state`, help: '1 for the current state of each credential, 0 for the others.', labelNames: ['credential', 'state'], registers }),
     upstreamDuration: new Histogram({
       name: `${p}upstream_request_duration_seconds`,
-      help: 'Duration of upstream refresh POSTs.',
+      help: 'Duration of upstream refresh POSTs, per credential.',
+      labelNames: ['credential'],
       buckets: [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
       registers,
     }),
-    writebackPending: new Gauge({ name: `${p}writeback_pending`, help: '1 while a rotated credential is held in memory waiting to be written back.', registers }),
-    refreshLockHeld: new Gauge({ name: `${p}refresh_lock_held`, help: '1 while this replica holds the cross-replica refresh lock.', registers }),
+    writebackPending: new Gauge({ name: `${p}writeback_pending`, help: '1 while a rotated credential is held in memory waiting to be written back.', labelNames: ['credential'], registers }),
+    refreshLockHeld: new Gauge({ name: `${p}refresh_lock_held`, help: "1 while this replica holds a credential's cross-replica refresh lock.", labelNames: ['credential'], registers }),
     tokenServed: new Counter({ name: `${p}token_served_total`, help: 'Credentials served to workspaces by route and result.', labelNames: ['route', 'result'], registers }),
     tokenChecks: new Counter({
       name: `${p}token_checks_total`,
@@ -55,22 +56,55 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}) {
       registers,
     }),
   };
-  for (const o of ATTEMPT_OUTCOMES) m.refreshAttempts.inc({ outcome: o }, 0);
-  for (const r of CHECK_RESULTS) m.refreshChecks.inc({ result: r }, 0);
   for (const v of ['accepted', 'rejected', 'unknown']) m.tokenChecks.inc({ verdict: v }, 0);
   for (const source of ['client_logout', 'admin']) m.revocations.inc({ source }, 0);
-  for (const s of CREDENTIAL_STATES) m.credentialState.set({ state: s }, s === 'absent' ? 1 : 0);
-  m.writebackPending.set(0);
-  m.refreshLockHeld.set(0);
-  m.accessTokenExpiry.set(0);
-  m.lastRotation.set(0);
   return m;
 }
 export type BrokerMetrics = ReturnType<typeof createMetrics>;
 
-export function setCredentialState(m: BrokerMetrics, state: CredentialState): void {
-  for (const v of ['accepted', 'rejected', 'unknown']) m.tokenChecks.inc({ verdict: v }, 0);
-  for (const s of CREDENTIAL_STATES) m.credentialState.set({ state: s }, s === state ? 1 : 0);
+/** One credential's series: a handful per login, never per client. */
+export interface CredentialMetrics {
+  attempt(outcome: AttemptOutcome): void;
+  check(result: CheckResult): void;
+  state(state: CredentialState): void;
+  expiry(seconds: number): void;
+  lastRotation(seconds: number): void;
+  writebackPending(on: boolean): void;
+  lockHeld(on: boolean): void;
+  /** Starts timing an upstream POST; call the result when it answers. */
+  upstreamTimer(): () => void;
+}
+
+/** The series of credential `name`, created at zero so dashboards and alerts see it at once. */
+export function credentialMetrics(m: BrokerMetrics, name: string): CredentialMetrics {
+  const credential = name;
+  for (const outcome of ATTEMPT_OUTCOMES) m.refreshAttempts.inc({ credential, outcome }, 0);
+  for (const result of CHECK_RESULTS) m.refreshChecks.inc({ credential, result }, 0);
+  const state = (now: CredentialState) => {
+    for (const s of CREDENTIAL_STATES) m.credentialState.set({ credential, state: s }, s === now ? 1 : 0);
+  };
+  state('absent');
+  const gauges = { expiry: m.accessTokenExpiry.labels({ credential }), last: m.lastRotation.labels({ credential }), pending: m.writebackPending.labels({ credential }), lock: m.refreshLockHeld.labels({ credential }) };
+  for (const g of Object.values(gauges)) g.set(0);
+  const upstream = m.upstreamDuration.labels({ credential });
+  return {
+    attempt: (outcome) => m.refreshAttempts.inc({ credential, outcome }),
+    check: (result) => m.refreshChecks.inc({ credential, result }),
+    state,
+    expiry: (s) => gauges.expiry.set(s),
+    lastRotation: (s) => gauges.last.set(s),
+    writebackPending: (on) => gauges.pending.set(on ? 1 : 0),
+    lockHeld: (on) => gauges.lock.set(on ? 1 : 0),
+    upstreamTimer: () => upstream.startTimer(),
+  };
+}
+
+/** A credential was removed: its series go too (a gauge left behind would keep an alert firing). */
+export function dropCredentialMetrics(m: BrokerMetrics, credential: string): void {
+  for (const outcome of ATTEMPT_OUTCOMES) m.refreshAttempts.remove({ credential, outcome });
+  for (const result of CHECK_RESULTS) m.refreshChecks.remove({ credential, result });
+  for (const state of CREDENTIAL_STATES) m.credentialState.remove({ credential, state });
+  for (const g of [m.accessTokenExpiry, m.lastRotation, m.writebackPending, m.refreshLockHeld, m.upstreamDuration]) g.remove({ credential });
 }
 
 type Label = string | number;

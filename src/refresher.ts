@@ -8,7 +8,7 @@ import { isDue } from './due.js';
 import type { RotationJournal } from './journal.js';
 import { isoFromMs } from './lib/time.js';
 import type { Logger } from './logger.js';
-import { setCredentialState, type AttemptOutcome as AttemptMetric, type BrokerMetrics, type CheckResult, type CredentialState } from './metrics.js';
+import type { AttemptOutcome as AttemptMetric, CheckResult, CredentialMetrics, CredentialState } from './metrics.js';
 import { RefreshLoop } from './refresh-loop.js';
 import type { SecretStore, StoredRow } from './secret-store.js';
 import type { RefreshFn } from './upstream.js';
@@ -17,11 +17,13 @@ import { WriteBack, type Pending, type RecoveryResult } from './writeback.js';
 export type { SanitisedError };
 
 export interface RefresherOptions {
+  /** The credential's name: its metrics label and what its log lines carry. */
+  name: string;
   store: SecretStore;
   secretKey: string;
   refresh: RefreshFn;
   logger: Logger;
-  metrics: BrokerMetrics;
+  metrics: CredentialMetrics;
   replicaId: string;
   marginSeconds: number;
   checkIntervalMs: number;
@@ -131,6 +133,10 @@ export class Refresher {
     return this.#o.replicaId;
   }
 
+  get name(): string {
+    return this.#o.name;
+  }
+
   get secretKey(): string {
     return this.#o.secretKey;
   }
@@ -204,9 +210,9 @@ export class Refresher {
   #publish(): void {
     const m = this.#o.metrics;
     const snap = this.current();
-    m.accessTokenExpiry.set(snap?.claims.exp ?? 0);
-    m.lastRotation.set(snap?.lastRefreshMs !== undefined ? snap.lastRefreshMs / 1000 : 0);
-    setCredentialState(m, this.state());
+    m.expiry(snap?.claims.exp ?? 0);
+    m.lastRotation(snap?.lastRefreshMs !== undefined ? snap.lastRefreshMs / 1000 : 0);
+    m.state(this.state());
   }
 
   // ---- the cycle -------------------------------------------------------------
@@ -266,7 +272,7 @@ export class Refresher {
     const now = this.#now();
     if (!opts.force && !isDue(snap.claims, now, this.#o.marginSeconds)) return this.#check('fresh');
     if (opts.force && this.#rotatedWithin(snap, opts.onlyIfOlderThanMs)) return this.#check('fresh');
-    this.#o.metrics.refreshChecks.inc({ result: 'due' });
+    this.#o.metrics.check('due');
     if (!opts.ignoreBackoff && now < this.#nextAttemptAt) return this.#backingOff();
     return this.#underLock(opts.waitForLock === true, snap, opts);
   }
@@ -276,7 +282,7 @@ export class Refresher {
     try {
       const r = await this.#o.store.withLock(this.#o.secretKey, wait, async (db) => {
         this.#lockHeld = true;
-        this.#o.metrics.refreshLockHeld.set(1);
+        this.#o.metrics.lockHeld(true);
         try {
           return await attemptRefresh(this.#attemptContext(), db, {
             before,
@@ -290,7 +296,7 @@ export class Refresher {
           });
         } finally {
           this.#lockHeld = false;
-          this.#o.metrics.refreshLockHeld.set(0);
+          this.#o.metrics.lockHeld(false);
         }
       });
       if (!r) return this.#check('locked_elsewhere');
@@ -357,7 +363,7 @@ export class Refresher {
   }
 
   #check(result: CheckResult, extra: Omit<CycleReport, 'check'> = {}): CycleReport {
-    this.#o.metrics.refreshChecks.inc({ result });
+    this.#o.metrics.check(result);
     // Healthy again: the next problem, even one seen before, deserves a log line.
     if (result === 'fresh') this.#lastLoggedProblem = undefined;
     if (result !== 'fresh' || this.#lastOutcome === undefined) this.#lastOutcome = { outcome: result, at: this.#now() };
@@ -387,7 +393,7 @@ export class Refresher {
   }
 
   async #rotated(a: Extract<AttemptOutcome, { kind: 'rotated' }>, reason: string | undefined): Promise<CycleReport> {
-    this.#o.metrics.refreshAttempts.inc({ outcome: 'rotated' });
+    this.#o.metrics.attempt('rotated');
     this.#consecutiveFailures = 0;
     this.#nextAttemptAt = 0;
     this.#holder.problems.refresh = undefined;
@@ -427,7 +433,7 @@ export class Refresher {
     this.#holder.problems.refresh = e;
     this.#consecutiveFailures = a.failures;
     if (a.kind === 'refused') {
-      this.#o.metrics.refreshAttempts.inc({ outcome: 'permanent_failure' });
+      this.#o.metrics.attempt('permanent_failure');
       this.#lastOutcome = { outcome: 'permanent_failure', at: a.at };
       this.#o.logger.error(
         { event: 'latched', secretKey: this.#o.secretKey, status: ue.status, upstreamCode: ue.upstreamCode, durationMs: a.durationMs },
@@ -437,7 +443,7 @@ export class Refresher {
       return { check: 'due', attempt: 'permanent_failure', error: e };
     }
     this.#nextAttemptAt = a.notBefore;
-    this.#o.metrics.refreshAttempts.inc({ outcome: 'transient_failure' });
+    this.#o.metrics.attempt('transient_failure');
     this.#lastOutcome = { outcome: 'transient_failure', at: a.at };
     this.#o.logger.warn(
       { event: 'transient_failure', secretKey: this.#o.secretKey, status: ue.status, upstreamCode: ue.upstreamCode, retryInMs: a.stepMs, consecutiveFailures: a.failures },

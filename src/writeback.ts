@@ -1,14 +1,14 @@
 import type { PoolClient } from './db.js';
 import type { RotationJournal } from './journal.js';
 import type { Logger } from './logger.js';
-import type { BrokerMetrics } from './metrics.js';
+import type { CredentialMetrics } from './metrics.js';
 import type { SecretStore } from './secret-store.js';
 
 export interface WriteBackOptions {
   store: SecretStore;
   secretKey: string;
   logger: Logger;
-  metrics: BrokerMetrics;
+  metrics: CredentialMetrics;
   /** Local encrypted copy of a rotation until its write-back lands (absent: no key to encrypt it with). */
   journal?: RotationJournal | undefined;
 }
@@ -58,7 +58,7 @@ export class WriteBack {
       // Losing this answer logs the fleet out: keep it, and write it back until it lands.
       // The journal entry stays too, for a crash before then.
       this.#pending = { expectedRaw, plaintext, since: now };
-      this.#o.metrics.writebackPending.set(1);
+      this.#o.metrics.writebackPending(true);
       this.#o.logger.error(
         { event: 'writeback_pending', secretKey: this.#o.secretKey, err: { message: (err as Error).message } },
         'rotated the credential but could not write it back; serving it from memory and retrying the write-back: check the database',
@@ -91,7 +91,7 @@ export class WriteBack {
     }
     this.#pending = undefined;
     await this.#journal?.clear(this.#o.secretKey).catch(() => undefined);
-    this.#o.metrics.writebackPending.set(0);
+    this.#o.metrics.writebackPending(false);
     if (ok) {
       this.#o.logger.info({ event: 'writeback_landed', secretKey: this.#o.secretKey }, 'the pending rotation is written back');
     } else {

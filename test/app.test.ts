@@ -115,8 +115,9 @@ describe('operator routes', () => {
     ]) {
       assert.match(res.body, new RegExp(`^# TYPE ${name} `, 'm'), name);
     }
-    assert.match(res.body, /codex_broker_refresh_checks_total\{result="fresh"\} 1/);
-    assert.match(res.body, /codex_broker_credential_state\{state="fresh"\} 1/);
+    // Per-login series carry the credential's name (issue #12).
+    assert.match(res.body, /codex_broker_refresh_checks_total\{credential="default",result="fresh"\} 1/);
+    assert.match(res.body, /codex_broker_credential_state\{credential="default",state="fresh"\} 1/);
     assert.match(res.body, /codex_broker_http_request_duration_seconds_count\{method="GET",route="\/healthz",status_code="200"\} 1/);
     assert.match(res.body, /codex_broker_http_request_duration_seconds_count\{method="GET",route="\/codex-auth",status_code="401"\} 1/);
     assert.match(res.body, /codex_broker_http_request_duration_seconds_count\{method="GET",route="unmatched",status_code="404"\} 1/);

@@ -457,7 +457,7 @@ test('the login routes validate against openapi.yaml', async () => {
 
     await expect(t, 'login: no admin token', LOGIN, { method: 'POST', url: '/admin/credentials/default/login', payload: { method: 'device' } }, 401);
     await expect(t, 'login: unknown method', LOGIN, begin('password'), 400);
-    await expect(t, 'login: unknown credential', LOGIN, begin('device', 'other'), 404);
+    await expect(t, 'login: not a credential name', LOGIN, begin('device', 'Not_A_Name'), 404);
     issuer.setDeviceDisabled(true);
     await expect(t, 'login: device login off', LOGIN, begin('device'), 502);
     issuer.setDeviceDisabled(false);

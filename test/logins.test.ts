@@ -191,12 +191,12 @@ test('one login in progress per credential: a second one gets 409 on any replica
   assert.equal(fake.requests.filter((r) => r.path === '/api/accounts/deviceauth/usercode').length, 0);
 });
 
-test('bad requests: another credential name, an unknown method, an unknown login, a callback without a URL or for a device login', async () => {
+test('bad requests: an invalid credential name, an unknown method, an unknown login, a callback without a URL or for a device login', async () => {
   const { apps } = await setup({ replicas: 1 });
   const [a] = apps as [TestApp];
-  const other = await begin(a, 'device', 'team-2');
+  const other = await begin(a, 'device', 'Team_2');
   assert.equal(other.statusCode, 404);
-  assert.match((other.json() as { detail: string }).detail, /only "default" exists.*named credentials come later/);
+  assert.match((other.json() as { detail: string }).detail, /not a credential name/);
   assert.equal((await begin(a, 'password')).statusCode, 400);
   assert.equal((await call(a, 'GET', '/admin/logins/no-such-login')).statusCode, 404);
   assert.equal((await call(a, 'POST', '/admin/logins/no-such-login/callback', { callback_url: 'http://localhost:1455/auth/callback?code=x&state=y' })).statusCode, 404);

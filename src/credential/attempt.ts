@@ -4,7 +4,7 @@ import type { PoolClient } from '../db.js';
 import { isDue } from '../due.js';
 import { UpstreamError } from '../errors.js';
 import type { Logger } from '../logger.js';
-import type { BrokerMetrics } from '../metrics.js';
+import type { CredentialMetrics } from '../metrics.js';
 import type { SecretStore, StoredRow } from '../secret-store.js';
 import type { RefreshFn } from '../upstream.js';
 import type { LandResult, WriteBack } from '../writeback.js';
@@ -18,7 +18,7 @@ export interface AttemptContext {
   writeBack: WriteBack;
   refresh: RefreshFn;
   logger: Logger;
-  metrics: BrokerMetrics;
+  metrics: CredentialMetrics;
   replicaId: string;
   marginSeconds: number;
   now: () => number;
@@ -98,7 +98,7 @@ export async function attemptRefresh(c: AttemptContext, db: PoolClient, r: Attem
     return { kind: 'no_intent', message: (err as Error).message, failures };
   }
   const started = Date.now();
-  const timer = c.metrics.upstreamDuration.startTimer();
+  const timer = c.metrics.upstreamTimer();
   let answer: RotationResponse;
   try {
     answer = await c.refresh(snap.parsed.tokens.refresh_token);

@@ -1,3 +1,4 @@
+import { isCredentialName, secretKeyOf } from '../credential/names.js';
 import { randomUUID } from 'node:crypto';
 import { setTimeout as sleepFor } from 'node:timers/promises';
 import type { Pool } from '../db.js';
@@ -39,8 +40,10 @@ export interface LoginManagerOptions {
   encryptionKey: Buffer | undefined;
   issuer: IssuerOptions;
   logger: Logger;
+  /** Before a login is stored: make the credential known (a login may create one). */
+  register?: (credential: string) => Promise<void>;
   /** After a login is stored (this replica reloads at once; the others on NOTIFY). */
-  onStored?: () => Promise<void>;
+  onStored?: (credential: string) => Promise<void>;
   /** A login ended (metrics). */
   onFinished?: (method: LoginMethod, state: Exclude<LoginState, 'pending'>) => void;
   /** Seams for tests: login lifetime, poller lease, poll interval (default: the issuer's), sweep period. */
@@ -109,9 +112,9 @@ export class LoginManager {
     this.#leaseMs = o.leaseMs ?? 60_000;
   }
 
-  /** The store key of a credential name; only `default` exists until named credentials arrive. */
+  /** The store key of a credential name (any valid name: a login may create the credential). */
   secretKeyOf(credential: string): string | undefined {
-    return credential === 'default' ? this.#o.secretKey : undefined;
+    return isCredentialName(credential) ? secretKeyOf(credential, this.#o.secretKey) : undefined;
   }
 
   /** Device logins being polled by this replica (for tests and shutdown). */
@@ -121,7 +124,7 @@ export class LoginManager {
 
   async begin(credential: string, method: LoginMethod): Promise<StartedLogin> {
     if (this.secretKeyOf(credential) === undefined) {
-      throw new LoginError('unknown_credential', `no credential named ${JSON.stringify(credential)}: only "default" exists (named credentials come later)`);
+      throw new LoginError('unknown_credential', `${JSON.stringify(credential)} is not a credential name: lower-case letters, digits and -, at most 40 characters`);
     }
     await this.#expireStale();
     const busy = await this.#o.pool.query<{ id: string }>(`SELECT id FROM broker_logins WHERE credential = $1 AND state = 'pending'`, [credential]);
@@ -294,6 +297,7 @@ export class LoginManager {
     try {
       if (!secretKey) throw new LoginError('unknown_credential', `no credential named ${credential}`);
       const tokens = await exchange();
+      await this.#o.register?.(credential);
       const account = await storeLogin({
         store: this.#o.store,
         secretKey,
@@ -305,7 +309,7 @@ export class LoginManager {
         source: 'admin_api',
       });
       await this.#finish(id, 'succeeded', undefined, account);
-      await this.#o.onStored?.().catch(() => undefined);
+      await this.#o.onStored?.(credential).catch(() => undefined);
     } catch (err) {
       const msg = err instanceof LoginError ? err.message : `the login could not be stored (${(err as Error).message}): start a new one`;
       await this.#finish(id, 'failed', msg).catch(() => undefined);

@@ -10,8 +10,7 @@ import { latestEvents } from '../audit.js';
 import type { Logger } from '../logger.js';
 import { describeRefusal, seedCredential } from '../seed-guard.js';
 import type { BrokerMetrics } from '../metrics.js';
-import { revokeStoredLogin } from '../revocation.js';
-import type { RevokeFn } from '../upstream.js';
+import { credentialRoutes, type CredentialRoutesOptions } from './credentials.js';
 import { loginRoutes } from './logins.js';
 import type { LoginManager } from '../login/logins.js';
 import type { Refresher } from '../refresher.js';
@@ -27,8 +26,8 @@ export interface AdminRoutesOptions {
   clients: ClientRegistry;
   renderer: DocumentRenderer;
   credentialSecret: Buffer;
-  /** Upstream revocation, for POST /admin/credentials/:name/revoke. */
-  revoke: RevokeFn;
+  /** Named credentials, their refresh and upstream revocation (routes/credentials.ts). */
+  core?: CredentialRoutesOptions['core'];
   metrics: BrokerMetrics;
   logins?: LoginManager;
   /** Shared with /status, so one count and one cap cover every admin-token check. */
@@ -99,28 +98,7 @@ export async function adminRoutes(app: FastifyInstance, o: AdminRoutesOptions): 
     return { outcome: report.attempt ?? report.check, report, status: o.refresher.status() };
   });
 
-  // Named credentials arrive with a later issue; until then the one login is `default`.
-  app.post<{ Params: { name: string } }>('/admin/credentials/:name/revoke', async (req, reply) => {
-    if (req.params.name !== 'default') {
-      return sendProblem(reply, { status: 404, code: 'not_found', title: 'Not Found', detail: `no credential named ${req.params.name} (the only one is default)` });
-    }
-    const r = await revokeStoredLogin({ store: o.store, secretKey: o.secretKey, revoke: o.revoke, replicaId: o.refresher.replicaId, logger: req.log as Logger, metrics: o.metrics });
-    if (r.outcome === 'absent') {
-      return sendProblem(reply, { status: 404, code: 'credential_absent', title: 'Not Found', detail: 'no login is stored under default: nothing to revoke' });
-    }
-    if (r.outcome === 'revoke_failed') {
-      return sendProblem(reply, {
-        status: 502,
-        code: 'revoke_failed',
-        title: 'Bad Gateway',
-        detail: `the upstream did not revoke the login (${r.message}); nothing changed and the login is still in use. Retry to revoke it`,
-        extra: { outcome: r.outcome, upstreamStatus: r.upstreamStatus ?? null, upstreamCode: r.upstreamCode ?? null },
-      });
-    }
-    await o.refresher.reload().catch(() => undefined);
-    o.refresher.adoptLatch(r.latch);
-    return { outcome: r.outcome, status: o.refresher.status() };
-  });
+  if (o.core) await app.register(credentialRoutes, { core: o.core, defaultKey: o.secretKey, replicaId: o.refresher.replicaId, metrics: o.metrics });
 
   app.get<{ Querystring: { limit?: string } }>('/admin/events', async (req, reply) => {
     const limit = req.query.limit === undefined ? 50 : Number(req.query.limit);

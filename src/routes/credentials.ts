@@ -1,0 +1,142 @@
+import type { FastifyInstance, FastifyReply } from 'fastify';
+import { validateSeed } from '../auth-json.js';
+import type { BrokerCore } from '../broker.js';
+import { registerCredential, unregisterCredential } from '../credential/catalog.js';
+import { DEFAULT_CREDENTIAL, isCredentialName, secretKeyOf } from '../credential/names.js';
+import type { HeldCredential } from '../credential/set.js';
+import { AuthJsonError } from '../errors.js';
+import { sendProblem } from '../http/problem.js';
+import type { Logger } from '../logger.js';
+import type { BrokerMetrics } from '../metrics.js';
+import { clearBackoff, clearLatch } from '../refresh-guards.js';
+import { revokeStoredLogin } from '../revocation.js';
+import { describeRefusal, seedCredential } from '../seed-guard.js';
+
+export interface CredentialRoutesOptions {
+  core: Pick<BrokerCore, 'credentials' | 'store' | 'pool' | 'revoke'>;
+  defaultKey: string;
+  replicaId: string;
+  metrics: BrokerMetrics;
+}
+
+const NAME_RULE = 'lower-case letters, digits and -, starting with a letter or digit, at most 40 characters';
+
+function badName(reply: FastifyReply, field: string, value: string) {
+  return sendProblem(reply, { status: 400, code: `invalid_${field}`, title: 'Bad Request', detail: `${JSON.stringify(value)} is not a valid ${field} name: ${NAME_RULE}`, extra: { field } });
+}
+
+function notHeld(reply: FastifyReply, name: string) {
+  return sendProblem(reply, { status: 404, code: 'not_found', title: 'Not Found', detail: `no credential named ${name}; GET /admin/credentials lists them` });
+}
+
+/** What the admin API says about one credential: its pool and its refresher's status. No secret. */
+export function describeCredential(h: HeldCredential) {
+  return { name: h.name, pool: h.pool, ...h.refresher.status() };
+}
+
+/**
+ * Named credentials (several logins side by side), inside the admin scope. Thin: the
+ * stale-seed guard, the catalog and the refreshers do the work; `PUT /admin/credential`
+ * and `POST /admin/refresh` stay as the `default` credential's.
+ */
+export async function credentialRoutes(app: FastifyInstance, o: CredentialRoutesOptions): Promise<void> {
+  const { credentials } = o.core;
+
+  app.get('/admin/credentials', async () => ({ credentials: credentials.list().map(describeCredential) }));
+
+  // The seed body is read as text and parsed by validateSeed, which names the bad field.
+  await app.register(async (scope) => {
+    scope.removeAllContentTypeParsers();
+    scope.addContentTypeParser('application/json', { parseAs: 'string' }, (_req, body, done) => done(null, body));
+    scope.put<{ Params: { name: string }; Querystring: { force?: string; pool?: string } }>('/admin/credentials/:name', async (req, reply) => {
+      const { name } = req.params;
+      const { force, pool } = req.query;
+      if (!isCredentialName(name)) return badName(reply, 'credential', name);
+      if (pool !== undefined && !isCredentialName(pool)) return badName(reply, 'pool', pool);
+      if (force !== undefined && force !== 'true' && force !== 'false') {
+        return sendProblem(reply, { status: 400, code: 'invalid_force', title: 'Bad Request', detail: 'force must be true or false', extra: { field: 'force' } });
+      }
+      let parsed;
+      try {
+        parsed = validateSeed(req.body);
+      } catch (err) {
+        if (err instanceof AuthJsonError) return sendProblem(reply, { status: 400, code: 'invalid_credential', title: 'Bad Request', detail: err.message, extra: { field: err.field } });
+        throw err;
+      }
+      const seeded = await seedCredential({
+        store: o.core.store,
+        secretKey: secretKeyOf(name, o.defaultKey),
+        parsed,
+        source: 'admin_api',
+        force: force === 'true',
+        replicaId: o.replicaId,
+        logger: req.log as Logger,
+      });
+      if (!seeded.stored) {
+        return sendProblem(reply, {
+          status: 409,
+          code: 'stale_seed',
+          title: 'Conflict',
+          detail: `refused: ${describeRefusal(seeded.refusal)}. Nothing was stored. To store it anyway, repeat with ?force=true`,
+          extra: { refusal: seeded.refusal },
+        });
+      }
+      // `default` has a row only once it is given a pool: a platform database stays untouched otherwise.
+      if (name !== DEFAULT_CREDENTIAL || pool !== undefined) await registerCredential(o.core.pool, name, o.defaultKey, pool);
+      await credentials.sync();
+      const held = credentials.get(name);
+      if (!held) return notHeld(reply, name);
+      await held.refresher.reload();
+      held.refresher.poke();
+      return describeCredential(held);
+    });
+  });
+
+  app.delete<{ Params: { name: string } }>('/admin/credentials/:name', async (req, reply) => {
+    const { name } = req.params;
+    if (name === DEFAULT_CREDENTIAL) {
+      return sendProblem(reply, { status: 409, code: 'default_credential', title: 'Conflict', detail: 'the default credential cannot be removed; seed or log in another login over it instead' });
+    }
+    const held = credentials.get(name);
+    if (!held) return notHeld(reply, name);
+    // Under the credential's lock: never between a refresher's POST and its write-back.
+    await o.core.store.withLock(held.secretKey, true, async (db) => {
+      await o.core.store.remove(held.secretKey, db);
+      await clearLatch(db, held.secretKey);
+      await clearBackoff(db, held.secretKey);
+      await unregisterCredential(db, name);
+    });
+    await credentials.sync();
+    req.log.info({ event: 'credential_deleted', credential: name }, `removed credential ${name} and its stored login`);
+    return reply.code(204).send();
+  });
+
+  app.post<{ Params: { name: string } }>('/admin/credentials/:name/refresh', async (req, reply) => {
+    const held = credentials.get(req.params.name);
+    if (!held) return notHeld(reply, req.params.name);
+    const report = await held.refresher.runCycle({ force: true, waitForLock: true, ignoreBackoff: true, reason: 'admin' });
+    return { outcome: report.attempt ?? report.check, report, status: held.refresher.status() };
+  });
+
+  app.post<{ Params: { name: string } }>('/admin/credentials/:name/revoke', async (req, reply) => {
+    const { name } = req.params;
+    const held = credentials.get(name);
+    if (!held) return notHeld(reply, name);
+    const r = await revokeStoredLogin({ store: o.core.store, secretKey: held.secretKey, revoke: o.core.revoke, replicaId: o.replicaId, logger: req.log as Logger, metrics: o.metrics });
+    if (r.outcome === 'absent') {
+      return sendProblem(reply, { status: 404, code: 'credential_absent', title: 'Not Found', detail: `no login is stored under ${name}: nothing to revoke` });
+    }
+    if (r.outcome === 'revoke_failed') {
+      return sendProblem(reply, {
+        status: 502,
+        code: 'revoke_failed',
+        title: 'Bad Gateway',
+        detail: `the upstream did not revoke the login (${r.message}); nothing changed and the login is still in use. Retry to revoke it`,
+        extra: { outcome: r.outcome, upstreamStatus: r.upstreamStatus ?? null, upstreamCode: r.upstreamCode ?? null },
+      });
+    }
+    await held.refresher.reload().catch(() => undefined);
+    held.refresher.adoptLatch(r.latch);
+    return { outcome: r.outcome, status: held.refresher.status() };
+  });
+}
