@@ -13,7 +13,7 @@ import { opsRoutes } from './routes/ops.js';
 import { revokeRoutes } from './routes/revoke.js';
 import { shimRoutes } from './routes/shim.js';
 import { workspaceRoutes } from './routes/workspace.js';
-import { DocumentRenderer } from './serving.js';
+import { ServedCredentials } from './serving.js';
 
 export interface AppOptions {
   config: Pick<Config, 'ADMIN_TOKEN' | 'METRICS_TOKEN' | 'CODEX_AUTH_SECRET_KEY'> &
@@ -103,7 +103,8 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
       "REFRESH_TOKEN_EXPOSURE=raw serves the fleet's real upstream refresh token to every workspace: one workspace's `codex logout` without CODEX_REFRESH_TOKEN_URL_OVERRIDE revokes the shared login upstream, and any workspace can burn it. Use proxy unless you must",
     );
   }
-  const renderer = new DocumentRenderer(core.refresher, exposure, now);
+  const renderers = new ServedCredentials((client) => core.assignments.credentialFor(client), exposure, now);
+  const renderer = renderers.rendererOf(core.refresher);
   // One count, one cap and one log line for every admin-token check (admin routes and /status).
   const authFailures = new AuthFailures({ logger: o.logger });
   app.addHook('onClose', async () => authFailures.flush());
@@ -117,15 +118,16 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     // Platform workspace tokens are for the drop-in route only.
     isClient: (token) => core.clients.authenticate(token)?.kind === 'broker',
     beforeScrape: () => {
-      const counts = core.clients.counts(renderer.currentGeneration());
+      const counts = core.clients.counts((c) => renderers.currentGeneration(c));
       for (const [state, n] of Object.entries(counts)) metrics.clients.set({ state }, n);
+      metrics.poolAssignedClients.reset();
+      for (const a of core.assignments.assigned()) metrics.poolAssignedClients.set({ pool: a.pool, credential: a.credential }, a.clients);
     },
   });
-  await app.register(workspaceRoutes, { clients: core.clients, renderer, metrics, now, platformTokens: o.config.PLATFORM_WORKSPACE_TOKENS === true });
+  await app.register(workspaceRoutes, { clients: core.clients, served: renderers, metrics, now, platformTokens: o.config.PLATFORM_WORKSPACE_TOKENS === true });
   await app.register(shimRoutes, {
     clients: core.clients,
-    renderer,
-    refresher: core.refresher,
+    served: renderers,
     verifier: core.tokenVerifier,
     metrics,
     now,
@@ -152,6 +154,7 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
       refresher: core.refresher,
       clients: core.clients,
       renderer,
+      served: renderers,
       credentialSecret: core.credentialSecret,
       core,
       metrics,

@@ -5,10 +5,11 @@ import { ClientRegistry } from './clients/registry.js';
 import type { Config } from './config.js';
 import { createPool, migrate, type Pool } from './db.js';
 import type { Logger } from './logger.js';
-import { credentialMetrics, dropCredentialMetrics, type BrokerMetrics } from './metrics.js';
+import { credentialMetrics, type BrokerMetrics } from './metrics.js';
 import { RotationJournal } from './journal.js';
 import { CREDENTIALS_CHANNEL, registerCredential } from './credential/catalog.js';
 import { CredentialSet } from './credential/set.js';
+import { Assignments } from './pools/assignments.js';
 import { Refresher } from './refresher.js';
 import { CHANGE_CHANNEL, SecretStore } from './secret-store.js';
 import { LoginManager, type LoginManagerOptions } from './login/logins.js';
@@ -62,6 +63,8 @@ export interface BrokerCore {
   credentials: CredentialSet;
   /** The refresher of credential `default`. */
   refresher: Refresher;
+  /** Which credential each client is served, within its pool. */
+  assignments: Assignments;
   /** Whether the backend really rejects the current access token, before the shim forces a rotation. */
   tokenVerifier: TokenVerifier;
   /** Upstream revocation of a refresh token (an operator's explicit request only). */
@@ -128,6 +131,8 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     refresh,
     logger: name === 'default' ? logger : logger.child({ credential: name }),
     metrics: credentialMetrics(o.metrics, name),
+    // A credential that stops (or starts) being usable moves clients of its pool.
+    onStateChange: () => assignments.schedule(),
     replicaId: config.replicaId,
     marginSeconds: config.REFRESH_MARGIN_SECONDS,
     checkIntervalMs: ms(config.REFRESH_CHECK_INTERVAL_SECONDS),
@@ -142,8 +147,13 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     defaultKey: config.CODEX_AUTH_SECRET_KEY,
     logger,
     create: (e) => createRefresher(e.name, e.secretKey),
-    removed: (name) => dropCredentialMetrics(o.metrics, name),
+    changed: () => assignments.schedule(),
   });
+  const assignments = new Assignments({ pool, clients, credentials, logger, metrics: o.metrics });
+  clients.onReload = () => {
+    assignments.recount();
+    assignments.schedule();
+  };
   const refresher = credentials.default;
   const check = o.tokenCheck ?? createBackendTokenCheck({ baseUrl: config.CHATGPT_BASE_URL, timeoutMs: TOKEN_CHECK_TIMEOUT_MS, dispatcher });
   const tokenVerifier = new TokenVerifier({
@@ -220,6 +230,7 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     store,
     credentials,
     refresher,
+    assignments,
     tokenVerifier,
     revoke,
     clients,
@@ -238,6 +249,7 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
       for (const t of timers) t.unref();
     },
     async close(timeoutMs) {
+      assignments.stop();
       const finished = await credentials.stop(timeoutMs);
       await logins.close();
       for (const t of timers) clearInterval(t);

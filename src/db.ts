@@ -51,9 +51,12 @@ export async function loadMigrations(): Promise<Migration[]> {
   );
 }
 
-/** Apply pending migrations in order, each in its own transaction, one migrator at a time. */
-export async function migrate(pool: Pool, logger: Logger): Promise<number[]> {
-  const migrations = await loadMigrations();
+/**
+ * Apply pending migrations in order, each in its own transaction, one migrator at a time.
+ * `upTo` stops after that version (an upgrade test builds the database an older release made).
+ */
+export async function migrate(pool: Pool, logger: Logger, upTo = Infinity): Promise<number[]> {
+  const migrations = (await loadMigrations()).filter((m) => m.version <= upTo);
   const client = await pool.connect();
   const applied: number[] = [];
   try {

@@ -47,6 +47,13 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}) {
     logins: new Counter({ name: `${p}logins_total`, help: 'Logins performed by the broker, by method (device, browser) and result (succeeded, failed, expired).', labelNames: ['method', 'result'], registers }),
     clients: new Gauge({ name: `${p}clients`, help: 'Workspace clients by state.', labelNames: ['state'], registers }),
     revocations: new Counter({ name: `${p}revocations_total`, help: 'Token revocations by source: client_logout (answered locally, never forwarded), admin (revoked upstream).', labelNames: ['source'], registers }),
+    poolSwitches: new Counter({
+      name: `${p}pool_switches_total`,
+      help: 'Clients moved to another credential of their pool, by pool and reason (latched, expired, unusable, removed, pool_changed).',
+      labelNames: ['pool', 'reason'],
+      registers,
+    }),
+    poolAssignedClients: new Gauge({ name: `${p}pool_assigned_clients`, help: 'Clients assigned to each credential, by pool and credential.', labelNames: ['pool', 'credential'], registers }),
     dbQueries: new Counter({ name: `${p}db_queries_total`, help: 'Queries sent to the database (the serving path sends none).', registers }),
     httpDuration: new Histogram({
       name: `${p}http_request_duration_seconds`,
@@ -73,6 +80,8 @@ export interface CredentialMetrics {
   lockHeld(on: boolean): void;
   /** Starts timing an upstream POST; call the result when it answers. */
   upstreamTimer(): () => void;
+  /** The credential was removed: drop its series, and ignore late writes (a reload still in flight would bring them back). */
+  retire(): void;
 }
 
 /** The series of credential `name`, created at zero so dashboards and alerts see it at once. */
@@ -80,7 +89,9 @@ export function credentialMetrics(m: BrokerMetrics, name: string): CredentialMet
   const credential = name;
   for (const outcome of ATTEMPT_OUTCOMES) m.refreshAttempts.inc({ credential, outcome }, 0);
   for (const result of CHECK_RESULTS) m.refreshChecks.inc({ credential, result }, 0);
+  let retired = false;
   const state = (now: CredentialState) => {
+    if (retired) return;
     for (const s of CREDENTIAL_STATES) m.credentialState.set({ credential, state: s }, s === now ? 1 : 0);
   };
   state('absent');
@@ -88,14 +99,18 @@ export function credentialMetrics(m: BrokerMetrics, name: string): CredentialMet
   for (const g of Object.values(gauges)) g.set(0);
   const upstream = m.upstreamDuration.labels({ credential });
   return {
-    attempt: (outcome) => m.refreshAttempts.inc({ credential, outcome }),
-    check: (result) => m.refreshChecks.inc({ credential, result }),
+    attempt: (outcome) => retired || m.refreshAttempts.inc({ credential, outcome }),
+    check: (result) => retired || m.refreshChecks.inc({ credential, result }),
     state,
-    expiry: (s) => gauges.expiry.set(s),
-    lastRotation: (s) => gauges.last.set(s),
-    writebackPending: (on) => gauges.pending.set(on ? 1 : 0),
-    lockHeld: (on) => gauges.lock.set(on ? 1 : 0),
-    upstreamTimer: () => upstream.startTimer(),
+    expiry: (s) => retired || gauges.expiry.set(s),
+    lastRotation: (s) => retired || gauges.last.set(s),
+    writebackPending: (on) => retired || gauges.pending.set(on ? 1 : 0),
+    lockHeld: (on) => retired || gauges.lock.set(on ? 1 : 0),
+    upstreamTimer: () => (retired ? () => 0 : upstream.startTimer()),
+    retire: () => {
+      retired = true;
+      dropCredentialMetrics(m, credential);
+    },
   };
 }
 

@@ -35,6 +35,8 @@ export interface RefresherOptions {
   journal?: RotationJournal | undefined;
   /** Where latch, backoff and audit live (default: the broker's tables). */
   ledger?: Ledger;
+  /** The credential's state changed (fresh, due, expired, latched...): pools re-check assignments. */
+  onStateChange?: (state: CredentialState) => void;
 }
 
 export interface CycleReport {
@@ -67,7 +69,9 @@ export interface CycleOptions {
  * fleet out. What it holds is in credential/holder.ts; what it shares, in the ledger.
  */
 export class Refresher {
-  readonly #o: Required<Omit<RefresherOptions, 'now' | 'random' | 'journal' | 'ledger'>>;
+  readonly #o: Required<Omit<RefresherOptions, 'now' | 'random' | 'journal' | 'ledger' | 'onStateChange'>>;
+  readonly #onStateChange: ((state: CredentialState) => void) | undefined;
+  #publishedState: CredentialState | undefined;
   readonly #holder: CredentialHolder;
   readonly #ledger: Ledger;
   readonly #writeBack: WriteBack;
@@ -85,8 +89,9 @@ export class Refresher {
   #unfinished: RefreshEvent[] = [];
 
   constructor(opts: RefresherOptions) {
-    const { now, random, journal, ledger, ...rest } = opts;
+    const { now, random, journal, ledger, onStateChange, ...rest } = opts;
     this.#o = rest;
+    this.#onStateChange = onStateChange;
     this.#now = now ?? Date.now;
     this.#random = random ?? Math.random;
     this.#ledger = ledger ?? databaseLedger(rest.store.pool, rest.secretKey);
@@ -212,7 +217,12 @@ export class Refresher {
     const snap = this.current();
     m.expiry(snap?.claims.exp ?? 0);
     m.lastRotation(snap?.lastRefreshMs !== undefined ? snap.lastRefreshMs / 1000 : 0);
-    m.state(this.state());
+    const state = this.state();
+    m.state(state);
+    if (state !== this.#publishedState) {
+      this.#publishedState = state;
+      this.#onStateChange?.(state);
+    }
   }
 
   // ---- the cycle -------------------------------------------------------------
@@ -493,6 +503,11 @@ export class Refresher {
   /** Trigger a check soon (a NOTIFY that may have changed due-ness or cleared a latch). */
   poke(): void {
     this.#loop.poke();
+  }
+
+  /** The credential was removed: its metric series go, and stay gone. */
+  retire(): void {
+    this.#o.metrics.retire();
   }
 
   /** Stop scheduling and wait (bounded) for a refresh in flight to finish its write-back. */

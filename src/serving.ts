@@ -241,3 +241,47 @@ export function withoutSecret(v: unknown, secret: string): unknown {
   }
   return out;
 }
+
+export interface ServedCredential {
+  /** The credential's name: the x-codex-credential header. */
+  name: string;
+  refresher: Refresher;
+  renderer: DocumentRenderer;
+}
+
+/**
+ * Which credential's document a client is served: its assignment in its pool (see
+ * pools/assignments.ts), rendered by one renderer per credential. Memory only.
+ */
+export class ServedCredentials {
+  readonly #pick: (client: Client) => { name: string; refresher: Refresher } | undefined;
+  readonly #exposure: Exposure;
+  readonly #now: () => number;
+  readonly #renderers = new WeakMap<Refresher, DocumentRenderer>();
+
+  constructor(pick: (client: Client) => { name: string; refresher: Refresher } | undefined, exposure: Exposure, now: () => number = Date.now) {
+    this.#pick = pick;
+    this.#exposure = exposure;
+    this.#now = now;
+  }
+
+  rendererOf(refresher: Refresher): DocumentRenderer {
+    let r = this.#renderers.get(refresher);
+    if (!r) {
+      r = new DocumentRenderer(refresher, this.#exposure, this.#now);
+      this.#renderers.set(refresher, r);
+    }
+    return r;
+  }
+
+  /** Undefined when the client's pool holds no credential at all. */
+  for(client: Client): ServedCredential | undefined {
+    const held = this.#pick(client);
+    return held ? { name: held.name, refresher: held.refresher, renderer: this.rendererOf(held.refresher) } : undefined;
+  }
+
+  /** The generation the client should hold now (for its active/stale state). */
+  currentGeneration(client: Client): string | undefined {
+    return this.for(client)?.renderer.currentGeneration();
+  }
+}

@@ -3,6 +3,7 @@ import { after, before, test } from 'node:test';
 import { createTestApp, ADMIN_TOKEN, type TestApp } from './helpers/app.js';
 import { FakeUpstream } from './helpers/fake-upstream.js';
 import { startTestPostgres, type TestPostgres } from './helpers/pg.js';
+import { newToken, refreshCredential, sha256 } from '../src/clients/credentials.js';
 
 let pg: TestPostgres;
 let upstream: FakeUpstream;
@@ -70,4 +71,53 @@ test('zero database queries per served request in steady state', async () => {
   const after = await queries();
   assert.equal(after - before, 0, `${after - before} queries for ${served} served requests`);
   assert.equal(upstream.posts, 0);
+});
+
+test('3 credentials and 10,000 clients: each client is served its assigned credential with zero database queries', async () => {
+  const admin = { authorization: `Bearer ${ADMIN_TOKEN}` };
+  for (const name of ['one', 'two']) {
+    const r = await t.app.inject({ method: 'PUT', url: `/admin/credentials/${name}`, headers: admin, payload: upstream.seed({ accountId: `acct-${name}` }) });
+    assert.equal(r.statusCode, 200, r.body);
+  }
+  // 10,000 clients in one statement, as a bulk import would land them; one reload.
+  const tokens: string[] = [];
+  const rows: { name: string; tokenSha: Buffer; credentialSha: Buffer }[] = [];
+  for (let i = 0; i < 10_000; i++) {
+    const token = newToken();
+    const tokenSha = sha256(token);
+    tokens.push(token);
+    rows.push({ name: `bulk-${i}`, tokenSha, credentialSha: sha256(refreshCredential(t.core.credentialSecret, tokenSha)) });
+  }
+  await t.core.pool.query(
+    `INSERT INTO broker_clients (name, token_sha256, token_prefix, refresh_credential_sha256)
+     SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::bytea[])`,
+    [rows.map((r) => r.name), rows.map((r) => r.tokenSha), rows.map(() => ''), rows.map((r) => r.credentialSha)],
+  );
+  await t.core.clients.reload();
+  // The first replica to see them stores an assignment for each (one statement).
+  await t.core.assignments.rebalance();
+  const spread = await t.core.pool.query<{ assigned_credential: string; n: string }>(
+    `SELECT assigned_credential, count(*) AS n FROM broker_clients WHERE name LIKE 'bulk-%' GROUP BY 1 ORDER BY 1`,
+  );
+  const counts = Object.fromEntries(spread.rows.map((r) => [r.assigned_credential, Number(r.n)]));
+  assert.deepEqual(Object.keys(counts), ['default', 'one', 'two']);
+  for (const n of Object.values(counts)) assert.ok(n >= 3_300 && n <= 3_400, `evenly spread: ${JSON.stringify(counts)}`);
+  await t.core.clients.reload();
+  let before = await queries();
+  for (let quiet = 0; quiet < 10; ) {
+    await new Promise((r) => setTimeout(r, 50));
+    const now = await queries();
+    quiet = now === before ? quiet + 1 : 0;
+    before = now;
+  }
+  const seen: Record<string, number> = {};
+  for (let i = 0; i < tokens.length; i += 7) {
+    const res = await t.app.inject({ url: '/codex-auth', headers: { authorization: `Bearer ${tokens[i]}` } });
+    assert.equal(res.statusCode, 200, res.body);
+    const name = String(res.headers['x-codex-credential']);
+    seen[name] = (seen[name] ?? 0) + 1;
+  }
+  const after = await queries();
+  assert.equal(after - before, 0, `${after - before} queries while serving`);
+  assert.deepEqual(Object.keys(seen).sort(), ['default', 'one', 'two'], 'every credential is served');
 });

@@ -16,6 +16,7 @@ export class ClientInputError extends BrokerError {
 export interface NewClient {
   name: string;
   workspaceId: string | null;
+  pool: string;
   /** Shown once: the bearer token for GET /codex-auth and the drop-in route. */
   token: string;
   /** Shown once: what proxy mode serves as tokens.refresh_token, accepted by /oauth/token. */
@@ -26,6 +27,8 @@ export interface NewClient {
 export interface ClientRow {
   name: string;
   workspaceId: string | null;
+  pool: string;
+  assignedCredential: string | null;
   createdAt: string;
   lastUsedAt: string | null;
   lastServedGeneration: string | null;
@@ -43,40 +46,50 @@ export function validateClientInput(name: unknown, workspaceId: unknown): { name
   return { name, workspaceId: typeof workspaceId === 'string' ? workspaceId.toLowerCase() : null };
 }
 
-export async function createClient(pool: Pool, secret: Buffer, nameIn: unknown, workspaceIn?: unknown): Promise<NewClient> {
+export const POOL_NAME = /^[a-z0-9][a-z0-9-]{0,39}$/;
+
+export async function createClient(pool: Pool, secret: Buffer, nameIn: unknown, workspaceIn?: unknown, poolIn?: unknown): Promise<NewClient> {
   const { name, workspaceId } = validateClientInput(nameIn, workspaceIn);
+  if (poolIn !== undefined && poolIn !== null && (typeof poolIn !== 'string' || !POOL_NAME.test(poolIn))) {
+    throw new ClientInputError('pool', 'must be a pool name: lower-case letters, digits and -, at most 40 characters');
+  }
+  const clientPool = typeof poolIn === 'string' ? poolIn : 'default';
   const token = newToken();
   const tokenSha = sha256(token);
   const credential = refreshCredential(secret, tokenSha);
   const r = await pool.query<{ created_at: Date }>(
     `WITH ins AS (
-       INSERT INTO broker_clients (name, workspace_id, token_sha256, token_prefix, refresh_credential_sha256)
-       VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING RETURNING created_at)
+       INSERT INTO broker_clients (name, workspace_id, token_sha256, token_prefix, refresh_credential_sha256, pool)
+       VALUES ($1, $2, $3, $4, $5, $7) ON CONFLICT (name) DO NOTHING RETURNING created_at)
      SELECT created_at, pg_notify($6, $1) FROM ins`,
     // token_prefix (NOT NULL since migration 004) stays empty: no part of a token is kept in clear.
-    [name, workspaceId, tokenSha, '', sha256(credential), CLIENTS_CHANNEL],
+    [name, workspaceId, tokenSha, '', sha256(credential), CLIENTS_CHANNEL, clientPool],
   );
   const row = r.rows[0];
   if (!row) throw new ClientInputError('name', `a client named ${name} already exists (revoke it first, or choose another name)`);
-  return { name, workspaceId, token, refreshCredential: credential, createdAt: row.created_at.toISOString() };
+  return { name, workspaceId, pool: clientPool, token, refreshCredential: credential, createdAt: row.created_at.toISOString() };
 }
 
 export async function listClients(pool: Pool, includeRevoked = false): Promise<ClientRow[]> {
   const r = await pool.query<{
     name: string;
     workspace_id: string | null;
+    pool: string;
+    assigned_credential: string | null;
     created_at: Date;
     last_used_at: Date | null;
     last_served_generation: string | null;
     revoked_at: Date | null;
   }>(
-    `SELECT name, workspace_id::text AS workspace_id, created_at, last_used_at, last_served_generation, revoked_at
+    `SELECT name, workspace_id::text AS workspace_id, pool, assigned_credential, created_at, last_used_at, last_served_generation, revoked_at
      FROM broker_clients ${includeRevoked ? '' : 'WHERE revoked_at IS NULL'} ORDER BY name`,
   );
   const iso = (d: Date | null) => (d ? d.toISOString() : null);
   return r.rows.map((x) => ({
     name: x.name,
     workspaceId: x.workspace_id,
+    pool: x.pool,
+    assignedCredential: x.assigned_credential,
     createdAt: x.created_at.toISOString(),
     lastUsedAt: iso(x.last_used_at),
     lastServedGeneration: x.last_served_generation,

@@ -11,6 +11,10 @@ export interface Client {
   name: string;
   kind: ClientKind;
   workspaceId: string | null;
+  /** The pool of credentials this client is served from. */
+  pool: string;
+  /** The credential it is assigned within its pool (stored; undefined until assigned, and for platform tokens). */
+  assigned: string | undefined;
   tokenSha: Buffer;
   /** The derived broker refresh credential (proxy mode serves it, /oauth/token accepts it). */
   refreshCredential: string;
@@ -45,6 +49,7 @@ export class ClientRegistry {
   #loadSeq = 0;
   #appliedSeq = 0;
   #platformTableMissingLogged = false;
+  #onReload: (() => void) | undefined;
 
   constructor(o: { pool: Pool; logger: Logger; credentialSecret: Buffer; platformTokens: boolean }) {
     this.#pool = o.pool;
@@ -60,9 +65,16 @@ export class ClientRegistry {
   /** Reload every client from the database (start, NOTIFY, periodic safety net). */
   async reload(): Promise<void> {
     const seq = ++this.#loadSeq;
-    const rows = await this.#pool.query<{ id: string; name: string; workspace_id: string | null; token_sha256: Buffer; last_used_at: Date | null; last_served_generation: string | null }>(
-      'SELECT id, name, workspace_id, token_sha256, last_used_at, last_served_generation FROM broker_clients WHERE revoked_at IS NULL',
-    );
+    const rows = await this.#pool.query<{
+      id: string;
+      name: string;
+      workspace_id: string | null;
+      pool: string;
+      assigned_credential: string | null;
+      token_sha256: Buffer;
+      last_used_at: Date | null;
+      last_served_generation: string | null;
+    }>('SELECT id, name, workspace_id, pool, assigned_credential, token_sha256, last_used_at, last_served_generation FROM broker_clients WHERE revoked_at IS NULL');
     const byToken = new Map<string, Client>();
     const byCredential = new Map<string, Client>();
     const add = (c: Client) => {
@@ -81,6 +93,8 @@ export class ClientRegistry {
         name: r.name,
         kind: 'broker',
         workspaceId: r.workspace_id,
+        pool: r.pool,
+        assigned: r.assigned_credential ?? undefined,
         tokenSha: r.token_sha256,
         ...withCredential(r.token_sha256, prev?.refreshCredential),
         // Keep what this replica saw more recently than its last flush.
@@ -100,6 +114,17 @@ export class ClientRegistry {
     this.#appliedSeq = seq;
     this.#byToken = byToken;
     this.#byCredential = byCredential;
+    this.#onReload?.();
+  }
+
+  /** Every live client (broker clients and platform tokens). */
+  all(): IterableIterator<Client> {
+    return this.#byToken.values();
+  }
+
+  /** Called after every applied reload (assignments are recounted). */
+  set onReload(fn: (() => void) | undefined) {
+    this.#onReload = fn;
   }
 
   async #loadPlatformTokens(): Promise<Array<Omit<Client, 'refreshCredential' | 'refreshCredentialSha' | 'etagTag'>>> {
@@ -118,6 +143,8 @@ export class ClientRegistry {
       name: `workspace:${row.workspace_id}`,
       kind: 'platform' as const,
       workspaceId: row.workspace_id,
+      pool: 'default',
+      assigned: undefined,
       tokenSha: row.token_hash,
       lastSeenAt: undefined,
       lastGeneration: undefined,
@@ -140,11 +167,13 @@ export class ClientRegistry {
     if (c.kind === 'broker') this.#dirty.add(c);
   }
 
-  counts(currentGeneration: string | undefined): ClientCounts {
+  /** By state; `currentGeneration` says what each client should hold now (its assigned credential's token). */
+  counts(currentGeneration: (c: Client) => string | undefined): ClientCounts {
     const out: ClientCounts = { active: 0, stale: 0, never_seen: 0 };
     for (const c of this.#byToken.values()) {
+      const current = currentGeneration(c);
       if (c.lastSeenAt === undefined) out.never_seen += 1;
-      else if (currentGeneration !== undefined && c.lastGeneration === currentGeneration) out.active += 1;
+      else if (current !== undefined && c.lastGeneration === current) out.active += 1;
       else out.stale += 1;
     }
     return out;

@@ -12,6 +12,8 @@ export interface CredentialSetOptions {
   create: (entry: CredentialEntry) => Refresher;
   /** A credential left: drop what was kept for it (its metric series). */
   removed?: (name: string) => void;
+  /** The set changed (a credential added, removed or moved to another pool). */
+  changed?: () => void;
   stopTimeoutMs?: number;
 }
 
@@ -65,12 +67,15 @@ export class CredentialSet {
   async #sync(): Promise<void> {
     const entries = await listCredentials(this.#o.pool, this.#o.defaultKey);
     const wanted = new Set(entries.map((e) => e.name));
+    let changed = false;
     for (const e of entries) {
       const held = this.#held.get(e.name);
       if (held) {
+        changed ||= held.pool !== e.pool;
         held.pool = e.pool;
         continue;
       }
+      changed = true;
       const h = { ...e, refresher: this.#o.create(e) };
       this.#add(h);
       this.#o.logger.info({ event: 'credential_added', credential: e.name, pool: e.pool }, `holding credential ${e.name} (pool ${e.pool})`);
@@ -84,9 +89,12 @@ export class CredentialSet {
       this.#held.delete(h.name);
       this.#byKey.delete(h.secretKey);
       await h.refresher.stop(this.#o.stopTimeoutMs ?? 5_000);
+      h.refresher.retire();
       this.#o.removed?.(h.name);
+      changed = true;
       this.#o.logger.info({ event: 'credential_removed', credential: h.name }, `no longer holding credential ${h.name}`);
     }
+    if (changed) this.#o.changed?.();
   }
 
   #add(h: HeldCredential): void {

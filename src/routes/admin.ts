@@ -15,7 +15,7 @@ import { loginRoutes } from './logins.js';
 import type { LoginManager } from '../login/logins.js';
 import type { Refresher } from '../refresher.js';
 import type { SecretStore } from '../secret-store.js';
-import type { DocumentRenderer } from '../serving.js';
+import type { DocumentRenderer, ServedCredentials } from '../serving.js';
 
 export interface AdminRoutesOptions {
   adminToken: string;
@@ -25,6 +25,8 @@ export interface AdminRoutesOptions {
   refresher: Refresher;
   clients: ClientRegistry;
   renderer: DocumentRenderer;
+  /** Which credential each client is served (GET /admin/clients shows it). */
+  served?: ServedCredentials;
   credentialSecret: Buffer;
   /** Named credentials, their refresh and upstream revocation (routes/credentials.ts). */
   core?: CredentialRoutesOptions['core'];
@@ -111,7 +113,7 @@ export async function adminRoutes(app: FastifyInstance, o: AdminRoutesOptions): 
   app.post('/admin/clients', async (req, reply) => {
     const b = (req.body ?? {}) as Record<string, unknown>;
     try {
-      const created = await createClient(o.pool, o.credentialSecret, b['name'], b['workspaceId']);
+      const created = await createClient(o.pool, o.credentialSecret, b['name'], b['workspaceId'], b['pool']);
       await o.clients.reload();
       req.log.info({ event: 'client_added', client: created.name }, `added client ${created.name}`);
       return reply.code(201).header('cache-control', 'no-store').send(created);
@@ -127,17 +129,25 @@ export async function adminRoutes(app: FastifyInstance, o: AdminRoutesOptions): 
   app.get('/admin/clients', async () => {
     // This replica's latest sightings first; the others flush theirs every few seconds.
     await o.clients.flush().catch(() => 0);
-    const current = o.renderer.currentGeneration();
     const rows = await listClients(o.pool);
+    const live = new Map([...o.clients.all()].map((c) => [c.name, c]));
     return {
-      clients: rows.map((r) => ({
+      clients: rows.map((r) => {
+        const c = live.get(r.name);
+        // What this client is served now, and whether it holds that credential's current token.
+        const served = c && o.served ? o.served.for(c) : undefined;
+        const current = served ? served.renderer.currentGeneration() : o.renderer.currentGeneration();
+        return {
         name: r.name,
         workspaceId: r.workspaceId,
+        pool: r.pool,
+        assignedCredential: served?.name ?? r.assignedCredential,
         createdAt: r.createdAt,
         lastUsedAt: r.lastUsedAt,
         holdsCurrentToken: current !== undefined && r.lastServedGeneration === current,
         state: r.lastUsedAt === null ? 'never_seen' : r.lastServedGeneration === current ? 'active' : 'stale',
-      })),
+        };
+      }),
     };
   });
 

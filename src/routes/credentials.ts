@@ -12,8 +12,14 @@ import { clearBackoff, clearLatch } from '../refresh-guards.js';
 import { revokeStoredLogin } from '../revocation.js';
 import { describeRefusal, seedCredential } from '../seed-guard.js';
 
+/** Live clients whose stored assignment is this credential (asked of the database: another replica may have just assigned one). */
+async function assignedClients(pool: BrokerCore['pool'], name: string): Promise<number> {
+  const r = await pool.query<{ n: string }>('SELECT count(*) AS n FROM broker_clients WHERE assigned_credential = $1 AND revoked_at IS NULL', [name]);
+  return Number(r.rows[0]?.n ?? 0);
+}
+
 export interface CredentialRoutesOptions {
-  core: Pick<BrokerCore, 'credentials' | 'store' | 'pool' | 'revoke'>;
+  core: Pick<BrokerCore, 'credentials' | 'store' | 'pool' | 'revoke' | 'assignments'>;
   defaultKey: string;
   replicaId: string;
   metrics: BrokerMetrics;
@@ -42,7 +48,9 @@ export function describeCredential(h: HeldCredential) {
 export async function credentialRoutes(app: FastifyInstance, o: CredentialRoutesOptions): Promise<void> {
   const { credentials } = o.core;
 
-  app.get('/admin/credentials', async () => ({ credentials: credentials.list().map(describeCredential) }));
+  app.get('/admin/credentials', async () => ({
+    credentials: credentials.list().map((h) => ({ ...describeCredential(h), clientsAssigned: o.core.assignments.clientsOf(h.name) })),
+  }));
 
   // The seed body is read as text and parsed by validateSeed, which names the bad field.
   await app.register(async (scope) => {
@@ -92,22 +100,46 @@ export async function credentialRoutes(app: FastifyInstance, o: CredentialRoutes
     });
   });
 
-  app.delete<{ Params: { name: string } }>('/admin/credentials/:name', async (req, reply) => {
+  app.delete<{ Params: { name: string }; Querystring: { reassign?: string } }>('/admin/credentials/:name', async (req, reply) => {
     const { name } = req.params;
+    const { reassign } = req.query;
+    if (reassign !== undefined && reassign !== 'true' && reassign !== 'false') {
+      return sendProblem(reply, { status: 400, code: 'invalid_reassign', title: 'Bad Request', detail: 'reassign must be true or false', extra: { field: 'reassign' } });
+    }
     if (name === DEFAULT_CREDENTIAL) {
       return sendProblem(reply, { status: 409, code: 'default_credential', title: 'Conflict', detail: 'the default credential cannot be removed; seed or log in another login over it instead' });
     }
     const held = credentials.get(name);
     if (!held) return notHeld(reply, name);
+    const assigned = await assignedClients(o.core.pool, name);
+    if (assigned > 0 && reassign !== 'true') {
+      return sendProblem(reply, {
+        status: 409,
+        code: 'credential_in_use',
+        title: 'Conflict',
+        detail: `${assigned} client(s) are assigned to ${name}; repeat with ?reassign=true to move them to the other credentials of pool ${held.pool} (running agents switch accounts)`,
+        extra: { clientsAssigned: assigned },
+      });
+    }
     // Under the credential's lock: never between a refresher's POST and its write-back.
+    // One transaction: replicas hear of the login and the list entry going together.
     await o.core.store.withLock(held.secretKey, true, async (db) => {
-      await o.core.store.remove(held.secretKey, db);
-      await clearLatch(db, held.secretKey);
-      await clearBackoff(db, held.secretKey);
-      await unregisterCredential(db, name);
+      await db.query('BEGIN');
+      try {
+        await o.core.store.remove(held.secretKey, db);
+        await clearLatch(db, held.secretKey);
+        await clearBackoff(db, held.secretKey);
+        await unregisterCredential(db, name);
+        await db.query('COMMIT');
+      } catch (err) {
+        await db.query('ROLLBACK').catch(() => undefined);
+        throw err;
+      }
     });
     await credentials.sync();
-    req.log.info({ event: 'credential_deleted', credential: name }, `removed credential ${name} and its stored login`);
+    // Its clients move now (reason `removed`), not at their next request.
+    await o.core.assignments.rebalance();
+    req.log.info({ event: 'credential_deleted', credential: name, clientsReassigned: assigned }, `removed credential ${name} and its stored login`);
     return reply.code(204).send();
   });
 

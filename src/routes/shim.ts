@@ -2,14 +2,13 @@ import type { FastifyError, FastifyInstance, FastifyReply } from 'fastify';
 import { splitServedRefreshToken } from '../clients/credentials.js';
 import type { ClientRegistry } from '../clients/registry.js';
 import { labelled, type BrokerMetrics } from '../metrics.js';
-import type { Refresher } from '../refresher.js';
-import type { DocumentRenderer } from '../serving.js';
+import type { ServedCredentials } from '../serving.js';
 import type { TokenVerifier } from '../token-check.js';
 
 export interface ShimRoutesOptions {
   clients: ClientRegistry;
-  renderer: DocumentRenderer;
-  refresher: Refresher;
+  /** Which credential each client is served (its assignment in its pool). */
+  served: ServedCredentials;
   verifier: TokenVerifier;
   metrics: BrokerMetrics;
   now: () => number;
@@ -75,25 +74,34 @@ export async function shimRoutes(app: FastifyInstance, o: ShimRoutesOptions): Pr
       served('unauthorized');
       return oauthError(reply, 401, 'refresh_token_invalidated', 'This refresh token is not a live credential of this broker. Run the workspace sync again or ask an operator for a client.');
     }
-    let current = o.renderer.tokens();
+    const assigned = o.served.for(client);
+    if (!assigned) {
+      served('unavailable');
+      reply.header('retry-after', '30');
+      return oauthError(reply, 503, 'temporarily_unavailable', "The client's pool holds no credential right now; retry shortly.", 'server_error');
+    }
+    const { refresher, renderer } = assigned;
+    reply.header('x-codex-credential', assigned.name);
+    // A caller that held another credential's token (it was switched) just gets this one's.
+    let current = renderer.tokens();
     if (current && generation === current.generation) {
       if (b['refresh_reason'] === 'unauthorized_recovery') {
         // The caller's word is not enough: any client could otherwise rotate the fleet's
         // login at will. Ask the backend (one shared call per token) before forcing.
-        if (!o.refresher.forcedRefreshBlocked(o.forcedRefreshFloorMs)) {
-          const check = await o.verifier.verify(current.accessToken, o.refresher.current()?.account.accountId);
+        if (!refresher.forcedRefreshBlocked(o.forcedRefreshFloorMs)) {
+          const check = await o.verifier.verify(current.accessToken, refresher.current()?.account.accountId);
           if (check.verdict === 'rejected') {
-            await o.refresher.runCycle({ force: true, waitForLock: true, onlyIfOlderThanMs: o.forcedRefreshFloorMs, reason: 'shim_unauthorized_recovery' });
+            await refresher.runCycle({ force: true, waitForLock: true, onlyIfOlderThanMs: o.forcedRefreshFloorMs, reason: 'shim_unauthorized_recovery' });
           }
         }
-      } else if (o.refresher.state() === 'due' || o.refresher.state() === 'expired') {
-        await o.refresher.runCycle({ waitForLock: true, reason: 'shim_stale' });
+      } else if (refresher.state() === 'due' || refresher.state() === 'expired') {
+        await refresher.runCycle({ waitForLock: true, reason: 'shim_stale' });
       }
-      current = o.renderer.tokens();
+      current = renderer.tokens();
     }
     const nowSec = o.now() / 1000;
     if (!current || (current.exp !== undefined && current.exp <= nowSec)) {
-      const latch = o.refresher.latch;
+      const latch = refresher.latch;
       if (latch && current) {
         served('unauthorized');
         return oauthError(reply, 401, latch.code ?? 'refresh_token_invalidated', 'The shared login was refused upstream; an operator must log in again and re-seed the broker.');

@@ -4,11 +4,12 @@ import type { Client, ClientRegistry } from '../clients/registry.js';
 import { bearerToken } from '../http/auth.js';
 import { sendProblem, sendUnauthorized } from '../http/problem.js';
 import { labelled, type BrokerMetrics } from '../metrics.js';
-import type { DocumentRenderer, Rendered } from '../serving.js';
+import type { Rendered, ServedCredentials } from '../serving.js';
 
 export interface WorkspaceRoutesOptions {
   clients: ClientRegistry;
-  renderer: DocumentRenderer;
+  /** Which credential each client is served (its assignment in its pool). */
+  served: ServedCredentials;
   metrics: BrokerMetrics;
   now: () => number;
   /** Platform workspace tokens are accepted on the drop-in route only. */
@@ -39,13 +40,18 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
       unauthorized(reply, route);
       return undefined;
     }
-    const why = o.renderer.unavailable();
-    if (why) {
+    const credential = o.served.for(client);
+    const why = credential
+      ? credential.renderer.unavailable()
+      : { code: 'no_credential' as const, detail: `the client's pool ${client.pool} holds no credential; an operator must seed one into it` };
+    if (why || !credential) {
       served(route, 'unavailable');
-      sendProblem(reply, { status: 503, code: why.code, title: 'Service Unavailable', detail: why.detail, headers: { 'retry-after': '30' } });
+      sendProblem(reply, { status: 503, code: why?.code ?? 'no_credential', title: 'Service Unavailable', detail: why?.detail ?? '', headers: { 'retry-after': '30' } });
       return undefined;
     }
-    return { client, doc: o.renderer.render(client) };
+    // Names the login served (never a secret): operators and agents can tell accounts apart.
+    reply.header('x-codex-credential', credential.name);
+    return { client, doc: credential.renderer.render(client) };
   };
 
   /** A 304 when the caller's ETag matches (the body is never built), else the document. */
