@@ -288,7 +288,7 @@ export class Refresher {
     }
     const snap = this.#adoptRow(row, seq);
     if (!row || (!snap && !this.#readError)) {
-      this.#note('inert', 'credential_absent', `no credential stored under ${this.#o.secretKey}: nothing to refresh; seed one with \`codex-auth-broker seed auth.json\``, 'info');
+      this.#note('inert', 'credential_absent', `no credential stored under ${this.#o.secretKey}: nothing to refresh; log in with \`npx codex-auth-broker login\` or seed one with \`npx codex-auth-broker seed auth.json\``, 'info');
       return this.#check('inert');
     }
     if (!snap || !snap.parsed.tokens.refresh_token) {
@@ -520,7 +520,7 @@ export class Refresher {
       this.#lastOutcome = { outcome: 'permanent_failure', at: now };
       this.#o.logger.error(
         { event: 'latched', secretKey: this.#o.secretKey, status: ue.status, upstreamCode: ue.upstreamCode, durationMs: now - started },
-        `the upstream refused the refresh token for good (${ue.upstreamCode ?? ue.status}); it will not be sent again. Log in again and run \`codex-auth-broker seed auth.json\` (or PUT /admin/credential)`,
+        `the upstream refused the refresh token for good (${ue.upstreamCode ?? ue.status}); it will not be sent again. Log in again: \`npx codex-auth-broker login\` (or seed a fresh auth.json, or POST /admin/credentials/default/login)`,
       );
       this.#publishState();
       return { check: 'due', attempt: 'permanent_failure', error: e };

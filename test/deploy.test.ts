@@ -778,11 +778,11 @@ describe('the runtime image, rebuilt in a temp dir', () => {
     assert.ok(fs.existsSync(path.join(app, 'dist', 'cli.js')));
 
     const help = await run(process.execPath, ['dist/cli.js', '--help'], { cwd: app });
-    assert.match(help.stdout, /usage: codex-auth-broker <command>/);
+    assert.match(help.stdout, /usage: npx codex-auth-broker <command>/);
     // The launcher behind `npx codex-auth-broker` (and the PATH link): no src/ or tsx here, so dist/.
     assert.ok(!fs.existsSync(path.join(app, 'src')) && !fs.existsSync(path.join(app, 'node_modules', 'tsx')));
     const launched = await run(process.execPath, ['bin/codex-auth-broker.js', '--help'], { cwd: app });
-    assert.match(launched.stdout, /usage: codex-auth-broker <command>/);
+    assert.match(launched.stdout, /usage: npx codex-auth-broker <command>/);
     assert.match(fs.readFileSync(path.join(ROOT, 'Dockerfile'), 'utf8'), /ln -s \/app\/bin\/codex-auth-broker\.js \/usr\/local\/bin\/codex-auth-broker/);
 
     const port = await freePort();
