@@ -230,6 +230,9 @@ test('with ADMIN_TOKEN unset, the page says the admin routes are off and how to 
   assert.equal(await w.page.locator('#sign-in').isVisible(), false);
   assert.equal(await w.page.locator('#console').isVisible(), false);
   assert.deepEqual(w.problems(), []);
+  // The watcher has teeth: an inline style attribute is refused by the CSP, and reported.
+  await w.page.evaluate(`document.body.insertAdjacentHTML('beforeend', '<p style="color: red">inline</p>')`);
+  await waitFor('the CSP violation to be reported', () => w.problems().some((p) => /CSP violation: style-src/.test(p)), WAIT.timeout);
   await w.page.close();
 });
 
@@ -484,10 +487,11 @@ test('at 375 px wide, at 200 % zoom and in dark mode the page fits without horiz
   const ctx = need(t);
   if (!ctx) return;
   const b = await seeded();
-  for (const name of ['ws-berlin', 'ws-lisbon', 'ws-osaka']) await clientToken(b, name);
-  const tokens = [await clientToken(b, 'ws-nairobi')];
-  assert.equal((await fetchAuth(b, tokens[0]!)).statusCode, 200);
+  for (const name of ['ws-berlin', 'ws-lisbon']) await clientToken(b, name);
+  const [stale, active] = [await clientToken(b, 'ws-nairobi'), await clientToken(b, 'ws-osaka')];
+  assert.equal((await fetchAuth(b, stale)).statusCode, 200);
   assert.equal((await b.admin('POST', '/admin/refresh')).statusCode, 200);
+  assert.equal((await fetchAuth(b, active)).statusCode, 200);
   const w = await signedIn(ctx, b);
   const { page } = w;
   await clientRow(page, 'ws-nairobi').waitFor(WAIT);

@@ -151,7 +151,8 @@ export function clientsSummary(clients) {
 
 export function eventRow(e) {
   const outcome = e.outcome ?? (e.finishedAt ? '–' : 'in progress');
-  const upstream = e.upstreamCode ?? (e.upstreamStatus ? `HTTP ${e.upstreamStatus}` : '');
+  // The upstream's word matters when it refused; a 200 says nothing the outcome does not.
+  const upstream = e.upstreamCode ?? (e.upstreamStatus && e.upstreamStatus >= 300 ? `HTTP ${e.upstreamStatus}` : '');
   return el(
     'tr',
     {},
