@@ -38,13 +38,15 @@ RUN npm ci --omit=dev --ignore-scripts --no-audit --no-fund \
     && chown node:node /app/data \
     && ln -s /app/bin/codex-auth-broker.js /usr/local/bin/codex-auth-broker
 # dist/db.js reads ../migrations/ (/app/migrations); dist/routes/ops.js serves
-# ../../openapi.yaml (/app/openapi.yaml).
+# ../../openapi.yaml (/app/openapi.yaml); dist/routes/page.js serves the operator page from
+# ../../web/ (/app/web) and its version from ../../package.json.
 COPY --from=build /app/dist ./dist
 # The launcher behind `npx codex-auth-broker …` (and `codex-auth-broker …` on PATH): with no
 # src/ here it runs dist/cli.js.
 COPY bin ./bin
 COPY migrations ./migrations
 COPY openapi.yaml ./
+COPY web ./web
 
 # The code stays root-owned and read-only to the process; only DATA_DIR is writable.
 USER node

@@ -20,6 +20,16 @@ export default tseslint.config(
     languageOptions: { globals: { URL: 'readonly', console: 'readonly', process: 'readonly' } },
   },
   {
+    // The operator page's hand-written modules run in the browser; no build step.
+    files: ['web/**/*.js'],
+    languageOptions: {
+      sourceType: 'module',
+      globals: Object.fromEntries(
+        ['document', 'window', 'navigator', 'location', 'fetch', 'sessionStorage', 'URLSearchParams', 'setTimeout', 'clearTimeout', 'setInterval', 'getSelection', 'Node', 'CSS'].map((g) => [g, 'readonly']),
+      ),
+    },
+  },
+  {
     files: ['src/cli.ts', 'scripts/**', 'bench/**', 'test/**'],
     rules: { 'no-console': 'off' },
   },

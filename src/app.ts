@@ -10,6 +10,7 @@ import type { Logger } from './logger.js';
 import { labelled, type BrokerMetrics } from './metrics.js';
 import { adminRoutes } from './routes/admin.js';
 import { opsRoutes } from './routes/ops.js';
+import { pageRoutes } from './routes/page.js';
 import { revokeRoutes } from './routes/revoke.js';
 import { shimRoutes } from './routes/shim.js';
 import { workspaceRoutes } from './routes/workspace.js';
@@ -134,6 +135,7 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     forcedRefreshFloorMs: (o.config.SHIM_FORCED_REFRESH_FLOOR_SECONDS ?? 600) * 1000,
   });
   await app.register(revokeRoutes, { clients: core.clients, refresher: core.refresher, metrics });
+  await app.register(pageRoutes, { adminRoutes: Boolean(o.config.ADMIN_TOKEN) });
   if (!o.config.ADMIN_TOKEN) {
     // Off is not "no such route": say why, and how to turn them on.
     const adminOff: RouteHandlerMethod = (req, reply) =>

@@ -1,4 +1,5 @@
 #!/usr/bin/env node
+import { readFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { validateSeed } from './auth-json.js';
 import { buildSnapshot, stateOf } from './credential.js';
@@ -16,26 +17,8 @@ import { openDatabase, startBroker } from './runtime.js';
 import { SecretStore } from './secret-store.js';
 import { describeRefusal, seedCredential } from './seed-guard.js';
 import { loginCommand } from './login/command.js';
-
-const USAGE = `usage: codex-auth-broker <command>
-
-  serve                 run the broker (HTTP API and the refresher)
-  login [--credential default] [--browser]
-                        log in from here (device code, or a browser sign-in whose callback
-                        URL you paste) and store the result as the shared login
-  seed [--force] <auth.json|->
-                        validate a codex auth.json and store it as the shared login; a stale
-                        copy (its refresh token already spent by the broker, or older than the
-                        stored login of the same account) is refused with exit code 4 unless
-                        --force
-  status [--json]       print the stored credential's state (no secrets)
-  migrate               apply database migrations and exit
-  clients add <name> [--workspace <uuid>]
-                        create a workspace client; prints its token and refresh credential once
-  clients list          list clients (never their tokens)
-  clients revoke <name> revoke a client on every replica
-
-Configuration is read from environment variables; see README.md.`;
+import { parseCommand, usage } from './cli/args.js';
+import { generationOf } from './clients/credentials.js';
 
 async function withStore<T>(
   config: Config,
@@ -56,13 +39,7 @@ async function withStore<T>(
 /** Exit code of a seed the stale-seed guard refused (nothing stored). */
 const EXIT_STALE_SEED = 4;
 
-async function seed(config: Config, logger: Logger, args: string[]): Promise<number> {
-  const force = args.includes('--force');
-  const file = args.find((a) => a !== '--force');
-  if (!file) {
-    console.error('seed: name the auth.json file to store (or - for standard input)');
-    return 2;
-  }
+async function seed(config: Config, logger: Logger, file: string, force: boolean): Promise<number> {
   let text: string;
   try {
     text = file === '-' ? await readStdin() : await readFile(file, 'utf8');
@@ -101,7 +78,7 @@ async function seed(config: Config, logger: Logger, args: string[]): Promise<num
 async function status(config: Config, logger: Logger, json: boolean): Promise<number> {
   const report = await withStore(config, logger, async (store, pool) => {
     const row = await store.read(config.CODEX_AUTH_SECRET_KEY);
-    if (!row) return { state: 'absent' as string, detail: 'no credential stored: run `codex-auth-broker seed auth.json`' };
+    if (!row) return { state: 'absent' as string, detail: 'no credential stored: log in (`npx codex-auth-broker login`) or seed (`npx codex-auth-broker seed auth.json`)' };
     let plaintext: string;
     try {
       plaintext = store.decrypt(row);
@@ -134,13 +111,11 @@ async function status(config: Config, logger: Logger, json: boolean): Promise<nu
   return report.state === 'fresh' || report.state === 'due' ? 0 : 3;
 }
 
-async function clients(config: Config, logger: Logger, args: string[]): Promise<number> {
-  const [sub, name] = args;
-  return withStore(config, logger, async (_store, pool, key) => {
+async function clients(config: Config, logger: Logger, sub: string, name: string | undefined, flags: Record<string, string | true>): Promise<number> {
+  return withStore(config, logger, async (store, pool, key) => {
     switch (sub) {
       case 'add': {
-        const wi = args.indexOf('--workspace');
-        const workspace = wi >= 0 ? args[wi + 1] : undefined;
+        const workspace = typeof flags['--workspace'] === 'string' ? flags['--workspace'] : undefined;
         try {
           const c = await createClient(pool, await loadCredentialSecret(pool, key), name, workspace);
           console.log(`client ${c.name} created${c.workspaceId ? ` for workspace ${c.workspaceId}` : ''}. Shown once, store them now:`);
@@ -157,28 +132,62 @@ async function clients(config: Config, logger: Logger, args: string[]): Promise<
       }
       case 'list': {
         const rows = await listClients(pool);
-        if (rows.length === 0) console.log('no clients');
+        const current = await currentGeneration(store, config.CODEX_AUTH_SECRET_KEY);
+        const list = rows.map((r) => ({
+          name: r.name,
+          workspaceId: r.workspaceId,
+          state: r.lastUsedAt === null ? 'never_seen' : current !== undefined && r.lastServedGeneration === current ? 'active' : 'stale',
+          lastSeenAt: r.lastUsedAt,
+          createdAt: r.createdAt,
+        }));
+        if (flags['--json']) {
+          console.log(JSON.stringify({ clients: list }, null, 2));
+          return 0;
+        }
+        if (list.length === 0) {
+          console.log('no clients: add one with `npx codex-auth-broker clients add <name>`');
+          return 0;
+        }
         // No part of a token: a prefix narrows a guess and ends up in screenshots and tickets.
-        for (const r of rows) console.log(`${r.name.padEnd(32)} ${(r.workspaceId ?? '-').padEnd(36)} last used ${r.lastUsedAt ?? 'never'}`);
+        printTable(
+          ['NAME', 'WORKSPACE', 'STATE', 'LAST SEEN'],
+          list.map((c) => [c.name, c.workspaceId ?? '-', c.state, c.lastSeenAt ?? 'never']),
+        );
         return 0;
       }
-      case 'revoke': {
-        if (!name) {
-          console.error('clients revoke: name the client');
-          return 2;
-        }
-        if (!(await revokeClient(pool, name))) {
+      default: {
+        if (!(await revokeClient(pool, name ?? ''))) {
           console.error(`clients revoke: no live client named ${name}`);
           return 1;
         }
         console.log(`revoked ${name}; every replica drops it at once`);
         return 0;
       }
-      default:
-        console.error('usage: codex-auth-broker clients add <name> [--workspace <uuid>] | list | revoke <name>');
-        return 2;
     }
   });
+}
+
+/** The generation of the stored access token: what an active client last fetched. */
+async function currentGeneration(store: SecretStore, secretKey: string): Promise<string | undefined> {
+  try {
+    const row = await store.read(secretKey);
+    const at = row ? buildSnapshot(row.raw, store.decrypt(row)).parsed.tokens.access_token : undefined;
+    return at ? generationOf(at) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function printTable(header: string[], rows: string[][]): void {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
+  const line = (cells: string[]) => cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i] ?? 0))).join('  ');
+  console.log(line(header));
+  for (const r of rows) console.log(line(r));
+}
+
+function version(): string {
+  // src/cli.ts and dist/cli.js both sit one level below package.json.
+  return (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version;
 }
 
 async function readStdin(): Promise<string> {
@@ -244,8 +253,22 @@ async function serve(config: Config, logger: Logger): Promise<void> {
 export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   if (!command || command === '--help' || command === '-h' || command === 'help') {
-    console.log(USAGE);
+    console.log(usage());
     return command ? 0 : 2;
+  }
+  if (command === '--version' || command === '-v') {
+    console.log(version());
+    return 0;
+  }
+  // Help and argument errors come before the configuration: `--help` never acts.
+  const parsed = parseCommand(command, rest);
+  if (parsed.kind === 'help') {
+    console.log(parsed.text);
+    return 0;
+  }
+  if (parsed.kind === 'error') {
+    console.error(`codex-auth-broker ${parsed.message}${parsed.message.startsWith('unknown command') ? `\n\n${usage()}` : ''}`);
+    return 2;
   }
   let config: Config;
   try {
@@ -261,23 +284,32 @@ export async function main(argv: string[]): Promise<number> {
     command === 'serve'
       ? createLogger(config.LOG_LEVEL, undefined, { pretty: config.LOG_FORMAT === 'pretty' || (config.LOG_FORMAT === 'auto' && process.stdout.isTTY === true) })
       : createLogger(config.LOG_LEVEL, process.stderr);
+  if (command !== 'serve' && command !== 'login') {
+    // Ctrl-C in a one-shot command: say so and stop, no stack trace. An embedded Postgres it
+    // started is taken over and stopped by the next command or serve in DATA_DIR.
+    process.once('SIGINT', () => {
+      console.error(`\ncodex-auth-broker ${command}: interrupted`);
+      process.exit(130);
+    });
+  }
+  const { flags, positionals } = parsed;
   try {
     switch (command) {
       case 'serve':
         await serve(config, logger);
         return -1;
       case 'seed':
-        return await seed(config, logger, rest);
+        return await seed(config, logger, positionals[0]!, flags['--force'] === true);
       case 'login':
         return await loginCommand(config, logger, rest, (fn) => withStore(config, logger, (store) => fn(store)), {
           out: (l) => console.log(l),
           err: (l) => console.error(l),
         });
       case 'status':
-        return await status(config, logger, rest.includes('--json'));
+        return await status(config, logger, flags['--json'] === true);
       case 'clients':
-        return await clients(config, logger, rest);
-      case 'migrate': {
+        return await clients(config, logger, parsed.sub!, positionals[0], flags);
+      default: {
         const db = await openDatabase(config, logger);
         const pool = createPool(db.url, logger, 1);
         try {
@@ -289,9 +321,6 @@ export async function main(argv: string[]): Promise<number> {
         }
         return 0;
       }
-      default:
-        console.error(`unknown command: ${command}\n\n${USAGE}`);
-        return 2;
     }
   } catch (err) {
     const msg = err instanceof BrokerError ? `${err.code}: ${err.message}` : (err as Error).message;
@@ -300,6 +329,14 @@ export async function main(argv: string[]): Promise<number> {
     console.error(`codex-auth-broker ${command}: ${msg}`);
     return err instanceof ConfigError ? 78 : 1;
   }
+}
+
+// `status | head -1`: the reader went away. That is the reader's choice, not an error.
+for (const stream of [process.stdout, process.stderr]) {
+  stream.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code === 'EPIPE') process.exit(process.exitCode ?? 0);
+    throw err;
+  });
 }
 
 const code = await main(process.argv.slice(2));

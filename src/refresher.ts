@@ -270,7 +270,7 @@ export class Refresher {
     const { row, snap } = read;
     const documentProblem = this.#holder.problems.document;
     if (!row || (!snap && !documentProblem)) {
-      this.#note('inert', 'credential_absent', `no credential stored under ${this.#o.secretKey}: nothing to refresh; seed one with \`codex-auth-broker seed auth.json\``, 'info');
+      this.#note('inert', 'credential_absent', `no credential stored under ${this.#o.secretKey}: nothing to refresh; log in with \`npx codex-auth-broker login\` or seed one with \`npx codex-auth-broker seed auth.json\``, 'info');
       return this.#check('inert');
     }
     if (!snap || !snap.parsed.tokens.refresh_token) {
@@ -447,7 +447,7 @@ export class Refresher {
       this.#lastOutcome = { outcome: 'permanent_failure', at: a.at };
       this.#o.logger.error(
         { event: 'latched', secretKey: this.#o.secretKey, status: ue.status, upstreamCode: ue.upstreamCode, durationMs: a.durationMs },
-        `the upstream refused the refresh token for good (${ue.upstreamCode ?? ue.status}); it will not be sent again. Log in again and run \`codex-auth-broker seed auth.json\` (or PUT /admin/credential)`,
+        `the upstream refused the refresh token for good (${ue.upstreamCode ?? ue.status}); it will not be sent again. Log in again: \`npx codex-auth-broker login${this.#o.name === 'default' ? '' : ` --credential ${this.#o.name}`}\` (or seed a fresh auth.json, or POST /admin/credentials/${this.#o.name}/login)`,
       );
       this.#holder.setLatch(a.latch);
       return { check: 'due', attempt: 'permanent_failure', error: e };

@@ -125,7 +125,7 @@ export class DocumentRenderer {
   unavailable(): Unavailable | undefined {
     const why = unusable(this.#refresher.current(), this.#now());
     if (why === 'no_credential') {
-      return { code: why, detail: 'the broker holds no usable login; an operator must seed one (codex-auth-broker seed)' };
+      return { code: why, detail: 'the broker holds no usable login; an operator must log in (npx codex-auth-broker login) or seed one' };
     }
     if (why === 'token_expired') {
       return { code: why, detail: 'the held access token has expired and could not be refreshed yet; see /status' };

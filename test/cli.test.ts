@@ -1,5 +1,6 @@
 import { strict as assert } from 'node:assert';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import type { Socket } from 'node:net';
 import { runProcess } from './helpers/process.js';
 import { tempDirs } from './helpers/tmp.js';
 import { createCipheriv, createHash, randomBytes } from 'node:crypto';
@@ -307,6 +308,109 @@ describe('values in range', () => {
     assert.equal(list.code, 0, list.stderr);
     assert.match(list.stdout, /list-a/);
     assert.deepEqual(findSlices(list.stdout + list.stderr, secrets), []);
+    // Column headers, and the same facts as JSON.
+    assert.match(list.stdout.split('\n')[0]!, /^NAME\s+WORKSPACE\s+STATE\s+LAST SEEN$/);
+    assert.match(list.stdout, /^list-a\s+-\s+never_seen\s+never$/m);
+    const json = await run(['clients', 'list', '--json'], env);
+    assert.equal(json.code, 0, json.stderr);
+    const parsed = JSON.parse(json.stdout) as { clients: Array<{ name: string; state: string; lastSeenAt: string | null }> };
+    assert.deepEqual(parsed.clients.map((c) => [c.name, c.state, c.lastSeenAt]), [['list-a', 'never_seen', null], ['list-b', 'never_seen', null]]);
+    assert.deepEqual(findSlices(json.stdout, secrets), []);
+  });
+});
+
+describe('the command line (Operator experience)', () => {
+  /** Every command and subcommand, as an operator types them. */
+  const every = [['serve'], ['login'], ['seed'], ['status'], ['migrate'], ['clients'], ['clients', 'add'], ['clients', 'list'], ['clients', 'revoke']];
+
+  test('--help on every command and subcommand prints its usage, exits 0 and never acts (parsed before any configuration)', async () => {
+    const { parseCommand } = await import('../src/cli/args.js');
+    for (const argv of every) {
+      for (const help of ['--help', '-h']) {
+        const [command, ...rest] = argv;
+        const parsed = parseCommand(command!, [...rest, help]);
+        assert.equal(parsed.kind, 'help', `${argv.join(' ')} ${help}`);
+        assert.match(parsed.kind === 'help' ? parsed.text : '', new RegExp(`^usage: npx codex-auth-broker ${argv.join(' ')}`), argv.join(' '));
+      }
+    }
+    // In a real process: a configuration that could not even connect, and a seed file that
+    // does not exist: --help still answers 0 with the usage, and nothing else happens.
+    for (const argv of [['seed', '/nonexistent/auth.json', '--help'], ['status', '--help'], ['clients', '--help'], ['clients', 'revoke', 'x', '--help']]) {
+      const r = await run(argv, { DATABASE_URL: 'postgres://nobody@127.0.0.1:1/none', PORT: 'not-a-port' });
+      assert.equal(r.code, 0, `${argv.join(' ')}: ${r.stderr}`);
+      assert.match(r.stdout, /^usage: npx codex-auth-broker /);
+      assert.equal(r.stderr, '', argv.join(' '));
+    }
+  });
+
+  test('--version prints the package version', async () => {
+    const r = await run(['--version'], {});
+    assert.equal(r.code, 0, r.stderr);
+    const pkg = JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { version: string };
+    assert.equal(r.stdout.trim(), pkg.version);
+  });
+
+  test('unknown flags, unknown subcommands and missing arguments are refused naming what is wrong (exit 2)', async () => {
+    const { parseCommand } = await import('../src/cli/args.js');
+    const err = (command: string, args: string[]) => {
+      const p = parseCommand(command, args);
+      assert.equal(p.kind, 'error', `${command} ${args.join(' ')}`);
+      return p.kind === 'error' ? p.message : '';
+    };
+    assert.match(err('status', ['--jsn']), /^status: unknown flag --jsn\n/);
+    assert.match(err('seed', ['--froce', 'auth.json']), /^seed: unknown flag --froce/);
+    assert.match(err('clients', ['list', '--all']), /^clients list: unknown flag --all/);
+    assert.match(err('clients', ['add', 'x', '--workspace']), /--workspace needs a value/);
+    assert.match(err('clients', ['purge']), /unknown subcommand "purge"/);
+    assert.match(err('clients', []), /name a subcommand/);
+    assert.match(err('seed', []), /^seed: expected 1 argument, got 0/);
+    assert.match(err('status', ['-x']), /unknown flag -x/);
+    assert.match(err('serve', ['extra']), /expected 0 arguments, got 1/);
+    const r = await run(['status', '--jsn'], {});
+    assert.equal(r.code, 2);
+    assert.match(r.stderr, /status: unknown flag --jsn/);
+  });
+
+  test('a reader that goes away (status | true) ends the command quietly: no EPIPE stack trace', async () => {
+    const script = `"${process.execPath}" --import tsx "${CLI}" --help 2>"$ERR" | true; "${process.execPath}" --import tsx "${CLI}" --help 2>>"$ERR" | head -c 10 >/dev/null; cat "$ERR"`;
+    const dir = tmpDir();
+    const r = await runProcess('bash', ['-c', script], { cwd: ROOT, env: cleanEnv({ ERR: path.join(dir, 'err') }), timeoutMs: 120_000 });
+    assert.equal(r.code, 0, r.stderr);
+    assert.doesNotMatch(r.stdout + r.stderr, /EPIPE|Error|\n\s+at /);
+  });
+
+  test('Ctrl-C in a one-shot command says so and exits 130 without a stack trace', async () => {
+    // A "database" that accepts the connection and never answers: status is stuck in its
+    // first query when the operator gives up.
+    const net = await import('node:net');
+    const held: Socket[] = [];
+    let connected!: () => void;
+    const reached = new Promise<void>((resolve) => (connected = resolve));
+    const silent = net.createServer((sock) => {
+      held.push(sock);
+      connected();
+    });
+    await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
+    const port = (silent.address() as { port: number }).port;
+    try {
+      const child = spawn(process.execPath, ['--import', 'tsx', CLI, 'status'], {
+        cwd: ROOT,
+        env: cleanEnv({ DATABASE_URL: `postgres://u:p@127.0.0.1:${port}/db`, SECRETS_ENCRYPTION_KEY: KEY_B64 }),
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      let err = '';
+      child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+      const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+      await reached;
+      child.kill('SIGINT');
+      const code = await exited;
+      assert.equal(code, 130, err);
+      assert.match(err, /status: interrupted/);
+      assert.doesNotMatch(err, /\n\s+at /);
+    } finally {
+      for (const sock of held) sock.destroy();
+      silent.close();
+    }
   });
 });
 

@@ -485,6 +485,18 @@ test('the login routes validate against openapi.yaml', async () => {
   }
 });
 
+test('the operator page and its assets match the spec', async () => {
+  const t = await setup();
+  const before = violations.length;
+  const page = await expect(t, 'operator page', '/', { method: 'GET', url: '/' }, 200);
+  await expect(t, 'operator page, unchanged', '/', { method: 'GET', url: '/', headers: { 'if-none-match': String(page.headers['etag']) } }, 304);
+  const assets = [...page.body.matchAll(/(?:src|href)="\/assets\/([^"]+)"/g)].map((m) => m[1]!);
+  assert.ok(assets.some((a) => a.endsWith('.js')) && assets.some((a) => a.endsWith('.css')) && assets.some((a) => a.endsWith('.svg')), assets.join(' '));
+  for (const a of assets) await expect(t, `asset ${a}`, '/assets/{file}', { method: 'GET', url: `/assets/${a}` }, 200);
+  await expect(t, 'asset: unknown', '/assets/{file}', { method: 'GET', url: '/assets/main.0000000000000000.js' }, 404);
+  assert.deepEqual(violations.slice(before), []);
+});
+
 test('/openapi.yaml serves this very file', async () => {
   const t = await setup();
   const res = await req(t, { method: 'GET', url: '/openapi.yaml' });

@@ -643,12 +643,12 @@ describe('Dockerfile', () => {
       }
     }
     const app = final.workdir;
-    for (const needed of ['dist', 'migrations', 'openapi.yaml', 'package.json', 'package-lock.json']) assert.ok(placed.has(path.posix.join(app, needed)), `${needed} is copied to ${app}: ${[...placed].join(', ')}`);
+    for (const needed of ['dist', 'migrations', 'openapi.yaml', 'web', 'package.json', 'package-lock.json']) assert.ok(placed.has(path.posix.join(app, needed)), `${needed} is copied to ${app}: ${[...placed].join(', ')}`);
     // Files resolved relative to the compiled module (new URL('../x', import.meta.url)) land where they were copied.
     const buildCfg = JSON.parse(read('tsconfig.build.json')) as { compilerOptions: { rootDir: string; outDir: string } };
     assert.equal(buildCfg.compilerOptions.outDir, 'dist');
     let resolved = 0;
-    for (const src of ['src/db.ts', 'src/routes/ops.ts']) {
+    for (const src of ['src/db.ts', 'src/routes/ops.ts', 'src/routes/page.ts']) {
       for (const m of read(src).matchAll(/new URL\('([^']+)', import\.meta\.url\)/g)) {
         const compiled = path.posix.join(app, 'dist', path.posix.relative(buildCfg.compilerOptions.rootDir, src).replace(/\.ts$/, '.js'));
         const target = path.posix.resolve(path.posix.dirname(compiled), m[1]!).replace(/\/$/, '');
@@ -656,7 +656,7 @@ describe('Dockerfile', () => {
         resolved++;
       }
     }
-    assert.ok(resolved >= 2);
+    assert.ok(resolved >= 4);
   });
 
   test('non-root, listens on 0.0.0.0:8080 in production mode, healthcheck, stop signal, command', () => {
@@ -778,11 +778,11 @@ describe('the runtime image, rebuilt in a temp dir', () => {
     assert.ok(fs.existsSync(path.join(app, 'dist', 'cli.js')));
 
     const help = await run(process.execPath, ['dist/cli.js', '--help'], { cwd: app });
-    assert.match(help.stdout, /usage: codex-auth-broker <command>/);
+    assert.match(help.stdout, /usage: npx codex-auth-broker <command>/);
     // The launcher behind `npx codex-auth-broker` (and the PATH link): no src/ or tsx here, so dist/.
     assert.ok(!fs.existsSync(path.join(app, 'src')) && !fs.existsSync(path.join(app, 'node_modules', 'tsx')));
     const launched = await run(process.execPath, ['bin/codex-auth-broker.js', '--help'], { cwd: app });
-    assert.match(launched.stdout, /usage: codex-auth-broker <command>/);
+    assert.match(launched.stdout, /usage: npx codex-auth-broker <command>/);
     assert.match(fs.readFileSync(path.join(ROOT, 'Dockerfile'), 'utf8'), /ln -s \/app\/bin\/codex-auth-broker\.js \/usr\/local\/bin\/codex-auth-broker/);
 
     const port = await freePort();
@@ -818,6 +818,12 @@ describe('the runtime image, rebuilt in a temp dir', () => {
       const res = await fetch(`http://127.0.0.1:${port}/openapi.yaml`);
       assert.equal(res.status, 200, 'the spec is found at /app/openapi.yaml');
       await res.text();
+      const page = await fetch(`http://127.0.0.1:${port}/`);
+      const html = await page.text();
+      assert.equal(page.status, 200, 'the operator page is found at /app/web');
+      const script = /src="(\/assets\/main\.[0-9a-f]+\.js)"/.exec(html)?.[1];
+      assert.ok(script, html.slice(0, 300));
+      assert.equal((await fetch(`http://127.0.0.1:${port}${script}`)).status, 200, 'its assets are served from the image');
       const migrations = fs.readdirSync(path.join(ROOT, 'migrations')).filter((f) => f.endsWith('.sql'));
       assert.equal((out.match(/"event":"migration_applied"/g) ?? []).length, migrations.length, 'every migration is found and applied');
       child.kill('SIGTERM');

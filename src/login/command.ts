@@ -7,7 +7,7 @@ import { loginDocument } from './exchange.js';
 import { browserLogin, deviceLogin } from './interactive.js';
 import { storeLogin } from './store.js';
 
-export const LOGIN_USAGE = 'usage: codex-auth-broker login [--credential default] [--browser] [--force]';
+export const LOGIN_USAGE = 'usage: npx codex-auth-broker login [--credential default] [--browser] [--force]';
 
 type WithStore = <T>(fn: (store: SecretStore) => Promise<T>) => Promise<T>;
 /** Standard output and error, passed in by the CLI. */

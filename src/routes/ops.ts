@@ -77,7 +77,7 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
       const code = !snap && state === 'invalid' ? 'credential_unreadable' : why;
       const detail =
         code === 'no_credential'
-          ? 'no usable credential is stored: run `codex-auth-broker seed auth.json` or PUT /admin/credential'
+          ? 'no usable credential is stored: log in (`npx codex-auth-broker login`) or seed (`npx codex-auth-broker seed auth.json`) or PUT /admin/credential'
           : code === 'credential_unreadable'
             ? `the stored credential cannot be read (${refresher.readError?.code ?? 'unknown'}); see /status and the logs`
             : 'the held access token has expired; see /status for the last refresh error';
