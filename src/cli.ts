@@ -18,6 +18,9 @@ import { SecretStore } from './secret-store.js';
 import { describeRefusal, seedCredential } from './seed-guard.js';
 import { loginCommand } from './login/command.js';
 import { parseCommand, usage } from './cli/args.js';
+import { credentialsCommand } from './cli/credentials.js';
+import { registerCredential } from './credential/catalog.js';
+import { DEFAULT_CREDENTIAL, isCredentialName, secretKeyOf } from './credential/names.js';
 import { generationOf } from './clients/credentials.js';
 
 async function withStore<T>(
@@ -39,7 +42,14 @@ async function withStore<T>(
 /** Exit code of a seed the stale-seed guard refused (nothing stored). */
 const EXIT_STALE_SEED = 4;
 
-async function seed(config: Config, logger: Logger, file: string, force: boolean): Promise<number> {
+async function seed(config: Config, logger: Logger, file: string, force: boolean, credential = DEFAULT_CREDENTIAL, credentialPool?: string): Promise<number> {
+  for (const [flag, value] of [['--credential', credential], ['--pool', credentialPool]] as const) {
+    if (value !== undefined && !isCredentialName(value)) {
+      console.error(`seed: ${flag} ${JSON.stringify(value)} is not a valid name: lower-case letters, digits and -, at most 40 characters. Nothing was stored.`);
+      return 2;
+    }
+  }
+  const secretKey = secretKeyOf(credential, config.CODEX_AUTH_SECRET_KEY);
   let text: string;
   try {
     text = file === '-' ? await readStdin() : await readFile(file, 'utf8');
@@ -58,9 +68,12 @@ async function seed(config: Config, logger: Logger, file: string, force: boolean
     throw err;
   }
   const snap = buildSnapshot(Buffer.alloc(0), JSON.stringify(parsed.doc));
-  const result = await withStore(config, logger, (store) =>
-    seedCredential({ store, secretKey: config.CODEX_AUTH_SECRET_KEY, parsed, source: 'cli', force, replicaId: config.replicaId, logger }),
-  );
+  const result = await withStore(config, logger, async (store, pool) => {
+    const r = await seedCredential({ store, secretKey, parsed, source: 'cli', force, replicaId: config.replicaId, logger });
+    // A named login joins the list every replica holds (default needs a row only for a pool).
+    if (r.stored && (credential !== DEFAULT_CREDENTIAL || credentialPool !== undefined)) await registerCredential(pool, credential, config.CODEX_AUTH_SECRET_KEY, credentialPool);
+    return r;
+  });
   if (!result.stored) {
     console.error(`seed: refused ${file}: ${describeRefusal(result.refusal)}. Nothing was stored.`);
     console.error('Log in again for a fresh auth.json, or, if you are sure this is the login to keep, repeat with --force.');
@@ -69,7 +82,7 @@ async function seed(config: Config, logger: Logger, file: string, force: boolean
   const exp = snap.claims.exp !== undefined ? new Date(snap.claims.exp * 1000).toISOString() : 'unknown';
   if (result.overrode) console.log(`forced past the stale-seed guard: ${describeRefusal(result.overrode)}`);
   console.log(
-    `stored the login under ${config.CODEX_AUTH_SECRET_KEY}: account ${snap.account.accountId ?? 'unknown'}, plan ${snap.account.planType ?? 'unknown'}, access token expires ${exp}`,
+    `stored the login${credential === DEFAULT_CREDENTIAL ? '' : ` as credential ${credential}${credentialPool ? ` (pool ${credentialPool})` : ''}`} under ${secretKey}: account ${snap.account.accountId ?? 'unknown'}, plan ${snap.account.planType ?? 'unknown'}, access token expires ${exp}`,
   );
   console.log('running brokers pick it up at once (NOTIFY codex_auth_changed). Delete the local auth.json copy: the broker owns this login now.');
   return 0;
@@ -116,9 +129,10 @@ async function clients(config: Config, logger: Logger, sub: string, name: string
     switch (sub) {
       case 'add': {
         const workspace = typeof flags['--workspace'] === 'string' ? flags['--workspace'] : undefined;
+        const clientPool = typeof flags['--pool'] === 'string' ? flags['--pool'] : undefined;
         try {
-          const c = await createClient(pool, await loadCredentialSecret(pool, key), name, workspace);
-          console.log(`client ${c.name} created${c.workspaceId ? ` for workspace ${c.workspaceId}` : ''}. Shown once, store them now:`);
+          const c = await createClient(pool, await loadCredentialSecret(pool, key), name, workspace, clientPool);
+          console.log(`client ${c.name} created${c.workspaceId ? ` for workspace ${c.workspaceId}` : ''}${c.pool !== 'default' ? ` in pool ${c.pool}` : ''}. Shown once, store them now:`);
           console.log(`token               ${c.token}`);
           console.log(`refresh credential  ${c.refreshCredential}`);
           return 0;
@@ -299,7 +313,14 @@ export async function main(argv: string[]): Promise<number> {
         await serve(config, logger);
         return -1;
       case 'seed':
-        return await seed(config, logger, positionals[0]!, flags['--force'] === true);
+        return await seed(
+          config,
+          logger,
+          positionals[0]!,
+          flags['--force'] === true,
+          typeof flags['--credential'] === 'string' ? flags['--credential'] : undefined,
+          typeof flags['--pool'] === 'string' ? flags['--pool'] : undefined,
+        );
       case 'login':
         return await loginCommand(config, logger, rest, (fn) => withStore(config, logger, (store) => fn(store)), {
           out: (l) => console.log(l),
@@ -309,6 +330,16 @@ export async function main(argv: string[]): Promise<number> {
         return await status(config, logger, flags['--json'] === true);
       case 'clients':
         return await clients(config, logger, parsed.sub!, positionals[0], flags);
+      case 'credentials':
+        return await withStore(config, logger, (store, pool) =>
+          credentialsCommand(
+            parsed.sub!,
+            positionals[0],
+            flags,
+            { store, pool, defaultKey: config.CODEX_AUTH_SECRET_KEY, marginSeconds: config.REFRESH_MARGIN_SECONDS },
+            { out: (l) => console.log(l), err: (l) => console.error(l), table: printTable },
+          ),
+        );
       default: {
         const db = await openDatabase(config, logger);
         const pool = createPool(db.url, logger, 1);

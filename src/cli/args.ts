@@ -30,10 +30,10 @@ export const COMMANDS: Record<string, CommandSpec> = {
     positionals: [0, 0],
   },
   seed: {
-    usage: 'npx codex-auth-broker seed [--force] <auth.json|->',
+    usage: 'npx codex-auth-broker seed [--credential <name>] [--pool <pool>] [--force] <auth.json|->',
     summary:
-      'validate a codex auth.json (a file, or - for standard input) and store it as the shared\nlogin; a stale copy (its refresh token already spent by the broker, or older than the\nstored login of the same account) is refused with exit code 4 unless --force',
-    flags: { '--force': 'boolean' },
+      'validate a codex auth.json (a file, or - for standard input) and store it as the shared\nlogin; a stale copy (its refresh token already spent by the broker, or older than the\nstored login of the same account) is refused with exit code 4 unless --force.\n--credential stores it as a named login beside default (created if new), --pool puts that\ncredential in a pool (default: default)',
+    flags: { '--force': 'boolean', '--credential': 'value', '--pool': 'value' },
     positionals: [1, 1],
   },
   status: {
@@ -55,9 +55,9 @@ export const COMMANDS: Record<string, CommandSpec> = {
     positionals: [1, 1],
     subcommands: {
       add: {
-        usage: 'npx codex-auth-broker clients add <name> [--workspace <uuid>]',
-        summary: "create a workspace client; prints its token and refresh credential once (store them now:\nonly their SHA-256 is kept). --workspace binds it to one workspace id on the drop-in route",
-        flags: { '--workspace': 'value' },
+        usage: 'npx codex-auth-broker clients add <name> [--workspace <uuid>] [--pool <pool>]',
+        summary: "create a workspace client; prints its token and refresh credential once (store them now:\nonly their SHA-256 is kept). --workspace binds it to one workspace id on the drop-in route;\n--pool binds it to a pool of credentials (default: default)",
+        flags: { '--workspace': 'value', '--pool': 'value' },
         positionals: [1, 1],
       },
       list: {
@@ -70,6 +70,26 @@ export const COMMANDS: Record<string, CommandSpec> = {
         usage: 'npx codex-auth-broker clients revoke <name>',
         summary: 'revoke a client; every replica drops it at once',
         flags: {},
+        positionals: [1, 1],
+      },
+    },
+  },
+  credentials: {
+    usage: 'npx codex-auth-broker credentials <list|remove> …',
+    summary: 'the logins the broker holds side by side: list them, remove one',
+    flags: {},
+    positionals: [1, 1],
+    subcommands: {
+      list: {
+        usage: 'npx codex-auth-broker credentials list [--json]',
+        summary: 'list the credentials: name, pool, state, account, plan, expiry, clients assigned; never a token',
+        flags: { '--json': 'boolean' },
+        positionals: [0, 0],
+      },
+      remove: {
+        usage: 'npx codex-auth-broker credentials remove <name> [--reassign]',
+        summary: 'remove a named credential and its stored login; refused while clients are assigned to it\nunless --reassign (they move to the other credentials of its pool)',
+        flags: { '--reassign': 'boolean' },
         positionals: [1, 1],
       },
     },

@@ -1,4 +1,6 @@
 import type { Pool, PoolClient } from '../db.js';
+import { clearBackoff, clearLatch } from '../refresh-guards.js';
+import type { SecretStore } from '../secret-store.js';
 import { DEFAULT_CREDENTIAL, secretKeyOf } from './names.js';
 
 /** Replicas reload the list of credentials when this is notified (a credential added, moved to another pool, removed). */
@@ -39,4 +41,32 @@ export async function registerCredential(db: Db, name: string, defaultKey: strin
 export async function unregisterCredential(db: Db, name: string): Promise<boolean> {
   const r = await db.query(`WITH del AS (DELETE FROM broker_credentials WHERE name = $1 RETURNING name) SELECT pg_notify($2, name) FROM del`, [name, CREDENTIALS_CHANNEL]);
   return r.rowCount === 1;
+}
+
+/** Live clients whose stored assignment is this credential. */
+export async function assignedClients(db: Db, name: string): Promise<number> {
+  const r = await db.query<{ n: string }>('SELECT count(*) AS n FROM broker_clients WHERE assigned_credential = $1 AND revoked_at IS NULL', [name]);
+  return Number(r.rows[0]?.n ?? 0);
+}
+
+/**
+ * Remove a named credential: its stored login, latch, backoff and list entry, in one
+ * transaction under its refresh lock (never between a refresher's POST and its write-back),
+ * so replicas hear of the login and the entry going together. Its clients move on every
+ * replica's next rebalance (reason `removed`).
+ */
+export async function removeCredential(store: SecretStore, name: string, secretKey: string): Promise<void> {
+  await store.withLock(secretKey, true, async (db) => {
+    await db.query('BEGIN');
+    try {
+      await store.remove(secretKey, db);
+      await clearLatch(db, secretKey);
+      await clearBackoff(db, secretKey);
+      await unregisterCredential(db, name);
+      await db.query('COMMIT');
+    } catch (err) {
+      await db.query('ROLLBACK').catch(() => undefined);
+      throw err;
+    }
+  });
 }

@@ -1,22 +1,15 @@
 import type { FastifyInstance, FastifyReply } from 'fastify';
 import { validateSeed } from '../auth-json.js';
 import type { BrokerCore } from '../broker.js';
-import { registerCredential, unregisterCredential } from '../credential/catalog.js';
+import { assignedClients, registerCredential, removeCredential } from '../credential/catalog.js';
 import { DEFAULT_CREDENTIAL, isCredentialName, secretKeyOf } from '../credential/names.js';
 import type { HeldCredential } from '../credential/set.js';
 import { AuthJsonError } from '../errors.js';
 import { sendProblem } from '../http/problem.js';
 import type { Logger } from '../logger.js';
 import type { BrokerMetrics } from '../metrics.js';
-import { clearBackoff, clearLatch } from '../refresh-guards.js';
 import { revokeStoredLogin } from '../revocation.js';
 import { describeRefusal, seedCredential } from '../seed-guard.js';
-
-/** Live clients whose stored assignment is this credential (asked of the database: another replica may have just assigned one). */
-async function assignedClients(pool: BrokerCore['pool'], name: string): Promise<number> {
-  const r = await pool.query<{ n: string }>('SELECT count(*) AS n FROM broker_clients WHERE assigned_credential = $1 AND revoked_at IS NULL', [name]);
-  return Number(r.rows[0]?.n ?? 0);
-}
 
 export interface CredentialRoutesOptions {
   core: Pick<BrokerCore, 'credentials' | 'store' | 'pool' | 'revoke' | 'assignments'>;
@@ -122,20 +115,7 @@ export async function credentialRoutes(app: FastifyInstance, o: CredentialRoutes
       });
     }
     // Under the credential's lock: never between a refresher's POST and its write-back.
-    // One transaction: replicas hear of the login and the list entry going together.
-    await o.core.store.withLock(held.secretKey, true, async (db) => {
-      await db.query('BEGIN');
-      try {
-        await o.core.store.remove(held.secretKey, db);
-        await clearLatch(db, held.secretKey);
-        await clearBackoff(db, held.secretKey);
-        await unregisterCredential(db, name);
-        await db.query('COMMIT');
-      } catch (err) {
-        await db.query('ROLLBACK').catch(() => undefined);
-        throw err;
-      }
-    });
+    await removeCredential(o.core.store, name, held.secretKey);
     await credentials.sync();
     // Its clients move now (reason `removed`), not at their next request.
     await o.core.assignments.rebalance();
