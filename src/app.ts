@@ -121,6 +121,7 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     beforeScrape: () => {
       const counts = core.clients.counts((c) => renderers.currentGeneration(c));
       for (const [state, n] of Object.entries(counts)) metrics.clients.set({ state }, n);
+      metrics.databaseUp.set(core.listener.connected ? 1 : 0);
       metrics.poolAssignedClients.reset();
       for (const a of core.assignments.assigned()) metrics.poolAssignedClients.set({ pool: a.pool, credential: a.credential }, a.clients);
     },

@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs';
 import { EnvHttpProxyAgent, type Dispatcher } from 'undici';
 import { ChangeListener } from './change-listener.js';
 import { CLIENTS_CHANNEL, loadCredentialSecret } from './clients/credentials.js';
@@ -75,13 +76,19 @@ export interface BrokerCore {
   listener: ChangeListener;
   /** Logins the broker performs (device code, browser), shared by every replica through the database. */
   logins: LoginManager;
-  /** Load the credential, start listening for changes and start the refresh loop. */
+  /** Load the credentials (journals first) and the clients, without refreshing yet. */
+  load(): Promise<void>;
+  /** Start listening for changes and start the refresh loops (after the HTTP port is bound). */
+  run(): Promise<void>;
+  /** load() then run(). */
   start(): Promise<void>;
   /** Stop refreshing (waiting, bounded, for one in flight), then close connections. */
   close(timeoutMs: number): Promise<boolean>;
 }
 
 const ms = (s: number) => Math.round(s * 1000);
+// src/broker.ts and dist/broker.js both sit one level below package.json.
+const VERSION = (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version;
 // DESIGN: backend calls take at most 10 s. A verdict is reused for a minute: a storm of
 // callers reporting the same token costs one GET, and a flood cannot hammer the backend.
 const TOKEN_CHECK_TIMEOUT_MS = 10_000;
@@ -98,6 +105,7 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     throw err;
   }
   const store = new SecretStore(pool, config.encryptionKey);
+  o.metrics.buildInfo.set({ version: VERSION, replica: config.replicaId }, 1);
   let credentialSecret: Buffer;
   try {
     credentialSecret = await loadCredentialSecret(pool, config.encryptionKey);
@@ -225,7 +233,7 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
   const timers: NodeJS.Timeout[] = [];
   const flush = () =>
     clients.flush().catch((err: Error) => logger.debug({ event: 'clients_flush_failed', err: { message: err.message } }, 'could not record client last-seen facts; will retry'));
-  return {
+  const core: BrokerCore = {
     pool,
     store,
     credentials,
@@ -237,16 +245,22 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     credentialSecret,
     listener,
     logins,
-    async start() {
+    async load() {
       // A rotation journaled before a crash lands before anything may refresh.
       await credentials.load();
       await clients.reload();
+    },
+    async run() {
       await listener.start();
       credentials.start();
       logins.startSweeping();
       timers.push(setInterval(() => void reloadClients(), o.clientReloadMs ?? (config.PLATFORM_WORKSPACE_TOKENS ? 5_000 : 30_000)));
       timers.push(setInterval(() => void flush(), o.clientFlushMs ?? 2_000));
       for (const t of timers) t.unref();
+    },
+    async start() {
+      await core.load();
+      await core.run();
     },
     async close(timeoutMs) {
       assignments.stop();
@@ -260,4 +274,5 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
       return finished;
     },
   };
+  return core;
 }

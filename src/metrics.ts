@@ -54,6 +54,8 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}) {
       registers,
     }),
     poolAssignedClients: new Gauge({ name: `${p}pool_assigned_clients`, help: 'Clients assigned to each credential, by pool and credential.', labelNames: ['pool', 'credential'], registers }),
+    buildInfo: new Gauge({ name: `${p}build_info`, help: 'Always 1, labelled by the running version and this replica.', labelNames: ['version', 'replica'], registers }),
+    databaseUp: new Gauge({ name: `${p}database_up`, help: '1 while this replica is connected to the database (its change listener), 0 otherwise.', registers }),
     dbQueries: new Counter({ name: `${p}db_queries_total`, help: 'Queries sent to the database (the serving path sends none).', registers }),
     httpDuration: new Histogram({
       name: `${p}http_request_duration_seconds`,

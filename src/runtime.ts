@@ -63,9 +63,14 @@ export async function startBroker(config: Config, logger: Logger): Promise<Runni
   let started: { core: BrokerCore; app: FastifyInstance; address: string };
   try {
     const core = (built.core = await createBrokerCore({ config: cfg, databaseUrl: db.url, logger, metrics, journalDir: cfg.DATA_DIR }));
-    await core.start();
+    // Journals recovered, credentials and clients loaded; no refresh yet.
+    await core.load();
     const app = (built.app = await buildApp({ config: cfg, core, metrics, logger }));
-    started = { core, app, address: await app.listen({ port: cfg.PORT, host: cfg.HOST }) };
+    // Bind before the first refresh: a port already taken fails the start before any
+    // upstream POST, and a replica is reachable as soon as it serves.
+    const address = await app.listen({ port: cfg.PORT, host: cfg.HOST });
+    await core.run();
+    started = { core, app, address };
   } catch (err) {
     // Every way out of a failed start stops the embedded Postgres it started: nobody else would.
     await built.app?.close().catch(() => undefined);

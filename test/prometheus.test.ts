@@ -110,6 +110,20 @@ describe('promtool', () => {
         alert_rule_test: [alert('1m', 'CodexBrokerCredentialLatched', []), alert('3m', 'CodexBrokerCredentialLatched', [{ severity: 'critical', state: 'latched' }])],
       },
       {
+        name: 'per credential (issue #12): a latched credential fires its own alert; the others do not',
+        input_series: [
+          s(state, { ...b1, credential: 'team-1', state: 'latched' }, '1x10'),
+          s(state, { ...b2, credential: 'team-1', state: 'latched' }, '1x10'),
+          s(state, { ...b1, credential: 'default', state: 'latched' }, '0x10'),
+          s(expiry, { ...b1, credential: 'team-2' }, '5400x120'),
+          s(expiry, { ...b1, credential: 'default' }, '1000000x120'),
+        ],
+        alert_rule_test: [
+          alert('5m', 'CodexBrokerCredentialLatched', [{ severity: 'critical', state: 'latched', credential: 'team-1' }]),
+          alert('10m', 'CodexBrokerAccessTokenExpiringSoon', [{ severity: 'critical', credential: 'team-2' }]),
+        ],
+      },
+      {
         name: 'a token expiring at t=5400s; a replica holding none (0) is ignored',
         input_series: [s(expiry, b1, '5400x120'), s(expiry, b2, '0x120')],
         alert_rule_test: [
