@@ -87,6 +87,15 @@ test('clients of a pool are spread over its credentials, stored, and served the 
     list.clients.map((c) => [c.name, c.pool, c.assignedCredential]),
     Object.keys(clients).sort().map((n) => [n, n === 'd1' ? 'default' : 'batch', assigned[n]]),
   );
+  const status = (await a.app.inject({ url: '/status', headers: admin })).json() as { credentials: Array<{ name: string; pool: string; clientsAssigned: number }> };
+  assert.deepEqual(
+    status.credentials.map((c) => [c.name, c.pool, c.clientsAssigned]),
+    [
+      ['default', 'default', 1],
+      ['one', 'batch', 2],
+      ['two', 'batch', 2],
+    ],
+  );
   const metrics = (await a.app.inject({ url: '/metrics' })).body;
   assert.match(metrics, /codex_broker_pool_assigned_clients\{pool="batch",credential="one"\} 2/);
   assert.match(metrics, /codex_broker_pool_assigned_clients\{pool="default",credential="default"\} 1/);

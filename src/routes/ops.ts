@@ -106,7 +106,11 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
       const detail = adminSha ? 'an ADMIN_TOKEN or client bearer token is required' : 'a client bearer token is required (ADMIN_TOKEN is not set)';
       return t === undefined ? sendUnauthorized(reply, detail) : failures.reject(req, reply, detail);
     }
-    return { ...refresher.status(), listener: o.core.listener.connected ? 'connected' : 'disconnected' };
+    const credentials = o.core.credentials.list().map((h) => {
+      const s = h.refresher.status();
+      return { name: h.name, pool: h.pool, state: s.state, accountId: s.accountId, accessTokenExpiresAt: s.accessTokenExpiresAt, clientsAssigned: o.core.assignments.clientsOf(h.name) };
+    });
+    return { ...refresher.status(), credentials, listener: o.core.listener.connected ? 'connected' : 'disconnected' };
   });
 
   app.get('/openapi.yaml', async (_req, reply) => reply.type('application/yaml').send(await readFile(SPEC_URL, 'utf8')));
