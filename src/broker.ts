@@ -76,10 +76,10 @@ export interface BrokerCore {
   listener: ChangeListener;
   /** Logins the broker performs (device code, browser), shared by every replica through the database. */
   logins: LoginManager;
-  /** Load the credentials (journals first) and the clients, without refreshing yet. */
+  /** Load the credentials (journals first) and the clients and listen for changes, without refreshing yet. */
   load(): Promise<void>;
-  /** Start listening for changes and start the refresh loops (after the HTTP port is bound). */
-  run(): Promise<void>;
+  /** Start the refresh loops (after the HTTP port is bound). Synchronous: nothing runs between the bind and the caller's next step. */
+  run(): void;
   /** load() then run(). */
   start(): Promise<void>;
   /** Stop refreshing (waiting, bounded, for one in flight), then close connections. */
@@ -249,18 +249,18 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
       // A rotation journaled before a crash lands before anything may refresh.
       await credentials.load();
       await clients.reload();
-    },
-    async run() {
       await listener.start();
-      credentials.start();
       logins.startSweeping();
       timers.push(setInterval(() => void reloadClients(), o.clientReloadMs ?? (config.PLATFORM_WORKSPACE_TOKENS ? 5_000 : 30_000)));
       timers.push(setInterval(() => void flush(), o.clientFlushMs ?? 2_000));
       for (const t of timers) t.unref();
     },
+    run() {
+      credentials.start();
+    },
     async start() {
       await core.load();
-      await core.run();
+      core.run();
     },
     async close(timeoutMs) {
       assignments.stop();

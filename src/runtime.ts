@@ -69,7 +69,7 @@ export async function startBroker(config: Config, logger: Logger): Promise<Runni
     // Bind before the first refresh: a port already taken fails the start before any
     // upstream POST, and a replica is reachable as soon as it serves.
     const address = await app.listen({ port: cfg.PORT, host: cfg.HOST });
-    await core.run();
+    core.run();
     started = { core, app, address };
   } catch (err) {
     // Every way out of a failed start stops the embedded Postgres it started: nobody else would.
