@@ -51,3 +51,11 @@ export function usageView(row: UsageRow | undefined, ageMs: number | undefined, 
 export function usageViewOfRow(row: UsageRow | undefined, intervalMs: number): UsageView {
   return usageView(row, row?.fetchedAtMs !== undefined ? row.dbNowMs - row.fetchedAtMs : undefined, intervalMs);
 }
+
+/** One line for a terminal: `plus; 5h 12% (resets …), weekly 3% (resets …); fetched 40 s ago`, and why it is stale. */
+export function describeUsage(v: UsageView): string {
+  const w = (name: string, x: UsageWindowView | null) => `${name} ${x?.usedPercent ?? '?'}%${x?.resetAt ? ` (resets ${x.resetAt})` : ''}`;
+  const age = v.ageSeconds === null ? 'never fetched' : `fetched ${v.ageSeconds} s ago`;
+  const stale = v.stale ? `; STALE${v.lastError ? ` (last poll: ${v.lastError})` : ''}` : '';
+  return `${v.planType ?? 'plan unknown'}; ${w('5h', v.primary)}, ${w('weekly', v.secondary)}; ${age}${stale}`;
+}
