@@ -12,6 +12,9 @@ import { CHANGE_CHANNEL, SecretStore } from './secret-store.js';
 import { LoginManager, type LoginManagerOptions } from './login/logins.js';
 import { createBackendTokenCheck, TokenVerifier, type TokenCheckFn } from './token-check.js';
 import { createRevokeClient, createUpstreamClient, revokeUrlFor, type RefreshFn, type RevokeFn } from './upstream.js';
+import { createUsageFetch, type UsageFetchFn } from './usage/fetch.js';
+import { UsageMonitor } from './usage/monitor.js';
+import { USAGE_CHANNEL } from './usage/store.js';
 
 export type CoreConfig = Pick<
   Config,
@@ -25,6 +28,7 @@ export type CoreConfig = Pick<
   | 'PERMANENT_FAILURE_BACKOFF_SECONDS'
   | 'TRANSIENT_BACKOFF_BASE_SECONDS'
   | 'UPSTREAM_TIMEOUT_SECONDS'
+  | 'USAGE_POLL_INTERVAL_SECONDS'
   | 'encryptionKey'
   | 'replicaId'
 > &
@@ -40,6 +44,9 @@ export interface BrokerCoreOptions {
   /** Asks the backend whether it accepts an access token (default: GET {CHATGPT_BASE_URL}/wham/usage). */
   tokenCheck?: TokenCheckFn;
   revoke?: RevokeFn;
+  /** Fetches a credential's usage (default: GET {CHATGPT_BASE_URL}/wham/usage); usageTickMs: how often a replica looks for a due poll. */
+  usageFetch?: UsageFetchFn;
+  usageTickMs?: number;
   dispatcher?: Dispatcher;
   now?: () => number;
   random?: () => number;
@@ -67,6 +74,8 @@ export interface BrokerCore {
   listener: ChangeListener;
   /** Logins the broker performs (device code, browser), shared by every replica through the database. */
   logins: LoginManager;
+  /** Usage limits per credential, polled by one replica per interval and shared (view() is memory only). */
+  usage: UsageMonitor;
   /** Load the credential, start listening for changes and start the refresh loop. */
   start(): Promise<void>;
   /** Stop refreshing (waiting, bounded, for one in flight), then close connections. */
@@ -151,13 +160,40 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
   if (o.journalDir && !config.encryptionKey) {
     logger.warn({ event: 'journal_disabled' }, 'no SECRETS_ENCRYPTION_KEY: rotations are not journaled to DATA_DIR (it would hold a plaintext token)');
   }
+  // Today one credential, `default`. With several (issue #12) this list becomes one entry per credential.
+  const usage = new UsageMonitor({
+    pool,
+    logger,
+    metrics: o.metrics,
+    replicaId: config.replicaId,
+    intervalMs: ms(config.USAGE_POLL_INTERVAL_SECONDS),
+    fetch: o.usageFetch ?? createUsageFetch({ baseUrl: config.CHATGPT_BASE_URL, timeoutMs: TOKEN_CHECK_TIMEOUT_MS, dispatcher }),
+    ...(o.usageTickMs ? { tickMs: o.usageTickMs } : {}),
+    credentials: () => [
+      {
+        name: 'default',
+        secretKey: config.CODEX_AUTH_SECRET_KEY,
+        access: () => {
+          const s = refresher.current();
+          const state = refresher.state();
+          // A latched or expired token would only be refused; a 401 here must never lead to a refresh anyway.
+          if (!s?.parsed.tokens.access_token || (state !== 'fresh' && state !== 'due')) return undefined;
+          return { accessToken: s.parsed.tokens.access_token, accountId: s.account.accountId };
+        },
+      },
+    ],
+  });
   const reloadClients = () =>
     clients.reload().catch((err: Error) => logger.warn({ event: 'clients_reload_failed', err: { message: err.message } }, 'could not reload clients; serving the last known set'));
   const listener = new ChangeListener({
     connectionString: o.databaseUrl,
     logger,
-    channels: [CHANGE_CHANNEL, CLIENTS_CHANNEL],
+    channels: [CHANGE_CHANNEL, CLIENTS_CHANNEL, USAGE_CHANNEL],
     onNotify: (channel, key) => {
+      if (channel === USAGE_CHANNEL) {
+        usage.onNotify(key);
+        return;
+      }
       if (channel === CLIENTS_CHANNEL) {
         void reloadClients();
         return;
@@ -196,6 +232,7 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     credentialSecret,
     listener,
     logins,
+    usage,
     async start() {
       // A rotation journaled before a crash lands before anything may refresh.
       await refresher.recoverJournal();
@@ -205,6 +242,7 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
       await listener.start();
       refresher.start();
       logins.startSweeping();
+      await usage.start();
       timers.push(setInterval(() => void reloadClients(), o.clientReloadMs ?? (config.PLATFORM_WORKSPACE_TOKENS ? 5_000 : 30_000)));
       timers.push(setInterval(() => void flush(), o.clientFlushMs ?? 2_000));
       for (const t of timers) t.unref();
@@ -212,6 +250,7 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     async close(timeoutMs) {
       const finished = await refresher.stop(timeoutMs);
       await logins.close();
+      await usage.close();
       for (const t of timers) clearInterval(t);
       await flush();
       await listener.close();

@@ -126,6 +126,8 @@ async function baseEnv(url: string, upstream: FakeUpstream, extra: Record<string
     OAUTH_TOKEN_URL: upstream.url,
     REFRESH_CHECK_INTERVAL_SECONDS: '0.5',
     TRANSIENT_BACKOFF_BASE_SECONDS: '0.5',
+    // These children hold fake tokens: no usage GET to the real chatgpt.com.
+    USAGE_POLL_INTERVAL_SECONDS: '0',
     ADMIN_TOKEN: ADMIN,
     PORT: String(await freePort()),
     ...extra,

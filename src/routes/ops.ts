@@ -106,7 +106,8 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
       const detail = adminSha ? 'an ADMIN_TOKEN or client bearer token is required' : 'a client bearer token is required (ADMIN_TOKEN is not set)';
       return t === undefined ? sendUnauthorized(reply, detail) : failures.reject(req, reply, detail);
     }
-    return { ...refresher.status(), listener: o.core.listener.connected ? 'connected' : 'disconnected' };
+    const status = refresher.status();
+    return { ...status, listener: o.core.listener.connected ? 'connected' : 'disconnected', usage: o.core.usage.view(status.secretKey) };
   });
 
   app.get('/openapi.yaml', async (_req, reply) => reply.type('application/yaml').send(await readFile(SPEC_URL, 'utf8')));
