@@ -16,6 +16,9 @@ import { CHANGE_CHANNEL, SecretStore } from './secret-store.js';
 import { LoginManager, type LoginManagerOptions } from './login/logins.js';
 import { createBackendTokenCheck, TokenVerifier, type TokenCheckFn } from './token-check.js';
 import { createRevokeClient, createUpstreamClient, revokeUrlFor, type RefreshFn, type RevokeFn } from './upstream.js';
+import { createUsageFetch, type UsageFetchFn } from './usage/fetch.js';
+import { UsageMonitor } from './usage/monitor.js';
+import { USAGE_CHANNEL } from './usage/store.js';
 
 export type CoreConfig = Pick<
   Config,
@@ -29,6 +32,7 @@ export type CoreConfig = Pick<
   | 'PERMANENT_FAILURE_BACKOFF_SECONDS'
   | 'TRANSIENT_BACKOFF_BASE_SECONDS'
   | 'UPSTREAM_TIMEOUT_SECONDS'
+  | 'USAGE_POLL_INTERVAL_SECONDS'
   | 'encryptionKey'
   | 'replicaId'
 > &
@@ -44,6 +48,9 @@ export interface BrokerCoreOptions {
   /** Asks the backend whether it accepts an access token (default: GET {CHATGPT_BASE_URL}/wham/usage). */
   tokenCheck?: TokenCheckFn;
   revoke?: RevokeFn;
+  /** Fetches a credential's usage (default: GET {CHATGPT_BASE_URL}/wham/usage); usageTickMs: how often a replica looks for a due poll. */
+  usageFetch?: UsageFetchFn;
+  usageTickMs?: number;
   dispatcher?: Dispatcher;
   now?: () => number;
   random?: () => number;
@@ -76,6 +83,8 @@ export interface BrokerCore {
   listener: ChangeListener;
   /** Logins the broker performs (device code, browser), shared by every replica through the database. */
   logins: LoginManager;
+  /** Usage limits per credential, polled by one replica per interval and shared (view() is memory only). */
+  usage: UsageMonitor;
   /** Load the credentials (journals first) and the clients and listen for changes, without refreshing yet. */
   load(): Promise<void>;
   /** Start the refresh loops (after the HTTP port is bound). Synchronous: nothing runs between the bind and the caller's next step. */
@@ -185,13 +194,39 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
   if (o.journalDir && !config.encryptionKey) {
     logger.warn({ event: 'journal_disabled' }, 'no SECRETS_ENCRYPTION_KEY: rotations are not journaled to DATA_DIR (it would hold a plaintext token)');
   }
+  const usage = new UsageMonitor({
+    pool,
+    logger,
+    metrics: o.metrics,
+    replicaId: config.replicaId,
+    intervalMs: ms(config.USAGE_POLL_INTERVAL_SECONDS),
+    fetch: o.usageFetch ?? createUsageFetch({ baseUrl: config.CHATGPT_BASE_URL, timeoutMs: TOKEN_CHECK_TIMEOUT_MS, dispatcher }),
+    ...(o.usageTickMs ? { tickMs: o.usageTickMs } : {}),
+    // Every credential this replica holds, asked on every tick (credentials come and go).
+    credentials: () =>
+      credentials.list().map((h) => ({
+        name: h.name,
+        secretKey: h.secretKey,
+        access: () => {
+          const s = h.refresher.current();
+          const state = h.refresher.state();
+          // A latched or expired token would only be refused; a 401 here must never lead to a refresh anyway.
+          if (!s?.parsed.tokens.access_token || (state !== 'fresh' && state !== 'due')) return undefined;
+          return { accessToken: s.parsed.tokens.access_token, accountId: s.account.accountId };
+        },
+      })),
+  });
   const reloadClients = () =>
     clients.reload().catch((err: Error) => logger.warn({ event: 'clients_reload_failed', err: { message: err.message } }, 'could not reload clients; serving the last known set'));
   const listener = new ChangeListener({
     connectionString: o.databaseUrl,
     logger,
-    channels: [CHANGE_CHANNEL, CLIENTS_CHANNEL, CREDENTIALS_CHANNEL],
+    channels: [CHANGE_CHANNEL, CLIENTS_CHANNEL, CREDENTIALS_CHANNEL, USAGE_CHANNEL],
     onNotify: (channel, key) => {
+      if (channel === USAGE_CHANNEL) {
+        usage.onNotify(key);
+        return;
+      }
       if (channel === CLIENTS_CHANNEL) {
         void reloadClients();
         return;
@@ -245,12 +280,14 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     credentialSecret,
     listener,
     logins,
+    usage,
     async load() {
       // A rotation journaled before a crash lands before anything may refresh.
       await credentials.load();
       await clients.reload();
       await listener.start();
       logins.startSweeping();
+      await usage.start();
       timers.push(setInterval(() => void reloadClients(), o.clientReloadMs ?? (config.PLATFORM_WORKSPACE_TOKENS ? 5_000 : 30_000)));
       timers.push(setInterval(() => void flush(), o.clientFlushMs ?? 2_000));
       for (const t of timers) t.unref();
@@ -266,6 +303,7 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
       assignments.stop();
       const finished = await credentials.stop(timeoutMs);
       await logins.close();
+      await usage.close();
       for (const t of timers) clearInterval(t);
       await flush();
       await listener.close();

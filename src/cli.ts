@@ -22,6 +22,8 @@ import { credentialsCommand } from './cli/credentials.js';
 import { registerCredential } from './credential/catalog.js';
 import { DEFAULT_CREDENTIAL, isCredentialName, secretKeyOf } from './credential/names.js';
 import { generationOf } from './clients/credentials.js';
+import { readUsage } from './usage/store.js';
+import { describeUsage, usageViewOfRow, type UsageView } from './usage/view.js';
 
 async function withStore<T>(
   config: Config,
@@ -108,6 +110,8 @@ async function status(config: Config, logger: Logger, json: boolean): Promise<nu
     const client = await pool.connect();
     const latch = await readLatch(client, config.CODEX_AUTH_SECRET_KEY).finally(() => client.release());
     const latched = latch !== undefined && latch.refreshTokenSha === snap.refreshTokenSha;
+    const intervalMs = config.USAGE_POLL_INTERVAL_SECONDS * 1000;
+    const usageRow = intervalMs > 0 ? (await readUsage(pool, [config.CODEX_AUTH_SECRET_KEY])).get(config.CODEX_AUTH_SECRET_KEY) : undefined;
     return {
       state: stateOf(snap, latched, Date.now(), config.REFRESH_MARGIN_SECONDS),
       accountId: snap.account.accountId ?? null,
@@ -117,10 +121,16 @@ async function status(config: Config, logger: Logger, json: boolean): Promise<nu
       encryptionVersion: row.version,
       updatedAt: isoFromMs(row.updatedAt.getTime()),
       latch: latched ? { upstreamStatus: latch.status ?? null, upstreamCode: latch.code ?? null, at: isoFromMs(latch.at.getTime()) } : null,
+      usage: intervalMs > 0 ? usageViewOfRow(usageRow, intervalMs) : null,
     };
   });
   if (json) console.log(JSON.stringify(report, null, 2));
-  else for (const [k, v] of Object.entries(report)) console.log(`${k.padEnd(22)} ${typeof v === 'object' && v !== null ? JSON.stringify(v) : String(v)}`);
+  else {
+    for (const [k, v] of Object.entries(report)) {
+      const text = k === 'usage' && v !== null ? describeUsage(v as UsageView) : typeof v === 'object' && v !== null ? JSON.stringify(v) : String(v);
+      console.log(`${k.padEnd(22)} ${text}`);
+    }
+  }
   return report.state === 'fresh' || report.state === 'due' ? 0 : 3;
 }
 

@@ -30,6 +30,14 @@ export const EnvSchema = Type.Object({
   TRANSIENT_BACKOFF_BASE_SECONDS: Seconds(15, 'first retry delay after a transient failure'),
   UPSTREAM_TIMEOUT_SECONDS: Seconds(30, 'upstream request timeout'),
   SHUTDOWN_TIMEOUT_SECONDS: Seconds(30, 'how long SIGTERM waits for an in-flight refresh'),
+  // One replica per credential polls per interval (claimed in broker_usage); fractions of a second serve tests.
+  USAGE_POLL_INTERVAL_SECONDS: Type.Number({
+    minimum: 0,
+    maximum: 86_400,
+    default: 300,
+    description: 'how often each credential\'s usage is fetched from CHATGPT_BASE_URL/wham/usage (seconds, 0 turns it off, at most 86400)',
+  }),
+  POOL_SWITCH_PERCENT: Type.Integer({ minimum: 1, maximum: 100, default: 90, description: 'a usage percentage 1-100 at which a credential counts as nearly exhausted' }),
   ADMIN_TOKEN: Type.Optional(Type.String({ minLength: 16, description: 'a secret of at least 16 characters' })),
   METRICS_TOKEN: Type.Optional(Type.String({ minLength: 16, description: 'a secret of at least 16 characters' })),
   REFRESH_TOKEN_EXPOSURE: Type.Union([Type.Literal('proxy'), Type.Literal('omit'), Type.Literal('raw')], {

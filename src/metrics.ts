@@ -21,8 +21,32 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}) {
   }
   const p = 'codex_broker_';
   const registers = [registry];
+  // Ages are computed when scraped (they grow between polls): the usage monitors register here.
+  const usageAgeCollectors = new Set<() => void>();
   const m = {
     registry,
+    usageAgeCollectors,
+    usageUsedPercent: new Gauge({
+      name: `${p}usage_used_percent`,
+      help: 'Percent of a usage window used, per credential and window (primary: 5 hours, secondary: weekly), as last fetched from /wham/usage.',
+      labelNames: ['credential', 'window'],
+      registers,
+    }),
+    usageResetAt: new Gauge({
+      name: `${p}usage_reset_timestamp_seconds`,
+      help: 'When a usage window resets (unix seconds), per credential and window.',
+      labelNames: ['credential', 'window'],
+      registers,
+    }),
+    usageSnapshotAge: new Gauge({
+      name: `${p}usage_snapshot_age_seconds`,
+      help: 'Seconds since the credential\'s usage was last fetched (since polling began, when it never succeeded).',
+      labelNames: ['credential'],
+      registers,
+      collect() {
+        for (const f of usageAgeCollectors) f();
+      },
+    }),
     refreshAttempts: new Counter({ name: `${p}refresh_attempts_total`, help: 'Upstream refresh POSTs by credential and outcome.', labelNames: ['credential', 'outcome'], registers }),
     refreshChecks: new Counter({ name: `${p}refresh_checks_total`, help: 'Refresh checks by credential and result.', labelNames: ['credential', 'result'], registers }),
     accessTokenExpiry: new Gauge({ name: `${p}access_token_expiry_timestamp_seconds`, help: 'exp of the held access token, per credential (0 when none).', labelNames: ['credential'], registers }),

@@ -133,6 +133,35 @@ describe('seed and status', () => {
     assert.match(human.stdout, /^state\s+fresh$/m);
   });
 
+  test('status shows the stored usage: plan, each window with its reset, the age and whether it is stale', async () => {
+    const url = await pgServer.newDatabase();
+    const env = { DATABASE_URL: url, SECRETS_ENCRYPTION_KEY: KEY_B64 };
+    assert.equal((await run(['seed', writeJson(tmpDir(), 'auth.json', upstream.seed())], env)).code, 0);
+    const c = new pg.Client({ connectionString: url });
+    await c.connect();
+    try {
+      const snapshot = { planType: 'pro', allowed: true, limitReached: false, primary: { usedPercent: 93, windowSeconds: 18_000, resetAt: 1_900_000_000 }, secondary: { usedPercent: 41, windowSeconds: 604_800, resetAt: 1_900_500_000 } };
+      await c.query(
+        `INSERT INTO broker_usage (secret_key, snapshot, fetched_at, ok, last_error, polled_by) VALUES ('CODEX_AUTH_JSON', $1, now() - interval '2 minutes', false, 'timeout', 'replica-a')`,
+        [JSON.stringify(snapshot)],
+      );
+    } finally {
+      await c.end();
+    }
+    const st = await run(['status', '--json'], env);
+    assert.equal(st.code, 0, st.stderr);
+    const usage = JSON.parse(st.stdout).usage;
+    assert.equal(usage.planType, 'pro');
+    assert.deepEqual(usage.primary, { usedPercent: 93, windowSeconds: 18_000, resetAt: '2030-03-17T17:46:40.000Z' });
+    assert.equal(usage.secondary.usedPercent, 41);
+    assert.ok(usage.ageSeconds >= 120, String(usage.ageSeconds));
+    assert.equal(usage.stale, true);
+    assert.equal(usage.lastError, 'timeout');
+    const human = await run(['status'], env);
+    assert.match(human.stdout, /^usage\s+pro; 5h 93% \(resets 2030-03-17T17:46:40\.000Z\), weekly 41% \(resets [^)]+\); fetched \d+ s ago; STALE \(last poll: timeout\)$/m);
+    assert.equal(JSON.parse((await run(['status', '--json'], { ...env, USAGE_POLL_INTERVAL_SECONDS: '0' })).stdout).usage, null, 'polling off: no usage');
+  });
+
   test('seed rejects a bad file with a clear error and leaves the store untouched', async () => {
     const url = await pgServer.newDatabase();
     const dir = tmpDir();

@@ -39,6 +39,8 @@ describe('config: defaults (DESIGN.md)', () => {
     assert.equal(config.OAUTH_ISSUER, 'https://auth.openai.com');
     assert.equal(config.CHATGPT_BASE_URL, 'https://chatgpt.com/backend-api');
     assert.equal(config.MAX_CONNECTIONS, 512);
+    assert.equal(config.USAGE_POLL_INTERVAL_SECONDS, 300);
+    assert.equal(config.POOL_SWITCH_PERCENT, 90);
   });
 
   test('the token URL defaults to {OAUTH_ISSUER}/oauth/token when OAUTH_TOKEN_URL is unset', () => {
@@ -191,6 +193,18 @@ describe('config: bad values fail fast naming the variable', () => {
 
   test('a bad PLATFORM_WORKSPACE_TOKENS is rejected', () => {
     rejects({ PLATFORM_WORKSPACE_TOKENS: 'maybe' }, 'PLATFORM_WORKSPACE_TOKENS');
+  });
+
+  test('USAGE_POLL_INTERVAL_SECONDS: 0 turns polling off and fractions are accepted; negative, words and over a day are rejected naming it', () => {
+    assert.equal(loadConfig({ USAGE_POLL_INTERVAL_SECONDS: '0' }).USAGE_POLL_INTERVAL_SECONDS, 0);
+    assert.equal(loadConfig({ USAGE_POLL_INTERVAL_SECONDS: '0.25' }).USAGE_POLL_INTERVAL_SECONDS, 0.25);
+    for (const bad of ['-1', 'often', '86401']) rejects({ USAGE_POLL_INTERVAL_SECONDS: bad }, 'USAGE_POLL_INTERVAL_SECONDS');
+  });
+
+  test('POOL_SWITCH_PERCENT must be a whole percentage 1-100, rejected naming it', () => {
+    assert.equal(loadConfig({ POOL_SWITCH_PERCENT: '100' }).POOL_SWITCH_PERCENT, 100);
+    assert.equal(loadConfig({ POOL_SWITCH_PERCENT: '1' }).POOL_SWITCH_PERCENT, 1);
+    for (const bad of ['0', '101', '90.5', 'ninety', '-5']) rejects({ POOL_SWITCH_PERCENT: bad }, 'POOL_SWITCH_PERCENT');
   });
 
   test('a bad LOG_LEVEL is rejected', () => {

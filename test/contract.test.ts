@@ -10,6 +10,7 @@ import addFormatsModule from 'ajv-formats';
 import type { InjectOptions, LightMyRequestResponse } from 'fastify';
 import { ADMIN_TOKEN, type TestApp } from './helpers/app.js';
 import { FakeIssuer } from './helpers/fake-issuer.js';
+import { FakeUsageBackend } from './helpers/fake-usage.js';
 import { useSuite } from './helpers/suite.js';
 import { waitFor } from './helpers/wait.js';
 
@@ -494,6 +495,27 @@ test('the operator page and its assets match the spec', async () => {
   assert.ok(assets.some((a) => a.endsWith('.js')) && assets.some((a) => a.endsWith('.css')) && assets.some((a) => a.endsWith('.svg')), assets.join(' '));
   for (const a of assets) await expect(t, `asset ${a}`, '/assets/{file}', { method: 'GET', url: `/assets/${a}` }, 200);
   await expect(t, 'asset: unknown', '/assets/{file}', { method: 'GET', url: '/assets/main.0000000000000000.js' }, 404);
+  assert.deepEqual(violations.slice(before), []);
+});
+
+test('/status with usage polling on validates: fresh figures, then stale ones with a reason', async (t) => {
+  const backend = await FakeUsageBackend.start();
+  t.after(() => backend.close());
+  const upstream = await suite.upstream();
+  const a = await suite.app({
+    databaseUrl: await suite.pg.newDatabase(),
+    upstreamUrl: upstream.url,
+    config: { CHATGPT_BASE_URL: backend.url, USAGE_POLL_INTERVAL_SECONDS: 0.1 },
+  });
+  await a.core.store.put('CODEX_AUTH_JSON', JSON.stringify(upstream.seed()));
+  await a.core.refresher.reload();
+  const before = violations.length;
+  const usage = async () => ((await req(a, { method: 'GET', url: '/status', token: ADMIN_TOKEN })).json() as { usage: { stale: boolean; lastError: string | null } }).usage;
+  await waitFor('a first usage snapshot', async () => (await usage()).stale === false);
+  await expect(a, 'status with usage', '/status', { method: 'GET', url: '/status', token: ADMIN_TOKEN }, 200);
+  backend.answer = 'error';
+  await waitFor('a failed usage poll', async () => (await usage()).lastError === 'status_502');
+  await expect(a, 'status with stale usage', '/status', { method: 'GET', url: '/status', token: ADMIN_TOKEN }, 200);
   assert.deepEqual(violations.slice(before), []);
 });
 

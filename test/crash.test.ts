@@ -126,6 +126,8 @@ async function baseEnv(url: string, upstream: FakeUpstream, extra: Record<string
     OAUTH_TOKEN_URL: upstream.url,
     REFRESH_CHECK_INTERVAL_SECONDS: '0.5',
     TRANSIENT_BACKOFF_BASE_SECONDS: '0.5',
+    // These children hold fake tokens: no usage GET to the real chatgpt.com.
+    USAGE_POLL_INTERVAL_SECONDS: '0',
     ADMIN_TOKEN: ADMIN,
     PORT: String(await freePort()),
     ...extra,
@@ -151,6 +153,9 @@ test('SIGKILL while the write-back cannot land, then database and broker restart
     pgUp = false;
     await waitFor('the journal file', () => fs.existsSync(journal), 15_000, first.out);
     assert.equal(fs.statSync(journal).mode & 0o777, 0o600);
+    // The journal is written before the write-back is tried: kill only once the write-back has
+    // failed and the rotation is held pending (on a loaded machine the two are seconds apart).
+    await waitFor('the write-back held pending', () => events(first.out()).includes('writeback_pending'), 30_000, first.out);
     try {
       process.kill(first.child.pid ?? 0, 'SIGKILL');
     } catch {

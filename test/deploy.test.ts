@@ -504,6 +504,9 @@ describe('Grafana provisioning and dashboard', () => {
       /codex_broker_refresh_lock_held/, // lock holder per replica (legend: instance)
       /histogram_quantile\([^\n]*codex_broker_http_request_duration_seconds_bucket/, // HTTP latency percentiles
       /codex_broker_credential_state/,
+      /by \(credential, window\) \(codex_broker_usage_used_percent\)/, // usage per credential and window
+      /codex_broker_usage_reset_timestamp_seconds.*- time\(\)/, // usage resets in
+      /codex_broker_usage_snapshot_age_seconds/,
     ]) {
       assert.match(exprs, needed);
     }

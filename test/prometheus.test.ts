@@ -98,6 +98,8 @@ describe('promtool', () => {
     const b2 = { instance: 'b2:8080' };
     const state = 'codex_broker_credential_state';
     const expiry = 'codex_broker_access_token_expiry_timestamp_seconds';
+    const used = 'codex_broker_usage_used_percent';
+    const age = 'codex_broker_usage_snapshot_age_seconds';
     const alert = (eval_time: string, alertname: string, exp: Array<Record<string, string>>) => ({
       eval_time,
       alertname,
@@ -179,6 +181,42 @@ describe('promtool', () => {
         name: 'nothing stored for over 10 minutes',
         input_series: [s(state, { ...b1, state: 'absent' }, '1x20'), s(state, { ...b1, state: 'fresh' }, '0x20')],
         alert_rule_test: [alert('5m', 'CodexBrokerNoUsableCredential', []), alert('15m', 'CodexBrokerNoUsableCredential', [{ severity: 'warning', state: 'absent' }])],
+      },
+      {
+        name: 'one login at 92% of its weekly window on both replicas, another with headroom: usage high, the pool not exhausted',
+        input_series: [
+          s(used, { ...b1, credential: 'default', window: 'primary' }, '50x20'),
+          s(used, { ...b1, credential: 'default', window: 'secondary' }, '92x20'),
+          s(used, { ...b2, credential: 'default', window: 'secondary' }, '92x20'),
+          s(used, { ...b1, credential: 'spare', window: 'primary' }, '10x20'),
+          s(used, { ...b1, credential: 'spare', window: 'secondary' }, '89x20'),
+        ],
+        alert_rule_test: [
+          alert('5m', 'CodexBrokerUsageHigh', [{ severity: 'warning', credential: 'default', window: 'secondary' }]),
+          alert('5m', 'CodexBrokerPoolExhausted', []),
+        ],
+      },
+      {
+        name: 'every login of the pool over 90% in some window: the pool is exhausted (per pool)',
+        input_series: [
+          s(used, { ...b1, pool: 'team', credential: 'a', window: 'primary' }, '95x20'),
+          s(used, { ...b1, pool: 'team', credential: 'a', window: 'secondary' }, '20x20'),
+          s(used, { ...b1, pool: 'team', credential: 'b', window: 'primary' }, '10x20'),
+          s(used, { ...b1, pool: 'team', credential: 'b', window: 'secondary' }, '90x20'),
+          s(used, { ...b1, pool: 'other', credential: 'c', window: 'primary' }, '99x20'),
+          s(used, { ...b1, pool: 'other', credential: 'd', window: 'primary' }, '30x20'),
+        ],
+        alert_rule_test: [alert('5m', 'CodexBrokerPoolExhausted', [{ severity: 'critical', pool: 'team' }])],
+      },
+      {
+        name: 'usage figures older than 900 s on every replica (one fresh replica keeps it quiet)',
+        input_series: [
+          s(age, { ...b1, credential: 'default' }, '0+60x20'),
+          s(age, { ...b2, credential: 'default' }, '0+60x20'),
+          s(age, { ...b1, credential: 'fresh' }, '0+60x20'),
+          s(age, { ...b2, credential: 'fresh' }, '30x20'),
+        ],
+        alert_rule_test: [alert('14m', 'CodexBrokerUsageStale', []), alert('16m', 'CodexBrokerUsageStale', [{ severity: 'warning', credential: 'default' }])],
       },
       {
         name: 'a healthy broker: no alert at all',

@@ -110,7 +110,8 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
       const s = h.refresher.status();
       return { name: h.name, pool: h.pool, state: s.state, accountId: s.accountId, accessTokenExpiresAt: s.accessTokenExpiresAt, clientsAssigned: o.core.assignments.clientsOf(h.name) };
     });
-    return { ...refresher.status(), credentials, listener: o.core.listener.connected ? 'connected' : 'disconnected' };
+    const status = refresher.status();
+    return { ...status, credentials, listener: o.core.listener.connected ? 'connected' : 'disconnected', usage: o.core.usage.view(status.secretKey) };
   });
 
   app.get('/openapi.yaml', async (_req, reply) => reply.type('application/yaml').send(await readFile(SPEC_URL, 'utf8')));

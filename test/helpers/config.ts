@@ -9,7 +9,9 @@ import { loadConfig } from '../../src/config.js';
  */
 export function testCoreConfig(upstreamUrl: string, overrides: Partial<CoreConfig> = {}): CoreConfig {
   return {
-    ...loadConfig({ OAUTH_TOKEN_URL: upstreamUrl, UPSTREAM_TIMEOUT_SECONDS: '5' }),
+    // Usage polling off unless a test turns it on: it would GET the real chatgpt.com, or add
+    // to the GETs a fake backend counts for token checks.
+    ...loadConfig({ OAUTH_TOKEN_URL: upstreamUrl, UPSTREAM_TIMEOUT_SECONDS: '5', USAGE_POLL_INTERVAL_SECONDS: '0' }),
     replicaId: `test-${randomBytes(3).toString('hex')}`,
     ...overrides,
   };

@@ -6,7 +6,14 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 
-export type UsageAnswer = 'accept' | 'reject' | 'error' | 'hang';
+export type UsageAnswer = 'accept' | 'reject' | 'error' | 'hang' | 'malformed';
+
+/** The figures a 200 carries; a test changes them between polls. */
+export interface FakeUsage {
+  plan: string;
+  primary: { usedPercent: number; resetAt: number };
+  secondary: { usedPercent: number; resetAt: number };
+}
 
 export class FakeUsageBackend {
   readonly #server: Server;
@@ -15,6 +22,10 @@ export class FakeUsageBackend {
   answer: UsageAnswer = 'accept';
   readonly #perToken = new Map<string, UsageAnswer>();
   gets = 0;
+  /** What a 200 answers with (percentages and reset times). */
+  usage: FakeUsage = { plan: 'plus', primary: { usedPercent: 12, resetAt: 1_900_000_000 }, secondary: { usedPercent: 3, resetAt: 1_900_100_000 } };
+  /** A whole body to answer 200 with instead (a malformed or partial document), when set. */
+  body: unknown;
   /** The bearer and account id of every GET, for the assertions (never printed). */
   readonly seen: { bearer: string | undefined; accountId: string | undefined }[] = [];
 
@@ -54,21 +65,31 @@ export class FakeUsageBackend {
       case 'error':
         res.writeHead(502, { 'content-type': 'text/plain' }).end('bad gateway');
         return;
+      case 'malformed':
+        res.writeHead(200, { 'content-type': 'application/json' }).end('{"plan_type": "plus", "rate_li');
+        return;
       case 'reject':
         res.writeHead(401, { 'content-type': 'application/json' }).end(JSON.stringify({ error: { message: 'token expired', code: 'token_expired' } }));
         return;
-      default:
+      default: {
+        const u = this.usage;
         res.writeHead(200, { 'content-type': 'application/json' }).end(
-          JSON.stringify({
-            plan_type: 'plus',
-            rate_limit: {
-              allowed: true,
-              limit_reached: false,
-              primary_window: { used_percent: 12, limit_window_seconds: 18_000, reset_after_seconds: 3_600, reset_at: 1_900_000_000 },
-              secondary_window: { used_percent: 3, limit_window_seconds: 604_800, reset_after_seconds: 86_400, reset_at: 1_900_100_000 },
-            },
-          }),
+          JSON.stringify(
+            this.body !== undefined
+              ? this.body
+              : {
+                  plan_type: u.plan,
+                  rate_limit: {
+                    allowed: true,
+                    limit_reached: u.primary.usedPercent >= 100 || u.secondary.usedPercent >= 100,
+                    primary_window: { used_percent: u.primary.usedPercent, limit_window_seconds: 18_000, reset_after_seconds: 3_600, reset_at: u.primary.resetAt },
+                    secondary_window: { used_percent: u.secondary.usedPercent, limit_window_seconds: 604_800, reset_after_seconds: 86_400, reset_at: u.secondary.resetAt },
+                  },
+                  credits: { has_credits: false, unlimited: false, balance: '0' },
+                },
+          ),
         );
+      }
     }
   }
 
