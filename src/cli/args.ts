@@ -30,7 +30,7 @@ export const COMMANDS: Record<string, CommandSpec> = {
     positionals: [0, 0],
   },
   seed: {
-    usage: 'npx codex-auth-broker seed [--credential <name>] [--pool <pool>] [--force] <auth.json|->',
+    usage: 'npx codex-auth-broker seed [--force] [--credential <name>] [--pool <pool>] <auth.json|->',
     summary:
       'validate a codex auth.json (a file, or - for standard input) and store it as the shared\nlogin; a stale copy (its refresh token already spent by the broker, or older than the\nstored login of the same account) is refused with exit code 4 unless --force.\n--credential stores it as a named login beside default (created if new), --pool puts that\ncredential in a pool (default: default)',
     flags: { '--force': 'boolean', '--credential': 'value', '--pool': 'value' },
