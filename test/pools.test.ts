@@ -96,6 +96,10 @@ test('clients of a pool are spread over its credentials, stored, and served the 
       ['two', 'batch', 2],
     ],
   );
+  // Each login is described as fully as `default` (what the operator page draws per card).
+  for (const c of status.credentials as unknown as Array<Record<string, unknown>>) {
+    for (const field of ['planType', 'lastRotationAt', 'nextCheckAt', 'latch', 'consecutiveFailures', 'usage']) assert.ok(field in c, `${String(c['name'])}: ${field}`);
+  }
   const metrics = (await a.app.inject({ url: '/metrics' })).body;
   assert.match(metrics, /codex_broker_pool_assigned_clients\{pool="batch",credential="one"\} 2/);
   assert.match(metrics, /codex_broker_pool_assigned_clients\{pool="default",credential="default"\} 1/);

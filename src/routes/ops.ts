@@ -108,7 +108,9 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
     }
     const credentials = o.core.credentials.list().map((h) => {
       const s = h.refresher.status();
-      return { name: h.name, pool: h.pool, state: s.state, accountId: s.accountId, accessTokenExpiresAt: s.accessTokenExpiresAt, clientsAssigned: o.core.assignments.clientsOf(h.name) };
+      // The whole description of each login (plan, rotations, next check, usage), so a
+      // dashboard or the operator page shows every credential as fully as `default`.
+      return { ...s, name: h.name, pool: h.pool, clientsAssigned: o.core.assignments.clientsOf(h.name), usage: o.core.usage.view(s.secretKey) };
     });
     const status = refresher.status();
     return { ...status, credentials, listener: o.core.listener.connected ? 'connected' : 'disconnected', usage: o.core.usage.view(status.secretKey) };
