@@ -43,6 +43,17 @@ export function judgeSeed(seed: Snapshot, stored: Snapshot | undefined, spent: {
   return undefined;
 }
 
+/** The admin API's answer to a refused seed: 409, why, and how to force it. */
+export function staleSeedProblem(r: SeedRefusal): { status: 409; code: 'stale_seed'; title: string; detail: string; extra: Record<string, unknown> } {
+  return {
+    status: 409,
+    code: 'stale_seed',
+    title: 'Conflict',
+    detail: `refused: ${describeRefusal(r)}. Nothing was stored. To store it anyway, repeat with ?force=true`,
+    extra: { refusal: r },
+  };
+}
+
 /** What an operator reads: why, and what to do. */
 export function describeRefusal(r: SeedRefusal): string {
   if (r.reason === 'spent') {

@@ -1,5 +1,6 @@
-import { request, type Dispatcher } from 'undici';
+import type { Dispatcher } from 'undici';
 import { describeNetworkError } from './lib/net-error.js';
+import { getUsage, usageUrl } from './usage/fetch.js';
 
 /**
  * What the backend said of an access token: `accepted` (it answered 2xx), `rejected` (401
@@ -32,23 +33,12 @@ const MAX_BODY_BYTES = 64 * 1024;
  * The answer's body is drained (bounded) and ignored.
  */
 export function createBackendTokenCheck(o: BackendCheckOptions): TokenCheckFn {
-  const url = `${o.baseUrl.replace(/\/+$/, '')}/wham/usage`;
+  const url = usageUrl(o.baseUrl);
   return async (accessToken, accountId) => {
     const signal = AbortSignal.timeout(o.timeoutMs);
     let res: Dispatcher.ResponseData;
     try {
-      res = await request(url, {
-        method: 'GET',
-        dispatcher: o.dispatcher,
-        signal,
-        headers: {
-          authorization: `Bearer ${accessToken}`,
-          accept: 'application/json',
-          ...(accountId ? { 'chatgpt-account-id': accountId } : {}),
-        },
-        headersTimeout: o.timeoutMs,
-        bodyTimeout: o.timeoutMs,
-      });
+      res = await getUsage(url, accessToken, accountId, { dispatcher: o.dispatcher, signal, timeoutMs: o.timeoutMs });
     } catch (err) {
       return { verdict: 'unknown', detail: describeNetworkError(err, url, signal.aborted) };
     }

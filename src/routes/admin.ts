@@ -8,7 +8,7 @@ import { AuthFailures, bearerToken, sameSecret, sha256 } from '../http/auth.js';
 import { sendProblem, sendUnauthorized } from '../http/problem.js';
 import { latestEvents } from '../audit.js';
 import type { Logger } from '../logger.js';
-import { describeRefusal, seedCredential } from '../seed-guard.js';
+import { seedCredential, staleSeedProblem } from '../seed-guard.js';
 import type { BrokerMetrics } from '../metrics.js';
 import { credentialRoutes, type CredentialRoutesOptions } from './credentials.js';
 import { loginRoutes } from './logins.js';
@@ -82,13 +82,7 @@ export async function adminRoutes(app: FastifyInstance, o: AdminRoutesOptions): 
         logger: req.log as Logger,
       });
       if (!seeded.stored) {
-        return sendProblem(reply, {
-          status: 409,
-          code: 'stale_seed',
-          title: 'Conflict',
-          detail: `refused: ${describeRefusal(seeded.refusal)}. Nothing was stored. To store it anyway, repeat with ?force=true`,
-          extra: { refusal: seeded.refusal },
-        });
+        return sendProblem(reply, staleSeedProblem(seeded.refusal));
       }
       await o.refresher.reload();
       return o.refresher.status();

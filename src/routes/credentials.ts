@@ -9,7 +9,7 @@ import { sendProblem } from '../http/problem.js';
 import type { Logger } from '../logger.js';
 import type { BrokerMetrics } from '../metrics.js';
 import { revokeStoredLogin } from '../revocation.js';
-import { describeRefusal, seedCredential } from '../seed-guard.js';
+import { seedCredential, staleSeedProblem } from '../seed-guard.js';
 
 export interface CredentialRoutesOptions {
   core: Pick<BrokerCore, 'credentials' | 'store' | 'pool' | 'revoke' | 'assignments'>;
@@ -74,13 +74,7 @@ export async function credentialRoutes(app: FastifyInstance, o: CredentialRoutes
         logger: req.log as Logger,
       });
       if (!seeded.stored) {
-        return sendProblem(reply, {
-          status: 409,
-          code: 'stale_seed',
-          title: 'Conflict',
-          detail: `refused: ${describeRefusal(seeded.refusal)}. Nothing was stored. To store it anyway, repeat with ?force=true`,
-          extra: { refusal: seeded.refusal },
-        });
+        return sendProblem(reply, staleSeedProblem(seeded.refusal));
       }
       // `default` has a row only once it is given a pool: a platform database stays untouched otherwise.
       if (name !== DEFAULT_CREDENTIAL || pool !== undefined) await registerCredential(o.core.pool, name, o.defaultKey, pool);

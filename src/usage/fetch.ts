@@ -21,12 +21,36 @@ export interface UsageFetchOptions {
   now?: () => number;
 }
 
+/** `{CHATGPT_BASE_URL}/wham/usage`. */
+export function usageUrl(baseUrl: string): string {
+  return `${baseUrl.replace(/\/+$/, '')}/wham/usage`;
+}
+
+/**
+ * The one GET of the usage endpoint, as codex itself sends it: the access token and the
+ * account id. Shared by the usage poll and the token check before a forced refresh.
+ */
+export function getUsage(url: string, accessToken: string, accountId: string | undefined, o: { dispatcher?: Dispatcher | undefined; signal: AbortSignal; timeoutMs: number }): Promise<Dispatcher.ResponseData> {
+  return request(url, {
+    method: 'GET',
+    dispatcher: o.dispatcher,
+    signal: o.signal,
+    headers: {
+      authorization: `Bearer ${accessToken}`,
+      accept: 'application/json',
+      ...(accountId ? { 'chatgpt-account-id': accountId } : {}),
+    },
+    headersTimeout: o.timeoutMs,
+    bodyTimeout: o.timeoutMs,
+  });
+}
+
 // A usage document is a few hundred bytes; a huge answer is not one.
 const MAX_BODY_BYTES = 64 * 1024;
 
 /** `GET {CHATGPT_BASE_URL}/wham/usage` with the access token and account id, as codex itself asks. One GET, no retries. */
 export function createUsageFetch(o: UsageFetchOptions): UsageFetchFn {
-  const url = `${o.baseUrl.replace(/\/+$/, '')}/wham/usage`;
+  const url = usageUrl(o.baseUrl);
   const now = o.now ?? Date.now;
   return async (accessToken, accountId, cancel) => {
     const deadline = AbortSignal.timeout(o.timeoutMs);
@@ -34,18 +58,7 @@ export function createUsageFetch(o: UsageFetchOptions): UsageFetchFn {
     const signal = cancel ? AbortSignal.any([deadline, cancel]) : deadline;
     let res: Dispatcher.ResponseData;
     try {
-      res = await request(url, {
-        method: 'GET',
-        dispatcher: o.dispatcher,
-        signal,
-        headers: {
-          authorization: `Bearer ${accessToken}`,
-          accept: 'application/json',
-          ...(accountId ? { 'chatgpt-account-id': accountId } : {}),
-        },
-        headersTimeout: o.timeoutMs,
-        bodyTimeout: o.timeoutMs,
-      });
+      res = await getUsage(url, accessToken, accountId, { dispatcher: o.dispatcher, signal, timeoutMs: o.timeoutMs });
     } catch (err) {
       return { ok: false, code: deadline.aborted ? 'timeout' : 'unreachable', detail: describeNetworkError(err, url, deadline.aborted) };
     }
