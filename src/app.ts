@@ -152,7 +152,6 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     await app.register(adminRoutes, {
       adminToken: o.config.ADMIN_TOKEN,
       pool: core.pool,
-      store: core.store,
       secretKey: o.config.CODEX_AUTH_SECRET_KEY,
       refresher: core.refresher,
       clients: core.clients,

@@ -1,26 +1,20 @@
 import type { FastifyInstance } from 'fastify';
-import { validateSeed } from '../auth-json.js';
 import { ClientInputError, createClient, listClients, revokeClient } from '../clients/client-store.js';
 import type { ClientRegistry } from '../clients/registry.js';
 import type { Pool } from '../db.js';
-import { AuthJsonError } from '../errors.js';
 import { AuthFailures, bearerToken, sameSecret, sha256 } from '../http/auth.js';
 import { sendProblem, sendUnauthorized } from '../http/problem.js';
 import { latestEvents } from '../audit.js';
-import type { Logger } from '../logger.js';
-import { seedCredential, staleSeedProblem } from '../seed-guard.js';
 import type { BrokerMetrics } from '../metrics.js';
 import { credentialRoutes, type CredentialRoutesOptions } from './credentials.js';
 import { loginRoutes } from './logins.js';
 import type { LoginManager } from '../login/logins.js';
 import type { Refresher } from '../refresher.js';
-import type { SecretStore } from '../secret-store.js';
 import type { DocumentRenderer, ServedCredentials } from '../serving.js';
 
 export interface AdminRoutesOptions {
   adminToken: string;
   pool: Pool;
-  store: SecretStore;
   secretKey: string;
   refresher: Refresher;
   clients: ClientRegistry;
@@ -28,8 +22,8 @@ export interface AdminRoutesOptions {
   /** Which credential each client is served (GET /admin/clients shows it). */
   served?: ServedCredentials;
   credentialSecret: Buffer;
-  /** Named credentials, their refresh and upstream revocation (routes/credentials.ts). */
-  core?: CredentialRoutesOptions['core'];
+  /** Named credentials, their seeding, refresh and upstream revocation (routes/credentials.ts). */
+  core: CredentialRoutesOptions['core'];
   metrics: BrokerMetrics;
   logins?: LoginManager;
   /** Shared with /status, so one count and one cap cover every admin-token check. */
@@ -51,50 +45,13 @@ export async function adminRoutes(app: FastifyInstance, o: AdminRoutesOptions): 
   // In this plugin's scope, so the admin check above guards the login routes too.
   if (o.logins) await app.register(loginRoutes, { logins: o.logins });
 
-  // The credential route reads its JSON body as text and leaves parsing to validateSeed:
-  // the framework's parser refuses a `__proto__` key as "not valid JSON" without naming
-  // it; validateSeed names the field (size and JSON errors included).
-  await app.register(async (scope) => {
-    // Only JSON: a text/plain body would otherwise reach validateSeed through the default parser.
-    scope.removeAllContentTypeParsers();
-    scope.addContentTypeParser('application/json', { parseAs: 'string' }, (_req, body, done) => done(null, body));
-    scope.put<{ Querystring: { force?: string } }>('/admin/credential', async (req, reply) => {
-      const force = req.query.force;
-      if (force !== undefined && force !== 'true' && force !== 'false') {
-        return sendProblem(reply, { status: 400, code: 'invalid_force', title: 'Bad Request', detail: 'force must be true or false', extra: { field: 'force' } });
-      }
-      let parsed;
-      try {
-        parsed = validateSeed(req.body);
-      } catch (err) {
-        if (err instanceof AuthJsonError) {
-          return sendProblem(reply, { status: 400, code: 'invalid_credential', title: 'Bad Request', detail: err.message, extra: { field: err.field } });
-        }
-        throw err;
-      }
-      const seeded = await seedCredential({
-        store: o.store,
-        secretKey: o.secretKey,
-        parsed,
-        source: 'admin_api',
-        force: force === 'true',
-        replicaId: o.refresher.replicaId,
-        logger: req.log as Logger,
-      });
-      if (!seeded.stored) {
-        return sendProblem(reply, staleSeedProblem(seeded.refusal));
-      }
-      await o.refresher.reload();
-      return o.refresher.status();
-    });
-  });
-
   app.post('/admin/refresh', async () => {
     const report = await o.refresher.runCycle({ force: true, waitForLock: true, ignoreBackoff: true, reason: 'admin' });
     return { outcome: report.attempt ?? report.check, report, status: o.refresher.status() };
   });
 
-  if (o.core) await app.register(credentialRoutes, { core: o.core, defaultKey: o.secretKey, replicaId: o.refresher.replicaId, metrics: o.metrics });
+  // Named credentials, and the old PUT /admin/credential as `default`'s.
+  await app.register(credentialRoutes, { core: o.core, defaultKey: o.secretKey, replicaId: o.refresher.replicaId, metrics: o.metrics });
 
   app.get<{ Querystring: { limit?: string } }>('/admin/events', async (req, reply) => {
     const limit = req.query.limit === undefined ? 50 : Number(req.query.limit);

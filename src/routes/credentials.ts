@@ -1,4 +1,4 @@
-import type { FastifyInstance, FastifyReply } from 'fastify';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { validateSeed } from '../auth-json.js';
 import type { BrokerCore } from '../broker.js';
 import { assignedClients, registerCredential, removeCredential } from '../credential/catalog.js';
@@ -35,8 +35,8 @@ export function describeCredential(h: HeldCredential) {
 
 /**
  * Named credentials (several logins side by side), inside the admin scope. Thin: the
- * stale-seed guard, the catalog and the refreshers do the work; `PUT /admin/credential`
- * and `POST /admin/refresh` stay as the `default` credential's.
+ * stale-seed guard, the catalog and the refreshers do the work. The old single routes stay
+ * as the `default` credential's: `PUT /admin/credential` here, `POST /admin/refresh` in admin.ts.
  */
 export async function credentialRoutes(app: FastifyInstance, o: CredentialRoutesOptions): Promise<void> {
   const { credentials } = o.core;
@@ -45,45 +45,71 @@ export async function credentialRoutes(app: FastifyInstance, o: CredentialRoutes
     credentials: credentials.list().map((h) => ({ ...describeCredential(h), clientsAssigned: o.core.assignments.clientsOf(h.name) })),
   }));
 
-  // The seed body is read as text and parsed by validateSeed, which names the bad field.
+  /**
+   * The one seed over HTTP, for `PUT /admin/credentials/:name` and the old
+   * `PUT /admin/credential` (which is `default`): the stale-seed guard, the list entry, this
+   * replica's reload. The held credential, or undefined once a problem was sent.
+   */
+  const seed = async (req: FastifyRequest<{ Querystring: { force?: string } }>, reply: FastifyReply, name: string, pool: string | undefined): Promise<HeldCredential | undefined> => {
+    const { force } = req.query;
+    if (force !== undefined && force !== 'true' && force !== 'false') {
+      sendProblem(reply, { status: 400, code: 'invalid_force', title: 'Bad Request', detail: 'force must be true or false', extra: { field: 'force' } });
+      return undefined;
+    }
+    let parsed;
+    try {
+      parsed = validateSeed(req.body);
+    } catch (err) {
+      if (!(err instanceof AuthJsonError)) throw err;
+      sendProblem(reply, { status: 400, code: 'invalid_credential', title: 'Bad Request', detail: err.message, extra: { field: err.field } });
+      return undefined;
+    }
+    const seeded = await seedCredential({
+      store: o.core.store,
+      secretKey: secretKeyOf(name, o.defaultKey),
+      parsed,
+      source: 'admin_api',
+      force: force === 'true',
+      replicaId: o.replicaId,
+      logger: req.log as Logger,
+    });
+    if (!seeded.stored) {
+      sendProblem(reply, staleSeedProblem(seeded.refusal));
+      return undefined;
+    }
+    // `default` has a row only once it is given a pool: a platform database stays untouched otherwise.
+    if (name !== DEFAULT_CREDENTIAL || pool !== undefined) {
+      await registerCredential(o.core.pool, name, o.defaultKey, pool);
+      await credentials.sync();
+    }
+    const held = credentials.get(name);
+    if (!held) {
+      notHeld(reply, name);
+      return undefined;
+    }
+    await held.refresher.reload();
+    return held;
+  };
+
+  // The seed body is read as text and parsed by validateSeed, which names the bad field
+  // (the framework's parser refuses a `__proto__` key as "not valid JSON" without naming it;
+  // only JSON: a text/plain body would otherwise reach validateSeed through the default parser).
   await app.register(async (scope) => {
     scope.removeAllContentTypeParsers();
     scope.addContentTypeParser('application/json', { parseAs: 'string' }, (_req, body, done) => done(null, body));
     scope.put<{ Params: { name: string }; Querystring: { force?: string; pool?: string } }>('/admin/credentials/:name', async (req, reply) => {
       const { name } = req.params;
-      const { force, pool } = req.query;
+      const { pool } = req.query;
       if (!isCredentialName(name)) return badName(reply, 'credential', name);
       if (pool !== undefined && !isCredentialName(pool)) return badName(reply, 'pool', pool);
-      if (force !== undefined && force !== 'true' && force !== 'false') {
-        return sendProblem(reply, { status: 400, code: 'invalid_force', title: 'Bad Request', detail: 'force must be true or false', extra: { field: 'force' } });
-      }
-      let parsed;
-      try {
-        parsed = validateSeed(req.body);
-      } catch (err) {
-        if (err instanceof AuthJsonError) return sendProblem(reply, { status: 400, code: 'invalid_credential', title: 'Bad Request', detail: err.message, extra: { field: err.field } });
-        throw err;
-      }
-      const seeded = await seedCredential({
-        store: o.core.store,
-        secretKey: secretKeyOf(name, o.defaultKey),
-        parsed,
-        source: 'admin_api',
-        force: force === 'true',
-        replicaId: o.replicaId,
-        logger: req.log as Logger,
-      });
-      if (!seeded.stored) {
-        return sendProblem(reply, staleSeedProblem(seeded.refusal));
-      }
-      // `default` has a row only once it is given a pool: a platform database stays untouched otherwise.
-      if (name !== DEFAULT_CREDENTIAL || pool !== undefined) await registerCredential(o.core.pool, name, o.defaultKey, pool);
-      await credentials.sync();
-      const held = credentials.get(name);
-      if (!held) return notHeld(reply, name);
-      await held.refresher.reload();
+      const held = await seed(req, reply, name, pool);
+      if (!held) return reply;
       held.refresher.poke();
       return describeCredential(held);
+    });
+    scope.put<{ Querystring: { force?: string } }>('/admin/credential', async (req, reply) => {
+      const held = await seed(req, reply, DEFAULT_CREDENTIAL, undefined);
+      return held ? held.refresher.status() : reply;
     });
   });
 
