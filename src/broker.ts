@@ -254,11 +254,11 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     encryptionKey: config.encryptionKey,
     issuer: { issuer: config.OAUTH_ISSUER, clientId: config.OAUTH_CLIENT_ID, timeoutMs: ms(config.UPSTREAM_TIMEOUT_SECONDS), dispatcher: o.dispatcher },
     logger,
-    register: async (name) => {
-      if (name !== 'default') await registerCredential(pool, name, config.CODEX_AUTH_SECRET_KEY, undefined);
-      await credentials.sync();
+    register: async (name, db) => {
+      if (name !== 'default') await registerCredential(db, name, config.CODEX_AUTH_SECRET_KEY, undefined);
     },
     onStored: async (name) => {
+      await credentials.sync();
       const r = credentials.get(name)?.refresher;
       await r?.reload().then(() => r.poke());
     },

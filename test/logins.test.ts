@@ -5,6 +5,7 @@
 import { strict as assert } from 'node:assert';
 import { after, test } from 'node:test';
 import pg from 'pg';
+import { credentialsCommand } from '../src/cli/credentials.js';
 import { requestDeviceCode } from '../src/login/device.js';
 import { seal } from '../src/lib/secret-crypto.js';
 import { writeLatch } from '../src/refresh-guards.js';
@@ -273,6 +274,57 @@ test('login secrets are sealed with the store key while pending and forgotten wh
   await waitFor('the login to succeed', async () => (await stateOf(a, started.id)) === 'succeeded');
   const [done] = await query<{ secrets: Buffer }>(databaseUrl, 'SELECT secrets FROM broker_logins WHERE id = $1', [started.id]);
   assert.equal(done?.secrets.length, 0);
+});
+
+/** The names `GET /admin/credentials` and `credentials list` show. */
+async function listedNames(t: TestApp): Promise<{ admin: string[]; cli: string[] }> {
+  const admin = ((await call(t, 'GET', '/admin/credentials')).json() as { credentials: Array<{ name: string }> }).credentials.map((c) => c.name);
+  const lines: string[] = [];
+  const io = { out: (l: string) => lines.push(l), err: (l: string) => lines.push(l), table: () => undefined };
+  const code = await credentialsCommand('list', undefined, { '--json': true }, { store: t.core.store, pool: t.core.pool, defaultKey: 'CODEX_AUTH_JSON', marginSeconds: 86_400 }, io);
+  assert.equal(code, 0, lines.join('\n'));
+  const cli = (JSON.parse(lines.join('\n')) as { credentials: Array<{ name: string }> }).credentials.map((c) => c.name);
+  return { admin, cli };
+}
+
+test('a login for a new name creates the credential with the stored login: listed, held and served from', async () => {
+  const { apps } = await setup({ replicas: 1 });
+  const [a] = apps as [TestApp];
+  const started = (await begin(a, 'browser', 'newcomer')).json() as Login;
+  assert.deepEqual(await listedNames(a), { admin: ['default'], cli: ['default'] }, 'nothing is created before the login completes');
+  const cb = await call(a, 'POST', `/admin/logins/${started.id}/callback`, { callback_url: await signIn(String(started['authorize_url'])) });
+  assert.equal(cb.statusCode, 200, cb.body);
+  assert.deepEqual(await listedNames(a), { admin: ['default', 'newcomer'], cli: ['default', 'newcomer'] });
+  await waitFor('the new credential to be held', () => a.core.credentials.get('newcomer')?.refresher.state() === 'fresh');
+});
+
+test('a refused login (stale_login) for a new name leaves no empty credential behind', async () => {
+  const issue: { tokens?: { id_token: string; access_token: string; refresh_token: string } } = {};
+  const { upstream, apps } = await setup({ replicas: 1, issuer: { mint: () => issue.tokens! } });
+  const [a] = apps as [TestApp];
+  // A login whose refresh token the broker has already spent: storing it would be a stale seed.
+  const old = upstream.seed({ accountId: 'acct-old' }) as { tokens: { id_token: string; access_token: string; refresh_token: string } };
+  assert.equal((await a.app.inject({ method: 'PUT', url: '/admin/credential', headers: { authorization: `Bearer ${ADMIN_TOKEN}` }, payload: old })).statusCode, 200);
+  assert.equal(((await call(a, 'POST', '/admin/refresh')).json() as { outcome: string }).outcome, 'rotated');
+  issue.tokens = { id_token: old.tokens.id_token, access_token: old.tokens.access_token, refresh_token: old.tokens.refresh_token };
+
+  const started = (await begin(a, 'browser', 'newcomer')).json() as Login;
+  const cb = await call(a, 'POST', `/admin/logins/${started.id}/callback`, { callback_url: await signIn(String(started['authorize_url'])) });
+  assert.equal(cb.statusCode, 502, cb.body);
+  assert.match((cb.json() as { detail: string }).detail, /not stored/);
+  assert.equal(await stateOf(a, started.id), 'failed');
+  assert.deepEqual(await listedNames(a), { admin: ['default'], cli: ['default'] });
+  assert.equal(a.core.credentials.get('newcomer'), undefined);
+  assert.equal(await a.core.store.read('CODEX_AUTH_JSON__NEWCOMER'), null);
+});
+
+test('a device login for a new name that fails or expires leaves no credential behind', async () => {
+  const { apps } = await setup({ replicas: 1, login: { ttlMs: 300 } });
+  const [a] = apps as [TestApp];
+  const expired = (await begin(a, 'device', 'never-approved')).json() as Login;
+  await waitFor('the login to expire', async () => (await stateOf(a, expired.id)) === 'expired');
+  assert.deepEqual(await listedNames(a), { admin: ['default'], cli: ['default'] });
+  assert.equal(a.core.credentials.get('never-approved'), undefined);
 });
 
 test('no verifier, code, device_auth_id or token reaches a log line or a response', () => {

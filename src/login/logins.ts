@@ -1,7 +1,7 @@
 import { isCredentialName, secretKeyOf } from '../credential/names.js';
 import { randomUUID } from 'node:crypto';
 import { setTimeout as sleepFor } from 'node:timers/promises';
-import type { Pool } from '../db.js';
+import type { Pool, PoolClient } from '../db.js';
 import { open, seal } from '../lib/secret-crypto.js';
 import type { Logger } from '../logger.js';
 import type { SecretStore } from '../secret-store.js';
@@ -40,9 +40,9 @@ export interface LoginManagerOptions {
   encryptionKey: Buffer | undefined;
   issuer: IssuerOptions;
   logger: Logger;
-  /** Before a login is stored: make the credential known (a login may create one). */
-  register?: (credential: string) => Promise<void>;
-  /** After a login is stored (this replica reloads at once; the others on NOTIFY). */
+  /** Make the credential known (a login may create one): runs in the transaction that stores the login, so only a stored login creates one. */
+  register?: (credential: string, db: PoolClient) => Promise<unknown>;
+  /** After a login is stored (this replica takes up the credential and reloads at once; the others on NOTIFY). */
   onStored?: (credential: string) => Promise<void>;
   /** A login ended (metrics). */
   onFinished?: (method: LoginMethod, state: Exclude<LoginState, 'pending'>) => void;
@@ -297,7 +297,7 @@ export class LoginManager {
     try {
       if (!secretKey) throw new LoginError('unknown_credential', `no credential named ${credential}`);
       const tokens = await exchange();
-      await this.#o.register?.(credential);
+      const register = this.#o.register;
       const account = await storeLogin({
         store: this.#o.store,
         secretKey,
@@ -307,6 +307,7 @@ export class LoginManager {
         startedAt: createdAt,
         logger: this.#o.logger,
         source: 'admin_api',
+        ...(register ? { register: (db: PoolClient) => register(credential, db) } : {}),
       });
       await this.#finish(id, 'succeeded', undefined, account);
       await this.#o.onStored?.(credential).catch(() => undefined);

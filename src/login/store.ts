@@ -2,6 +2,7 @@ import { accountInfo, validateSeed, type AccountInfo, type JsonObject } from '..
 import { recordLogin, spentAt } from '../audit.js';
 import { buildSnapshot, shortHash } from '../credential.js';
 import { AuthJsonError } from '../errors.js';
+import type { PoolClient } from '../db.js';
 import type { Logger } from '../logger.js';
 import { clearBackoff, clearLatch } from '../refresh-guards.js';
 import type { SecretStore } from '../secret-store.js';
@@ -25,6 +26,11 @@ export interface StoreLoginOptions {
   source: 'cli' | 'admin_api';
   /** Store even when the stale-seed guard refuses it. */
   force?: boolean;
+  /**
+   * Make the credential known (a login may create one), in the same transaction as the
+   * write: a refused or failed login never leaves an empty credential in the list.
+   */
+  register?: (db: PoolClient) => Promise<unknown>;
 }
 
 /**
@@ -56,6 +62,7 @@ export async function storeLogin(o: StoreLoginOptions): Promise<AccountInfo> {
     await db.query('BEGIN');
     try {
       await o.store.put(o.secretKey, JSON.stringify(parsed.doc), db);
+      await o.register?.(db);
       await clearLatch(db, o.secretKey);
       await clearBackoff(db, o.secretKey);
       await audit(db, refusal ? 'stored_forced' : 'stored', true);
