@@ -20,7 +20,7 @@ import { loginCommand } from './login/command.js';
 import { parseCommand, usage } from './cli/args.js';
 import { credentialsCommand } from './cli/credentials.js';
 import { registerCredential } from './credential/catalog.js';
-import { DEFAULT_CREDENTIAL, isCredentialName, secretKeyOf } from './credential/names.js';
+import { badNameFlag, DEFAULT_CREDENTIAL, secretKeyOf } from './credential/names.js';
 import { generationOf } from './clients/credentials.js';
 import { readUsage } from './usage/store.js';
 import { describeUsage, usageViewOfRow, type UsageView } from './usage/view.js';
@@ -45,11 +45,10 @@ async function withStore<T>(
 const EXIT_STALE_SEED = 4;
 
 async function seed(config: Config, logger: Logger, file: string, force: boolean, credential = DEFAULT_CREDENTIAL, credentialPool?: string): Promise<number> {
-  for (const [flag, value] of [['--credential', credential], ['--pool', credentialPool]] as const) {
-    if (value !== undefined && !isCredentialName(value)) {
-      console.error(`seed: ${flag} ${JSON.stringify(value)} is not a valid name: lower-case letters, digits and -, at most 40 characters. Nothing was stored.`);
-      return 2;
-    }
+  const badName = badNameFlag('seed', [['--credential', credential], ['--pool', credentialPool]]);
+  if (badName) {
+    console.error(badName);
+    return 2;
   }
   const secretKey = secretKeyOf(credential, config.CODEX_AUTH_SECRET_KEY);
   let text: string;

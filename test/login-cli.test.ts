@@ -1,11 +1,12 @@
 /** `codex-auth-broker login` as an operator runs it: a real process, a real Postgres, the fake issuer. */
 import { strict as assert } from 'node:assert';
 import { spawn } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import * as path from 'node:path';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import { open } from '../src/lib/secret-crypto.js';
+import { makeChatgptLogin } from './helpers/codex.js';
 import { FakeIssuer, type FakeIssuerOptions } from './helpers/fake-issuer.js';
 import { findLeaks } from './helpers/logs.js';
 import { startTestPostgres, type TestPostgres } from './helpers/pg.js';
@@ -64,26 +65,25 @@ function start(args: string[], env: NodeJS.ProcessEnv) {
   return { child, out: () => stdout, err: () => stderr, exited };
 }
 
-async function storedDoc(url: string): Promise<Record<string, unknown> | undefined> {
+async function sql<T extends pg.QueryResultRow>(url: string, text: string, params: unknown[] = []): Promise<T[]> {
   const c = new pg.Client({ connectionString: url });
   await c.connect();
   try {
-    const r = await c.query<{ encrypted_value: Buffer; encryption_version: number }>("SELECT encrypted_value, encryption_version FROM global_secrets WHERE key = 'CODEX_AUTH_JSON'");
-    const row = r.rows[0];
-    return row ? (JSON.parse(open(row.encrypted_value, row.encryption_version, KEY).toString('utf8')) as Record<string, unknown>) : undefined;
+    return (await c.query<T>(text, params)).rows;
   } finally {
     await c.end();
   }
 }
 
+async function storedDoc(url: string, key = 'CODEX_AUTH_JSON'): Promise<Record<string, unknown> | undefined> {
+  const [row] = await sql<{ encrypted_value: Buffer; encryption_version: number }>(url, 'SELECT encrypted_value, encryption_version FROM global_secrets WHERE key = $1', [key]);
+  return row ? (JSON.parse(open(row.encrypted_value, row.encryption_version, KEY).toString('utf8')) as Record<string, unknown>) : undefined;
+}
+
+const credentialRows = (url: string) => sql<{ name: string; secret_key: string; pool: string }>(url, 'SELECT name, secret_key, pool FROM broker_credentials ORDER BY name');
+
 async function loginEvents(url: string): Promise<Array<{ outcome: string }>> {
-  const c = new pg.Client({ connectionString: url });
-  await c.connect();
-  try {
-    return (await c.query<{ outcome: string }>("SELECT outcome FROM broker_refresh_events WHERE reason = 'login'")).rows;
-  } finally {
-    await c.end();
-  }
+  return sql<{ outcome: string }>(url, "SELECT outcome FROM broker_refresh_events WHERE reason = 'login'");
 }
 
 const AUTHORIZE_URL = /http:\/\/127\.0\.0\.1:\d+\/oauth\/authorize\?\S+/;
@@ -102,12 +102,53 @@ test('login prints the verification URL and the code, waits for it, stores the l
   assert.deepEqual(await loginEvents(databaseUrl), [{ outcome: 'stored' }]);
 });
 
-test('login --credential with another name is refused: named credentials come later', async () => {
+test('login --credential team-a --pool batch stores the login as a named credential in that pool', async () => {
+  const { fake, databaseUrl, env } = await setup({ autoApproveAfterPolls: 1 });
+  const r = await run(['login', '--credential', 'team-a', '--pool', 'batch'], env);
+  assert.equal(r.code, 0, r.stderr);
+  assert.ok(r.stdout.includes(fake.userCodes()[0]!), r.stdout);
+  assert.match(r.stdout, /Logged in: account acct-cli, plan team\. Stored under CODEX_AUTH_JSON__TEAM_A/);
+  assert.equal(((await storedDoc(databaseUrl, 'CODEX_AUTH_JSON__TEAM_A'))?.['tokens'] as Record<string, string>)['account_id'], 'acct-cli');
+  assert.equal(await storedDoc(databaseUrl), undefined, 'default is untouched');
+  assert.deepEqual(await credentialRows(databaseUrl), [{ name: 'team-a', secret_key: 'CODEX_AUTH_JSON__TEAM_A', pool: 'batch' }]);
+});
+
+test('login --browser --credential team-b stores into team-b, in pool default', async () => {
+  const { databaseUrl, env } = await setup();
+  const p = start(['login', '--browser', '--credential', 'team-b'], env);
+  await waitFor('the authorize URL', () => AUTHORIZE_URL.test(p.out()) && /paste it here/.test(p.out()), 60_000, () => p.out() + p.err());
+  const res = await fetch(AUTHORIZE_URL.exec(p.out())![0], { redirect: 'manual' });
+  p.child.stdin.end(`${res.headers.get('location')}\n`);
+  assert.equal(await p.exited, 0, p.err());
+  assert.equal((await storedDoc(databaseUrl, 'CODEX_AUTH_JSON__TEAM_B'))?.['auth_mode'], 'chatgpt');
+  assert.deepEqual(await credentialRows(databaseUrl), [{ name: 'team-b', secret_key: 'CODEX_AUTH_JSON__TEAM_B', pool: 'default' }]);
+});
+
+test('login with an invalid --credential or --pool name is refused before asking the issuer', async () => {
   const { fake, env } = await setup();
-  const r = await run(['login', '--credential', 'team-2'], env);
-  assert.equal(r.code, 2);
-  assert.match(r.stderr, /only "default" exists today \(named credentials come later\)/);
+  const bad = await run(['login', '--credential', 'Team_2'], env);
+  assert.equal(bad.code, 2);
+  assert.match(bad.stderr, /login: --credential "Team_2" is not a valid name.*Nothing was stored/);
+  const badPool = await run(['login', '--credential', 'ok', '--pool', 'Bad Pool'], env);
+  assert.equal(badPool.code, 2);
+  assert.match(badPool.stderr, /login: --pool "Bad Pool" is not a valid name/);
   assert.equal(fake.requests.length, 0);
+});
+
+test('a login for a new name refused by the stale-seed guard exits 4 and creates no credential', async () => {
+  const spent = makeChatgptLogin({ accountId: 'acct-spent' });
+  const { databaseUrl, env } = await setup({ autoApproveAfterPolls: 1, mint: () => ({ id_token: spent.idToken, access_token: spent.accessToken, refresh_token: spent.refreshToken }) });
+  assert.equal((await run(['migrate'], env)).code, 0);
+  // The broker already sent this refresh token upstream (a rotation with no outcome yet counts as spent).
+  const sha = createHash('sha256').update(spent.refreshToken).digest('hex');
+  await sql(databaseUrl, `INSERT INTO broker_refresh_events (secret_key, replica_id, reason, refresh_token_sha8, refresh_token_sha256, kind) VALUES ('CODEX_AUTH_JSON', 'r', 'due', $1, $2, 'refresh')`, [sha.slice(0, 8), sha]);
+  const r = await run(['login', '--credential', 'team-c', '--pool', 'batch'], env);
+  assert.equal(r.code, 4, r.stderr);
+  assert.match(r.stderr, /not stored/);
+  assert.deepEqual(await credentialRows(databaseUrl), []);
+  assert.equal(await storedDoc(databaseUrl, 'CODEX_AUTH_JSON__TEAM_C'), undefined);
+  const list = await run(['credentials', 'list', '--json'], env);
+  assert.deepEqual((JSON.parse(list.stdout) as { credentials: Array<{ name: string }> }).credentials.map((c) => c.name), ['default']);
 });
 
 test('login against an issuer without device login says to allow it in the security settings or use --browser', async () => {

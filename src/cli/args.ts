@@ -23,10 +23,10 @@ export const COMMANDS: Record<string, CommandSpec> = {
     positionals: [0, 0],
   },
   login: {
-    usage: 'npx codex-auth-broker login [--credential default] [--browser] [--force]',
+    usage: 'npx codex-auth-broker login [--credential <name>] [--pool <pool>] [--browser] [--force]',
     summary:
-      'log in from here (a device code typed at the issuer, or with --browser a sign-in whose\ncallback URL you paste) and store the result as the shared login; --force stores it even\nwhen the stale-seed guard refuses it (exit code 4)',
-    flags: { '--credential': 'value', '--browser': 'boolean', '--force': 'boolean' },
+      'log in from here (a device code typed at the issuer, or with --browser a sign-in whose\ncallback URL you paste) and store the result as the shared login; --force stores it even\nwhen the stale-seed guard refuses it (exit code 4). --credential stores it as a named login\nbeside default (created only once the login is stored), --pool puts that credential in a\npool (default: default)',
+    flags: { '--credential': 'value', '--pool': 'value', '--browser': 'boolean', '--force': 'boolean' },
     positionals: [0, 0],
   },
   seed: {

@@ -8,6 +8,12 @@ export function isCredentialName(name: unknown): name is string {
   return typeof name === 'string' && CREDENTIAL_NAME.test(name);
 }
 
+/** What a command says of the first `--credential`/`--pool` value that is not a valid name; undefined when all are. */
+export function badNameFlag(command: string, flags: Array<readonly [string, string | undefined]>): string | undefined {
+  const bad = flags.find(([, value]) => value !== undefined && !isCredentialName(value));
+  return bad && `${command}: ${bad[0]} ${JSON.stringify(bad[1])} is not a valid name: lower-case letters, digits and -, at most 40 characters. Nothing was stored.`;
+}
+
 /**
  * Where a credential lives in global_secrets: `default` under the configured key (so a
  * platform database keeps working untouched), another name `n` under `<key>__<N>` with `n`
