@@ -117,7 +117,10 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     now,
     authFailures,
     // Platform workspace tokens are for the drop-in route only.
-    isClient: (token) => core.clients.authenticate(token)?.kind === 'broker',
+    clientFor: (token) => {
+      const c = core.clients.authenticate(token);
+      return c?.kind === 'broker' ? c : undefined;
+    },
     beforeScrape: () => {
       const counts = core.clients.counts((c) => renderers.currentGeneration(c));
       for (const [state, n] of Object.entries(counts)) metrics.clients.set({ state }, n);

@@ -105,6 +105,44 @@ test('clients of a pool are spread over its credentials, stored, and served the 
   assert.match(metrics, /codex_broker_pool_assigned_clients\{pool="default",credential="default"\} 1/);
 });
 
+test('/status shows the admin every client\'s pool and served credential, and a client only its own entry, with no database query', async () => {
+  const upstream = await suite.upstream();
+  const url = await suite.pg.newDatabase();
+  // Background reloads and flushes slowed right down: only /status itself could query during the count.
+  const t = await suite.app({ databaseUrl: url, upstreamUrl: upstream.url, clientReloadMs: 3_600_000, clientFlushMs: 3_600_000 });
+  await seed(t, 'one', upstream.seed({ accountId: 'acct-1' }), 'batch');
+  await seed(t, 'default', upstream.seed({ accountId: 'acct-d' }));
+  const b1 = await addClient(t, 'b1', 'batch');
+  await addClient(t, 'd1');
+  await waitFor('both assigned, and known in memory', async () => Object.values(await stored(t)).every((v) => v !== null) && t.core.clients.authenticate(b1.token)?.assigned === 'one');
+  const queries = async () => (await t.metrics.dbQueries.get()).values[0]?.value ?? 0;
+  let before = await queries();
+  for (let quiet = 0; quiet < 10; ) {
+    await new Promise((r) => setTimeout(r, 50));
+    const now = await queries();
+    quiet = now === before ? quiet + 1 : 0;
+    before = now;
+  }
+  assert.ok(before > 0, 'the counter counts (setup issued queries)');
+
+  const asAdmin = await t.app.inject({ url: '/status', headers: admin });
+  assert.equal(asAdmin.statusCode, 200, asAdmin.body);
+  const adminView = asAdmin.json() as Record<string, unknown>;
+  assert.deepEqual(adminView['clients'], [
+    { name: 'b1', pool: 'batch', credential: 'one' },
+    { name: 'd1', pool: 'default', credential: 'default' },
+  ]);
+  assert.equal(adminView['client'], undefined);
+
+  const asClient = await t.app.inject({ url: '/status', headers: { authorization: `Bearer ${b1.token}` } });
+  assert.equal(asClient.statusCode, 200, asClient.body);
+  const clientView = asClient.json() as Record<string, unknown>;
+  assert.deepEqual(clientView['client'], { name: 'b1', pool: 'batch', credential: 'one' });
+  assert.equal(clientView['clients'], undefined);
+  assert.doesNotMatch(asClient.body, /"d1"/, 'another client\'s name is never shown to a client');
+  assert.equal((await queries()) - before, 0, '/status reads memory only');
+});
+
 test('a latched credential moves its clients to the usable one of the pool; the switch is stored, counted and logged, and the proxy refresh credential keeps working', async () => {
   const upstream = await suite.upstream();
   const url = await suite.pg.newDatabase();

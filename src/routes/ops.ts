@@ -1,6 +1,7 @@
 import { readFile } from 'node:fs/promises';
 import type { FastifyInstance } from 'fastify';
 import type { BrokerCore } from '../broker.js';
+import type { Client } from '../clients/registry.js';
 import { unusable } from '../credential.js';
 import { AuthFailures, bearerToken, sameSecret, sha256 } from '../http/auth.js';
 import { sendProblem, sendUnauthorized } from '../http/problem.js';
@@ -13,8 +14,8 @@ export interface OpsRoutesOptions {
   adminToken: string | undefined;
   metricsToken: string | undefined;
   now: () => number;
-  /** Extra authorisation for /status (client tokens); admin is always accepted. */
-  isClient?: (token: string) => boolean;
+  /** Extra authorisation for /status: the client a token belongs to (admin is always accepted). */
+  clientFor?: (token: string) => Client | undefined;
   /** Refresh gauges that are computed rather than tracked (clients by state). */
   beforeScrape?: () => void;
   /** Shared with the admin routes: a wrong token here is slowed and counted the same way. */
@@ -101,8 +102,9 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
   app.get('/status', async (req, reply) => {
     const t = bearerToken(req);
     if (t !== undefined && failures.saturated) return failures.throttle(req, reply);
-    const ok = t !== undefined && ((adminSha !== undefined && sameSecret(t, adminSha)) || (o.isClient?.(t) ?? false));
-    if (!ok) {
+    const admin = t !== undefined && adminSha !== undefined && sameSecret(t, adminSha);
+    const caller = !admin && t !== undefined ? o.clientFor?.(t) : undefined;
+    if (!admin && !caller) {
       const detail = adminSha ? 'an ADMIN_TOKEN or client bearer token is required' : 'a client bearer token is required (ADMIN_TOKEN is not set)';
       return t === undefined ? sendUnauthorized(reply, detail) : failures.reject(req, reply, detail);
     }
@@ -112,8 +114,13 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
       // dashboard or the operator page shows every credential as fully as `default`.
       return { ...s, name: h.name, pool: h.pool, clientsAssigned: o.core.assignments.clientsOf(h.name), usage: o.core.usage.view(s.secretKey) };
     });
+    // Which credential each client is served now, from memory. A client token sees only its own entry, never another client's name.
+    const served = (c: Client) => ({ name: c.name, pool: c.pool, credential: o.core.assignments.credentialFor(c)?.name ?? null });
+    const who = caller
+      ? { client: served(caller) }
+      : { clients: [...o.core.clients.all()].filter((c) => c.kind === 'broker').map(served).sort((x, y) => (x.name < y.name ? -1 : x.name > y.name ? 1 : 0)) };
     const status = refresher.status();
-    return { ...status, credentials, listener: o.core.listener.connected ? 'connected' : 'disconnected', usage: o.core.usage.view(status.secretKey) };
+    return { ...status, credentials, ...who, listener: o.core.listener.connected ? 'connected' : 'disconnected', usage: o.core.usage.view(status.secretKey) };
   });
 
   app.get('/openapi.yaml', async (_req, reply) => reply.type('application/yaml').send(await readFile(SPEC_URL, 'utf8')));
