@@ -199,6 +199,8 @@ test('the checker has teeth: it flags what the spec does not allow', async () =>
     [fake(418, json, '{}'), '/codex-auth', 'get', /status 418 is not documented/],
     [fake(200, { ...json, 'cache-control': 'no-store' }, good), '/codex-auth', 'get', /header ETag is missing/],
     [fake(200, { ...json, etag: 'W/"weak"', 'cache-control': 'no-store' }, good), '/codex-auth', 'get', /header ETag/],
+    [fake(200, { ...json, etag: '"x"', 'cache-control': 'no-store' }, good), '/codex-auth', 'get', /header X-Codex-Credential is missing/],
+    [fake(200, { ...json, etag: '"x"', 'cache-control': 'no-store', 'x-codex-credential': 'Not_A_Name' }, good), '/codex-auth', 'get', /header X-Codex-Credential/],
     [fake(200, { 'content-type': 'text/html', etag: '"x"', 'cache-control': 'no-store' }, good), '/codex-auth', 'get', /content type text\/html is not documented/],
     [fake(200, { ...json, etag: '"x"', 'cache-control': 'no-store' }, '{"tokens":{}}'), '/codex-auth', 'get', /must have required property/],
     [fake(304, { etag: '"x"', 'cache-control': 'no-store' }, 'body'), '/codex-auth', 'get', /documents no body/],
@@ -360,6 +362,44 @@ test('every response validates against openapi.yaml', async () => {
   await expect(t, 'events: limit not a number', '/admin/events', { method: 'GET', url: '/admin/events?limit=abc', token: ADMIN_TOKEN }, 400);
   await expect(t, 'events: no admin token', '/admin/events', { method: 'GET', url: '/admin/events' }, 401);
   await expect(t, 'list clients (after serving)', '/admin/clients', { method: 'GET', url: '/admin/clients', token: ADMIN_TOKEN }, 200);
+
+  // Named credentials (several logins side by side).
+  const CREDS = '/admin/credentials';
+  const CRED = '/admin/credentials/{name}';
+  const CRED_REFRESH = '/admin/credentials/{name}/refresh';
+  const putCred = (name: string, payload: object | string, query = '', headers: Record<string, string> = {}) =>
+    ({ method: 'PUT' as const, url: `/admin/credentials/${name}${query}`, token: ADMIN_TOKEN, headers, payload });
+  const team = t.upstream.seed({ accountId: 'acct-team' });
+  const teamSeeded = await expect(t, 'seed a named credential', CRED, putCred('team', team, '?pool=contract-pool'), 200);
+  assert.equal((teamSeeded.json() as { pool: string }).pool, 'contract-pool');
+  await expect(t, 'seed a named credential: bad name', CRED, putCred('Team_A', team), 400);
+  await expect(t, 'seed a named credential: bad pool', CRED, putCred('team', team, '?pool=Bad_Pool'), 400);
+  await expect(t, 'seed a named credential: not a login', CRED, putCred('team', { tokens: {} }), 400);
+  await expect(t, 'seed a named credential: not JSON', CRED, putCred('team', '<auth/>', '', { 'content-type': 'application/xml' }), 415);
+  await expect(t, 'seed a named credential: 2 MiB body', CRED, putCred('team', JSON.stringify({ tokens: {}, pad: 'a'.repeat(2 * 1024 * 1024) }), '', { 'content-type': 'application/json' }), 413);
+  await expect(t, 'seed a named credential: no admin token', CRED, { method: 'PUT', url: '/admin/credentials/team', payload: team }, 401);
+  const older = t.upstream.seed({ accountId: 'acct-team', iatSec: Math.floor(nowMs / 1000) - DAY / 1000 });
+  await expect(t, 'seed a named credential: stale', CRED, putCred('team', older), 409);
+  const listed = await expect(t, 'list credentials', CREDS, { method: 'GET', url: CREDS, token: ADMIN_TOKEN }, 200);
+  assert.deepEqual((listed.json() as { credentials: Array<{ name: string }> }).credentials.map((c) => c.name), ['default', 'team']);
+  await expect(t, 'list credentials: no admin token', CREDS, { method: 'GET', url: CREDS }, 401);
+  await expect(t, 'refresh a named credential', CRED_REFRESH, { method: 'POST', url: '/admin/credentials/team/refresh', token: ADMIN_TOKEN }, 200);
+  await expect(t, 'refresh a named credential: unknown', CRED_REFRESH, { method: 'POST', url: '/admin/credentials/nobody/refresh', token: ADMIN_TOKEN }, 404);
+  await expect(t, 'refresh a named credential: no admin token', CRED_REFRESH, { method: 'POST', url: '/admin/credentials/team/refresh' }, 401);
+  // A client of the credential's pool is served it, and named in x-codex-credential.
+  const pooled = (await req(t, { method: 'POST', url: '/admin/clients', token: ADMIN_TOKEN, payload: { name: 'pooled', pool: 'contract-pool' } })).json() as { token: string };
+  await waitFor('the pooled client to be assigned', () => t.core.clients.authenticate(pooled.token)?.assigned === 'team');
+  const teamServed = await expect(t, 'codex-auth from a named credential', '/codex-auth', { method: 'GET', url: '/codex-auth', token: pooled.token }, 200);
+  assert.equal(teamServed.headers['x-codex-credential'], 'team');
+  await expect(t, 'status (client of a pool)', '/status', { method: 'GET', url: '/status', token: pooled.token }, 200);
+  await expect(t, 'status (admin, with pools)', '/status', { method: 'GET', url: '/status', token: ADMIN_TOKEN }, 200);
+  await expect(t, 'remove a credential: default', CRED, { method: 'DELETE', url: '/admin/credentials/default', token: ADMIN_TOKEN }, 409);
+  await expect(t, 'remove a credential: clients assigned', CRED, { method: 'DELETE', url: '/admin/credentials/team', token: ADMIN_TOKEN }, 409);
+  await expect(t, 'remove a credential: bad reassign', CRED, { method: 'DELETE', url: '/admin/credentials/team?reassign=maybe', token: ADMIN_TOKEN }, 400);
+  await expect(t, 'remove a credential: unknown', CRED, { method: 'DELETE', url: '/admin/credentials/nobody', token: ADMIN_TOKEN }, 404);
+  await expect(t, 'remove a credential: no admin token', CRED, { method: 'DELETE', url: '/admin/credentials/team' }, 401);
+  await expect(t, 'remove a credential', CRED, { method: 'DELETE', url: '/admin/credentials/team?reassign=true', token: ADMIN_TOKEN }, 204);
+  await expect(t, 'revoke a pooled client', '/admin/clients/{name}', { method: 'DELETE', url: '/admin/clients/pooled', token: ADMIN_TOKEN }, 204);
 
   // Revocation.
   await expect(t, 'revoke', '/admin/clients/{name}', { method: 'DELETE', url: '/admin/clients/contract', token: ADMIN_TOKEN }, 204);
