@@ -3,6 +3,7 @@ import { after, before, test } from 'node:test';
 import { createTestApp, ADMIN_TOKEN, type TestApp } from './helpers/app.js';
 import { FakeUpstream } from './helpers/fake-upstream.js';
 import { startTestPostgres, type TestPostgres } from './helpers/pg.js';
+import { settledCount } from './helpers/wait.js';
 import { newToken, refreshCredential, sha256 } from '../src/clients/credentials.js';
 
 let pg: TestPostgres;
@@ -41,13 +42,7 @@ test('zero database queries per served request in steady state', async () => {
   const doc = first.json() as { tokens: { refresh_token: string } };
   // Setup's NOTIFYs make the listener reload (clients, credential) asynchronously: wait
   // until those queries have landed, so that only the serving below is counted.
-  let before = await queries();
-  for (let quiet = 0; quiet < 10; ) {
-    await new Promise((r) => setTimeout(r, 50));
-    const now = await queries();
-    quiet = now === before ? quiet + 1 : 0;
-    before = now;
-  }
+  const before = await settledCount(queries);
   assert.ok(before > 0, 'the counter counts (setup issued queries)');
   let served = 0;
   for (let round = 0; round < 25; round++) {
@@ -103,13 +98,7 @@ test('3 credentials and 10,000 clients: each client is served its assigned crede
   assert.deepEqual(Object.keys(counts), ['default', 'one', 'two']);
   for (const n of Object.values(counts)) assert.ok(n >= 3_300 && n <= 3_400, `evenly spread: ${JSON.stringify(counts)}`);
   await t.core.clients.reload();
-  let before = await queries();
-  for (let quiet = 0; quiet < 10; ) {
-    await new Promise((r) => setTimeout(r, 50));
-    const now = await queries();
-    quiet = now === before ? quiet + 1 : 0;
-    before = now;
-  }
+  const before = await settledCount(queries);
   const seen: Record<string, number> = {};
   for (let i = 0; i < tokens.length; i += 7) {
     const res = await t.app.inject({ url: '/codex-auth', headers: { authorization: `Bearer ${tokens[i]}` } });

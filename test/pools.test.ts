@@ -4,7 +4,7 @@ import { ADMIN_TOKEN, type TestApp } from './helpers/app.js';
 import type { FakeUpstream } from './helpers/fake-upstream.js';
 import { findLeaks } from './helpers/logs.js';
 import { useSuite } from './helpers/suite.js';
-import { waitFor } from './helpers/wait.js';
+import { settledCount, waitFor } from './helpers/wait.js';
 
 const admin = { authorization: `Bearer ${ADMIN_TOKEN}` };
 const suite = useSuite();
@@ -116,13 +116,7 @@ test('/status shows the admin every client\'s pool and served credential, and a 
   await addClient(t, 'd1');
   await waitFor('both assigned, and known in memory', async () => Object.values(await stored(t)).every((v) => v !== null) && t.core.clients.authenticate(b1.token)?.assigned === 'one');
   const queries = async () => (await t.metrics.dbQueries.get()).values[0]?.value ?? 0;
-  let before = await queries();
-  for (let quiet = 0; quiet < 10; ) {
-    await new Promise((r) => setTimeout(r, 50));
-    const now = await queries();
-    quiet = now === before ? quiet + 1 : 0;
-    before = now;
-  }
+  const before = await settledCount(queries);
   assert.ok(before > 0, 'the counter counts (setup issued queries)');
 
   const asAdmin = await t.app.inject({ url: '/status', headers: admin });

@@ -12,3 +12,21 @@ export async function waitFor(what: string, cond: () => boolean | Promise<boolea
   }
   return Date.now() - start;
 }
+
+/**
+ * A counter's value once it has stopped moving (unchanged over ten 50 ms looks): setup's
+ * asynchronous work (NOTIFY-driven reloads) has landed, so what is counted next is the
+ * test's own. Bounded: a counter that never settles within timeoutMs fails the test.
+ */
+export async function settledCount(read: () => Promise<number>, timeoutMs = 10_000): Promise<number> {
+  const start = Date.now();
+  let last = await read();
+  for (let quiet = 0; quiet < 10; ) {
+    if (Date.now() - start > timeoutMs) throw new Error(`timed out after ${timeoutMs} ms waiting for the count to settle (last ${last})`);
+    await sleep(50);
+    const now = await read();
+    quiet = now === last ? quiet + 1 : 0;
+    last = now;
+  }
+  return last;
+}
