@@ -113,7 +113,14 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
       return { ...s, name: h.name, pool: h.pool, clientsAssigned: o.core.assignments.clientsOf(h.name), usage: o.core.usage.view(s.secretKey) };
     });
     const status = refresher.status();
-    return { ...status, credentials, listener: o.core.listener.connected ? 'connected' : 'disconnected', usage: o.core.usage.view(status.secretKey) };
+    return {
+      ...status,
+      credentials,
+      // Pools whose every login is at or over POOL_SWITCH_PERCENT: nobody can move (`status` exits 5).
+      exhaustedPools: o.core.assignments.exhaustedPools(),
+      listener: o.core.listener.connected ? 'connected' : 'disconnected',
+      usage: o.core.usage.view(status.secretKey),
+    };
   });
 
   app.get('/openapi.yaml', async (_req, reply) => reply.type('application/yaml').send(await readFile(SPEC_URL, 'utf8')));
