@@ -47,7 +47,11 @@ async function fleet(t: TestContext, n: number, replicas = 2): Promise<Fleet> {
   const databaseUrl = await suite.pg.newDatabase();
   const config = { CHATGPT_BASE_URL: usage.url, USAGE_POLL_INTERVAL_SECONDS: INTERVAL_S, POOL_SWITCH_PERCENT: 90 };
   const apps: TestApp[] = [];
-  for (let i = 0; i < replicas; i++) apps.push(await suite.app({ databaseUrl, upstreamUrl: upstream.url, config: { ...config, replicaId: `replica-${i}` } }));
+  for (let i = 0; i < replicas; i++) apps.push(
+      // Background client reloads and last-seen flushes slowed down: the tests reload when they
+      // need to, and the query count below sees only what serving does.
+      await suite.app({ databaseUrl, upstreamUrl: upstream.url, config: { ...config, replicaId: `replica-${i}` }, clientReloadMs: 3_600_000, clientFlushMs: 3_600_000 }),
+    );
   const tokens: Record<string, string> = {};
   for (const [i, name] of LOGINS.entries()) {
     const doc = upstream.seed({ accountId: `acct-${name}` }) as { tokens: { access_token: string } };
@@ -145,6 +149,21 @@ test('a login reaching POOL_SWITCH_PERCENT moves its clients, spread over the lo
   assert.match(text, /^codex_broker_usage_used_percent\{credential="one",window="primary"\} 92$/m);
   assert.match(text, /^codex_broker_pool_switch_percent 90$/m);
   assert.deepEqual(a.core.assignments.exhaustedPools(), []);
+
+  // Serving by usage costs no query: with polling stopped (its queries aside) and one login
+  // still full, 300 fetches (the full login's former clients included) send nothing.
+  for (const r of f.replicas) await r.core.usage.close();
+  const queries = async () => (await a.metrics.dbQueries.get()).values[0]?.value ?? 0;
+  let quietAt = await queries();
+  for (let quiet = 0, tries = 0; quiet < 10; tries++) {
+    assert.ok(tries < 400, 'the database queries never settled');
+    await new Promise((r) => setTimeout(r, 50));
+    const now = await queries();
+    quiet = now === quietAt ? quiet + 1 : 0;
+    quietAt = now;
+  }
+  for (const c of f.clients) assert.equal(await served(a, c), after[c.name]);
+  assert.equal((await queries()) - quietAt, 0, 'no database query while serving');
 });
 
 test('sticky after a reset: when the full login resets nobody moves back, and new clients go to it (the fewest)', async (t) => {

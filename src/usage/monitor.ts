@@ -110,7 +110,7 @@ export class UsageMonitor {
 
   /** A NOTIFY on the usage channel: reload that credential (undefined, after a reconnect: all of them). */
   onNotify(secretKey: string | undefined): void {
-    if (!this.enabled) return;
+    if (!this.enabled || this.#abort.signal.aborted) return;
     const done = secretKey === undefined ? this.reload() : this.reload([secretKey]);
     done.catch((err: Error) => this.#o.logger.debug({ event: 'usage_reload_failed', err: { message: err.message } }, 'could not reload stored usage; serving the last one'));
   }
