@@ -33,6 +33,7 @@ export type CoreConfig = Pick<
   | 'TRANSIENT_BACKOFF_BASE_SECONDS'
   | 'UPSTREAM_TIMEOUT_SECONDS'
   | 'USAGE_POLL_INTERVAL_SECONDS'
+  | 'POOL_SWITCH_PERCENT'
   | 'encryptionKey'
   | 'replicaId'
 > &
@@ -115,6 +116,7 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
   }
   const store = new SecretStore(pool, config.encryptionKey);
   o.metrics.buildInfo.set({ version: VERSION, replica: config.replicaId }, 1);
+  o.metrics.poolSwitchPercent.set(config.POOL_SWITCH_PERCENT);
   let credentialSecret: Buffer;
   try {
     credentialSecret = await loadCredentialSecret(pool, config.encryptionKey);
@@ -166,7 +168,15 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     create: (e) => createRefresher(e.name, e.secretKey),
     changed: () => assignments.schedule(),
   });
-  const assignments = new Assignments({ pool, clients, credentials, logger, metrics: o.metrics });
+  const assignments = new Assignments({
+    pool,
+    clients,
+    credentials,
+    logger,
+    metrics: o.metrics,
+    // Usage figures (memory only) decide who moves before an account runs dry.
+    headroom: (h) => usage.headroom(h.secretKey),
+  });
   clients.onReload = () => {
     assignments.recount();
     assignments.schedule();
@@ -202,6 +212,9 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     intervalMs: ms(config.USAGE_POLL_INTERVAL_SECONDS),
     fetch: o.usageFetch ?? createUsageFetch({ baseUrl: config.CHATGPT_BASE_URL, timeoutMs: TOKEN_CHECK_TIMEOUT_MS, dispatcher }),
     ...(o.usageTickMs ? { tickMs: o.usageTickMs } : {}),
+    switchPercent: config.POOL_SWITCH_PERCENT,
+    // New figures: a login that filled up moves its clients (on every replica; the stored compare-and-set lets one write win).
+    onChange: () => assignments.schedule(),
     // Every credential this replica holds, asked on every tick (credentials come and go).
     credentials: () =>
       credentials.list().map((h) => ({

@@ -19,6 +19,7 @@ import { describeRefusal, seedCredential } from './seed-guard.js';
 import { loginCommand } from './login/command.js';
 import { parseCommand, usage } from './cli/args.js';
 import { credentialsCommand } from './cli/credentials.js';
+import { describePools, poolsStatus } from './cli/pools-status.js';
 import { registerCredential } from './credential/catalog.js';
 import { badNameFlag, DEFAULT_CREDENTIAL, secretKeyOf } from './credential/names.js';
 import { generationOf } from './clients/credentials.js';
@@ -43,6 +44,7 @@ async function withStore<T>(
 
 /** Exit code of a seed the stale-seed guard refused (nothing stored). */
 const EXIT_STALE_SEED = 4;
+const EXIT_POOL_EXHAUSTED = 5;
 
 async function seed(config: Config, logger: Logger, file: string, force: boolean, credential = DEFAULT_CREDENTIAL, credentialPool?: string): Promise<number> {
   const badName = badNameFlag('seed', [['--credential', credential], ['--pool', credentialPool]]);
@@ -89,48 +91,64 @@ async function seed(config: Config, logger: Logger, file: string, force: boolean
   return 0;
 }
 
+/** The `default` credential as `status` has always described it (the first lines, and the JSON's top level). */
+async function defaultStatus(config: Config, store: SecretStore, pool: ReturnType<typeof createPool>) {
+  const row = await store.read(config.CODEX_AUTH_SECRET_KEY);
+  if (!row) return { state: 'absent' as string, detail: 'no credential stored: log in (`npx codex-auth-broker login`) or seed (`npx codex-auth-broker seed auth.json`)' };
+  let plaintext: string;
+  try {
+    plaintext = store.decrypt(row);
+  } catch (err) {
+    return { state: 'invalid', detail: (err as Error).message, encryptionVersion: row.version };
+  }
+  if (plaintext.trim() === '') return { state: 'absent', detail: 'the stored value is blank' };
+  let snap;
+  try {
+    snap = buildSnapshot(row.raw, plaintext);
+  } catch (err) {
+    return { state: 'invalid', detail: (err as Error).message };
+  }
+  const client = await pool.connect();
+  const latch = await readLatch(client, config.CODEX_AUTH_SECRET_KEY).finally(() => client.release());
+  const latched = latch !== undefined && latch.refreshTokenSha === snap.refreshTokenSha;
+  const intervalMs = config.USAGE_POLL_INTERVAL_SECONDS * 1000;
+  const usageRow = intervalMs > 0 ? (await readUsage(pool, [config.CODEX_AUTH_SECRET_KEY])).get(config.CODEX_AUTH_SECRET_KEY) : undefined;
+  return {
+    state: stateOf(snap, latched, Date.now(), config.REFRESH_MARGIN_SECONDS),
+    accountId: snap.account.accountId ?? null,
+    planType: snap.account.planType ?? null,
+    accessTokenExpiresAt: isoFromSeconds(snap.claims.exp),
+    lastRefresh: isoFromMs(snap.lastRefreshMs),
+    encryptionVersion: row.version,
+    updatedAt: isoFromMs(row.updatedAt.getTime()),
+    latch: latched ? { upstreamStatus: latch.status ?? null, upstreamCode: latch.code ?? null, at: isoFromMs(latch.at.getTime()) } : null,
+    usage: intervalMs > 0 ? usageViewOfRow(usageRow, intervalMs) : null,
+  };
+}
+
 async function status(config: Config, logger: Logger, json: boolean): Promise<number> {
-  const report = await withStore(config, logger, async (store, pool) => {
-    const row = await store.read(config.CODEX_AUTH_SECRET_KEY);
-    if (!row) return { state: 'absent' as string, detail: 'no credential stored: log in (`npx codex-auth-broker login`) or seed (`npx codex-auth-broker seed auth.json`)' };
-    let plaintext: string;
-    try {
-      plaintext = store.decrypt(row);
-    } catch (err) {
-      return { state: 'invalid', detail: (err as Error).message, encryptionVersion: row.version };
-    }
-    if (plaintext.trim() === '') return { state: 'absent', detail: 'the stored value is blank' };
-    let snap;
-    try {
-      snap = buildSnapshot(row.raw, plaintext);
-    } catch (err) {
-      return { state: 'invalid', detail: (err as Error).message };
-    }
-    const client = await pool.connect();
-    const latch = await readLatch(client, config.CODEX_AUTH_SECRET_KEY).finally(() => client.release());
-    const latched = latch !== undefined && latch.refreshTokenSha === snap.refreshTokenSha;
-    const intervalMs = config.USAGE_POLL_INTERVAL_SECONDS * 1000;
-    const usageRow = intervalMs > 0 ? (await readUsage(pool, [config.CODEX_AUTH_SECRET_KEY])).get(config.CODEX_AUTH_SECRET_KEY) : undefined;
-    return {
-      state: stateOf(snap, latched, Date.now(), config.REFRESH_MARGIN_SECONDS),
-      accountId: snap.account.accountId ?? null,
-      planType: snap.account.planType ?? null,
-      accessTokenExpiresAt: isoFromSeconds(snap.claims.exp),
-      lastRefresh: isoFromMs(snap.lastRefreshMs),
-      encryptionVersion: row.version,
-      updatedAt: isoFromMs(row.updatedAt.getTime()),
-      latch: latched ? { upstreamStatus: latch.status ?? null, upstreamCode: latch.code ?? null, at: isoFromMs(latch.at.getTime()) } : null,
-      usage: intervalMs > 0 ? usageViewOfRow(usageRow, intervalMs) : null,
-    };
-  });
+  const [defaultReport, pools] = await withStore(config, logger, async (store, pool) => [
+    await defaultStatus(config, store, pool),
+    await poolsStatus(store, pool, {
+      defaultKey: config.CODEX_AUTH_SECRET_KEY,
+      marginSeconds: config.REFRESH_MARGIN_SECONDS,
+      usageIntervalMs: config.USAGE_POLL_INTERVAL_SECONDS * 1000,
+      switchPercent: config.POOL_SWITCH_PERCENT,
+    }),
+  ] as const);
+  const report = { ...defaultReport, credentials: pools.credentials, exhaustedPools: pools.exhaustedPools };
   if (json) console.log(JSON.stringify(report, null, 2));
   else {
-    for (const [k, v] of Object.entries(report)) {
+    for (const [k, v] of Object.entries(defaultReport)) {
       const text = k === 'usage' && v !== null ? describeUsage(v as UsageView) : typeof v === 'object' && v !== null ? JSON.stringify(v) : String(v);
       console.log(`${k.padEnd(22)} ${text}`);
     }
+    console.log('credentials');
+    for (const line of describePools(pools)) console.log(line);
   }
-  return report.state === 'fresh' || report.state === 'due' ? 0 : 3;
+  // 3: a credential cannot serve; 5: it can, but a pool has no headroom left.
+  if (pools.unusable.length > 0) return 3;
+  return pools.exhaustedPools.length > 0 ? EXIT_POOL_EXHAUSTED : 0;
 }
 
 async function clients(config: Config, logger: Logger, sub: string, name: string | undefined, flags: Record<string, string | true>): Promise<number> {

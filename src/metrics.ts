@@ -73,8 +73,13 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}) {
     revocations: new Counter({ name: `${p}revocations_total`, help: 'Token revocations by source: client_logout (answered locally, never forwarded), admin (revoked upstream).', labelNames: ['source'], registers }),
     poolSwitches: new Counter({
       name: `${p}pool_switches_total`,
-      help: 'Clients moved to another credential of their pool, by pool and reason (latched, expired, unusable, removed, pool_changed).',
+      help: 'Clients moved to another credential of their pool, by pool and reason (usage, latched, expired, unusable, removed, pool_changed).',
       labelNames: ['pool', 'reason'],
+      registers,
+    }),
+    poolSwitchPercent: new Gauge({
+      name: `${p}pool_switch_percent`,
+      help: 'POOL_SWITCH_PERCENT: the used percent of a usage window at which clients move off a login (the usage alerts compare against it).',
       registers,
     }),
     poolAssignedClients: new Gauge({ name: `${p}pool_assigned_clients`, help: 'Clients assigned to each credential, by pool and credential.', labelNames: ['pool', 'credential'], registers }),

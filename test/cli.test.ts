@@ -149,7 +149,8 @@ describe('seed and status', () => {
       await c.end();
     }
     const st = await run(['status', '--json'], env);
-    assert.equal(st.code, 0, st.stderr);
+    // Its only login at 93 % (over POOL_SWITCH_PERCENT): pool `default` is exhausted, exit 5.
+    assert.equal(st.code, 5, st.stderr);
     const usage = JSON.parse(st.stdout).usage;
     assert.equal(usage.planType, 'pro');
     assert.deepEqual(usage.primary, { usedPercent: 93, windowSeconds: 18_000, resetAt: '2030-03-17T17:46:40.000Z' });
@@ -160,6 +161,46 @@ describe('seed and status', () => {
     const human = await run(['status'], env);
     assert.match(human.stdout, /^usage\s+pro; 5h 93% \(resets 2030-03-17T17:46:40\.000Z\), weekly 41% \(resets [^)]+\); fetched \d+ s ago; STALE \(last poll: timeout\)$/m);
     assert.equal(JSON.parse((await run(['status', '--json'], { ...env, USAGE_POLL_INTERVAL_SECONDS: '0' })).stdout).usage, null, 'polling off: no usage');
+  });
+
+  test('status shows every credential with its usage, and exits 5 when every login of a pool is over POOL_SWITCH_PERCENT', async () => {
+    const url = await pgServer.newDatabase();
+    const env = { DATABASE_URL: url, SECRETS_ENCRYPTION_KEY: KEY_B64 };
+    for (const name of ['team-a', 'team-b']) {
+      const r = await run(['seed', '--credential', name, '--pool', 'team', writeJson(tmpDir(), `${name}.json`, upstream.seed({ accountId: `acct-${name}` }))], env);
+      assert.equal(r.code, 0, r.stderr);
+    }
+    const usage = async (key: string, primary: number, secondary: number) => {
+      const c = new pg.Client({ connectionString: url });
+      await c.connect();
+      try {
+        const snapshot = { planType: 'team', primary: { usedPercent: primary, windowSeconds: 18_000, resetAt: 1_900_000_000 }, secondary: { usedPercent: secondary, windowSeconds: 604_800, resetAt: 1_900_500_000 } };
+        await c.query(
+          `INSERT INTO broker_usage (secret_key, snapshot, fetched_at, ok) VALUES ($1, $2, now(), true)
+           ON CONFLICT (secret_key) DO UPDATE SET snapshot = EXCLUDED.snapshot`,
+          [key, JSON.stringify(snapshot)],
+        );
+      } finally {
+        await c.end();
+      }
+    };
+    await usage('CODEX_AUTH_JSON__TEAM_A', 95, 10);
+    await usage('CODEX_AUTH_JSON__TEAM_B', 20, 30);
+    const one = await run(['status', '--json'], env);
+    assert.equal(one.code, 0, `one login of the pool has headroom (and an absent default beside named logins is no fault): ${one.stdout}${one.stderr}`);
+    const report = JSON.parse(one.stdout);
+    assert.deepEqual(
+      report.credentials.map((c: { name: string; pool: string; state: string; usage: { primary: { usedPercent: number } | null } | null }) => [c.name, c.pool, c.state, c.usage?.primary?.usedPercent ?? null]),
+      [['default', 'default', 'absent', null], ['team-a', 'team', 'fresh', 95], ['team-b', 'team', 'fresh', 20]],
+    );
+    assert.deepEqual(report.exhaustedPools, []);
+    await usage('CODEX_AUTH_JSON__TEAM_B', 20, 91);
+    const full = await run(['status'], env);
+    assert.equal(full.code, 5, full.stdout + full.stderr);
+    assert.match(full.stdout, /^ {2}team-b \(pool team\): fresh, 0 client\(s\); team; 5h 20% \(resets [^)]+\), weekly 91% /m);
+    assert.match(full.stdout, /^POOL EXHAUSTED: every login of pool team is at or over POOL_SWITCH_PERCENT/m);
+    // The threshold is POOL_SWITCH_PERCENT: at 96 the pool has headroom again.
+    assert.equal((await run(['status'], { ...env, POOL_SWITCH_PERCENT: '96' })).code, 0);
   });
 
   test('seed rejects a bad file with a clear error and leaves the store untouched', async () => {

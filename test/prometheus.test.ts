@@ -7,14 +7,15 @@
  * them the tests fail under CI and are skipped, loudly, elsewhere.
  */
 import { strict as assert } from 'node:assert';
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import * as path from 'node:path';
-import { after, before, describe, test, type TestContext } from 'node:test';
+import { after, before, describe, test } from 'node:test';
 import { parse as parseYaml, stringify as stringifyYaml } from 'yaml';
 import { createMetrics } from '../src/metrics.js';
 import { ADMIN_TOKEN, createTestApp, type TestApp } from './helpers/app.js';
+import { findBinary, need, promtool, PROMTOOL, strippedRules } from './helpers/promtool.js';
 import { tempDirs } from './helpers/tmp.js';
 import { FakeUpstream } from './helpers/fake-upstream.js';
 import { freePort, startTestPostgres, type TestPostgres } from './helpers/pg.js';
@@ -25,31 +26,7 @@ const PROM_CONFIG = path.join(ROOT, 'deploy', 'prometheus', 'prometheus.yml');
 const DASHBOARD = path.join(ROOT, 'deploy', 'grafana', 'dashboards', 'codex-auth-broker.json');
 const JOB = 'codex-auth-broker';
 
-function findBinary(name: string): string | undefined {
-  const dirs = [...(process.env['PATH'] ?? '').split(path.delimiter), '/usr/bin', '/usr/local/bin'];
-  for (const d of dirs) {
-    const f = path.join(d, name);
-    try {
-      fs.accessSync(f, fs.constants.X_OK);
-      return f;
-    } catch {
-      // next
-    }
-  }
-  return undefined;
-}
-const PROMTOOL = findBinary('promtool');
 const PROMETHEUS = findBinary('prometheus');
-
-/** The binary, or: under CI a failure, elsewhere a loud skip. */
-function need(t: TestContext, bin: string | undefined, name: string): bin is string {
-  if (bin) return true;
-  const msg = `${name} not installed: apt-get install prometheus`;
-  if (process.env['CI']) assert.fail(`${msg} (.ci/run installs it; CI must run these tests, not skip them)`);
-  console.error(`\n*** SKIPPED: ${msg} ***\n`);
-  t.skip(msg);
-  return false;
-}
 
 interface Rule {
   alert: string;
@@ -60,11 +37,6 @@ const ruleFile = parseYaml(fs.readFileSync(ALERTS, 'utf8')) as { groups: Array<{
 const rules = ruleFile.groups.flatMap((g) => g.rules);
 
 const tmpDir = tempDirs('cab-prom-');
-
-function promtool(args: string[], input?: string) {
-  const r = spawnSync(PROMTOOL!, args, { input, encoding: 'utf8', timeout: 60_000 });
-  return { code: r.status, out: `${r.stdout}${r.stderr}` };
-}
 
 describe('promtool', () => {
   test('check rules: the alert rules are valid', (t) => {
@@ -88,10 +60,7 @@ describe('promtool', () => {
 
   test('test rules: every alert fires when it should and stays quiet when it should not', (t) => {
     if (!need(t, PROMTOOL, 'promtool')) return;
-    const dir = tmpDir();
-    // The rules as written, annotations aside (promtool would compare their rendered text).
-    const stripped = { groups: ruleFile.groups.map((g) => ({ ...g, rules: g.rules.map(({ annotations: _a, ...r }) => r) })) };
-    fs.writeFileSync(path.join(dir, 'rules.yml'), stringifyYaml(stripped));
+    const { dir } = strippedRules();
     const L = (labels: Record<string, string>) => `{${Object.entries({ job: JOB, ...labels }).map(([k, v]) => `${k}="${v}"`).join(',')}}`;
     const s = (metric: string, labels: Record<string, string>, values: string) => ({ series: `${metric}${L(labels)}`, values });
     const b1 = { instance: 'b1:8080' };
@@ -100,6 +69,9 @@ describe('promtool', () => {
     const expiry = 'codex_broker_access_token_expiry_timestamp_seconds';
     const used = 'codex_broker_usage_used_percent';
     const age = 'codex_broker_usage_snapshot_age_seconds';
+    const assignedTo = 'codex_broker_pool_assigned_clients';
+    // POOL_SWITCH_PERCENT as every replica exposes it: the usage alerts' threshold.
+    const threshold = [s('codex_broker_pool_switch_percent', b1, '90x20'), s('codex_broker_pool_switch_percent', b2, '90x20')];
     const alert = (eval_time: string, alertname: string, exp: Array<Record<string, string>>) => ({
       eval_time,
       alertname,
@@ -190,6 +162,9 @@ describe('promtool', () => {
           s(used, { ...b2, credential: 'default', window: 'secondary' }, '92x20'),
           s(used, { ...b1, credential: 'spare', window: 'primary' }, '10x20'),
           s(used, { ...b1, credential: 'spare', window: 'secondary' }, '89x20'),
+          s(assignedTo, { ...b1, pool: 'default', credential: 'default' }, '3x20'),
+          s(assignedTo, { ...b1, pool: 'default', credential: 'spare' }, '0x20'),
+          ...threshold,
         ],
         alert_rule_test: [
           alert('5m', 'CodexBrokerUsageHigh', [{ severity: 'warning', credential: 'default', window: 'secondary' }]),
@@ -197,16 +172,43 @@ describe('promtool', () => {
         ],
       },
       {
-        name: 'every login of the pool over 90% in some window: the pool is exhausted (per pool)',
+        name: 'every login of the pool over POOL_SWITCH_PERCENT in some window: the pool is exhausted (per pool, the pool taken from pool_assigned_clients)',
         input_series: [
-          s(used, { ...b1, pool: 'team', credential: 'a', window: 'primary' }, '95x20'),
-          s(used, { ...b1, pool: 'team', credential: 'a', window: 'secondary' }, '20x20'),
-          s(used, { ...b1, pool: 'team', credential: 'b', window: 'primary' }, '10x20'),
-          s(used, { ...b1, pool: 'team', credential: 'b', window: 'secondary' }, '90x20'),
-          s(used, { ...b1, pool: 'other', credential: 'c', window: 'primary' }, '99x20'),
-          s(used, { ...b1, pool: 'other', credential: 'd', window: 'primary' }, '30x20'),
+          s(used, { ...b1, credential: 'a', window: 'primary' }, '95x20'),
+          s(used, { ...b1, credential: 'a', window: 'secondary' }, '20x20'),
+          s(used, { ...b2, credential: 'b', window: 'primary' }, '10x20'),
+          s(used, { ...b2, credential: 'b', window: 'secondary' }, '90x20'),
+          s(used, { ...b1, credential: 'c', window: 'primary' }, '99x20'),
+          s(used, { ...b1, credential: 'd', window: 'primary' }, '30x20'),
+          s(assignedTo, { ...b1, pool: 'team', credential: 'a' }, '5x20'),
+          s(assignedTo, { ...b1, pool: 'team', credential: 'b' }, '5x20'),
+          s(assignedTo, { ...b2, pool: 'team', credential: 'a' }, '5x20'),
+          s(assignedTo, { ...b2, pool: 'team', credential: 'b' }, '5x20'),
+          s(assignedTo, { ...b1, pool: 'other', credential: 'c' }, '9x20'),
+          s(assignedTo, { ...b1, pool: 'other', credential: 'd' }, '0x20'),
+          ...threshold,
         ],
-        alert_rule_test: [alert('5m', 'CodexBrokerPoolExhausted', [{ severity: 'critical', pool: 'team' }])],
+        alert_rule_test: [
+          alert('5m', 'CodexBrokerPoolExhausted', [{ severity: 'critical', pool: 'team' }]),
+          alert('5m', 'CodexBrokerUsageHigh', [
+            { severity: 'warning', credential: 'a', window: 'primary' },
+            { severity: 'warning', credential: 'b', window: 'secondary' },
+            { severity: 'warning', credential: 'c', window: 'primary' },
+          ]),
+        ],
+      },
+      {
+        name: 'a lower POOL_SWITCH_PERCENT (80) moves the alerts with it',
+        input_series: [
+          s(used, { ...b1, credential: 'a', window: 'primary' }, '85x20'),
+          s(assignedTo, { ...b1, pool: 'solo', credential: 'a' }, '5x20'),
+          s('codex_broker_pool_switch_percent', b1, '80x20'),
+        ],
+        alert_rule_test: [
+          alert('1m', 'CodexBrokerPoolExhausted', []),
+          alert('5m', 'CodexBrokerPoolExhausted', [{ severity: 'critical', pool: 'solo' }]),
+          alert('5m', 'CodexBrokerUsageHigh', [{ severity: 'warning', credential: 'a', window: 'primary' }]),
+        ],
       },
       {
         name: 'usage figures older than 900 s on every replica (one fresh replica keeps it quiet)',

@@ -65,6 +65,11 @@ before(async () => {
   home = fs.mkdtempSync(path.join(os.tmpdir(), 'cab-readme-'));
   fs.mkdirSync(path.join(home, '.codex'), { recursive: true });
   fs.writeFileSync(path.join(home, '.codex', 'auth.json'), JSON.stringify(upstream.seed({ accountId: 'acct-readme' }), null, 2));
+  // The worked example's logins (Several accounts): one auth.json per ChatGPT account.
+  fs.mkdirSync(path.join(home, 'logins'));
+  for (const name of ['research', 'batch-1', 'batch-2', 'batch-3']) {
+    fs.writeFileSync(path.join(home, 'logins', `${name}.json`), JSON.stringify(upstream.seed({ accountId: `acct-${name}` }), null, 2));
+  }
   env = {
     PATH: process.env['PATH'],
     HOME: home,

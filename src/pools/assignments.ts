@@ -5,9 +5,13 @@ import type { CredentialSet, HeldCredential } from '../credential/set.js';
 import type { Pool } from '../db.js';
 import type { Logger } from '../logger.js';
 import type { BrokerMetrics } from '../metrics.js';
+import { exhaustedPools, fullestPercentAt, isFull, type Headroom } from '../usage/headroom.js';
 
-/** Why a client moved: its credential stopped being usable, was removed, or the client changed pool. */
-export type SwitchReason = 'latched' | 'expired' | 'unusable' | 'removed' | 'pool_changed';
+/**
+ * Why a client moved: its credential stopped being usable, was removed, reached
+ * POOL_SWITCH_PERCENT of a usage window (`usage`), or the client changed pool.
+ */
+export type SwitchReason = 'latched' | 'expired' | 'unusable' | 'removed' | 'usage' | 'pool_changed';
 
 export interface AssignmentsOptions {
   pool: Pool;
@@ -15,6 +19,10 @@ export interface AssignmentsOptions {
   credentials: CredentialSet;
   logger: Logger;
   metrics: BrokerMetrics;
+  /** How full a credential's account is (its usage snapshot); none: usage is not watched. No query. */
+  headroom?: (h: HeldCredential) => Headroom | undefined;
+  /** The clock for usage resets (ms). */
+  nowMs?: () => number;
 }
 
 /** Serving and assigning only go to a credential whose token is fresh or merely due. */
@@ -26,8 +34,10 @@ function usable(h: HeldCredential): boolean {
 /**
  * Which credential each client is served (DESIGN: Pools). A client keeps its assigned
  * credential (a running agent's conversation stays on one account) until that credential
- * becomes unusable (latched, expired, removed) or the client changes pool; then it moves
- * to the usable credential of its pool with the fewest clients. Assignments are stored in
+ * becomes unusable (latched, expired, removed), reaches POOL_SWITCH_PERCENT in a usage
+ * window while another credential of the pool is under it, or the client changes pool;
+ * then it moves to the usable credential under the threshold with the fewest clients
+ * (ties: most headroom). A reset does not move anyone back (sticky). Assignments are stored in
  * broker_clients and change by compare-and-set, so every replica serves the same one and
  * a switch is written (and counted) once fleet-wide. Serving reads memory only.
  */
@@ -44,12 +54,43 @@ export class Assignments {
     this.#o = o;
   }
 
-  /** The credential to serve `client`: its assignment while usable, else the pick a rebalance would make. No query. */
+  /** The credential to serve `client`: its assignment while it may keep it, else the pick a rebalance would make. No query. */
   credentialFor(client: Client): HeldCredential | undefined {
     const current = client.assigned === undefined ? undefined : this.#o.credentials.get(client.assigned);
-    if (current && current.pool === client.pool && usable(current)) return current;
+    if (current && this.#keeps(client, current)) return current;
     if (client.kind === 'broker') this.schedule();
     return this.#pick(client, current) ?? current;
+  }
+
+  /**
+   * Pools where every credential is at or over the threshold (nobody moves; the
+   * exhausted-pool alert fires). Empty when usage is not watched.
+   */
+  exhaustedPools(): string[] {
+    const headroom = this.#o.headroom;
+    if (!headroom) return [];
+    return exhaustedPools(this.#o.credentials.list().map((h) => ({ pool: h.pool, headroom: headroom(h) })), this.#now());
+  }
+
+  /** Whether a client stays on its credential: in its pool, usable, and not full while the pool has room elsewhere. */
+  #keeps(client: Client, current: HeldCredential): boolean {
+    if (current.pool !== client.pool || !usable(current)) return false;
+    return !this.#full(current) || !this.#roomIn(client.pool);
+  }
+
+  #now(): number {
+    return this.#o.nowMs ? this.#o.nowMs() : Date.now();
+  }
+
+  #full(h: HeldCredential): boolean {
+    const room = this.#o.headroom?.(h);
+    return room !== undefined && room.fullUntilMs !== 0 && isFull(room, this.#now());
+  }
+
+  /** Some usable credential of the pool is under the threshold. */
+  #roomIn(pool: string): boolean {
+    for (const h of this.#o.credentials.list()) if (h.pool === pool && usable(h) && !this.#full(h)) return true;
+    return false;
   }
 
   /** No more rebalancing (shutdown: the pool is about to close). */
@@ -112,7 +153,7 @@ export class Assignments {
     for (const client of this.#o.clients.all()) {
       if (client.kind !== 'broker') continue;
       const current = client.assigned === undefined ? undefined : this.#o.credentials.get(client.assigned);
-      if (current && current.pool === client.pool && usable(current)) continue;
+      if (current && this.#keeps(client, current)) continue;
       const to = this.#pick(client, current);
       if (!to || to.name === client.assigned) continue;
       moves.push({ client, to: to.name, reason: this.#reason(client, current) });
@@ -150,30 +191,42 @@ export class Assignments {
     if (!current) return 'removed';
     if (current.pool !== client.pool) return 'pool_changed';
     const s = current.refresher.state();
+    if (s === 'fresh' || s === 'due') return 'usage';
     // Absent: its stored login was deleted (a removal whose NOTIFY arrived before the list's).
     return s === 'latched' ? 'latched' : s === 'expired' ? 'expired' : s === 'absent' ? 'removed' : 'unusable';
   }
 
   /**
-   * The usable credential of the client's pool with the fewest clients (ties: a stable
-   * per-client order, so replicas that pick before the stored answer arrives agree).
-   * None usable: keep the current one if it is in the pool, else any credential of the pool.
+   * The usable credential of the client's pool under the threshold with the fewest
+   * clients; ties: most headroom (the lower fullest window), then a stable per-client
+   * order, so replicas that pick before the stored answer arrives agree. Every usable
+   * one full: the current one if usable (nobody moves), else the fewest-clients usable
+   * one. None usable: keep the current one if it is in the pool, else any of the pool.
    */
   #pick(client: Client, current: HeldCredential | undefined): HeldCredential | undefined {
     const inPool = this.#o.credentials.list().filter((h) => h.pool === client.pool);
     const candidates = inPool.filter(usable);
     if (candidates.length === 0) return current && current.pool === client.pool ? current : inPool[0];
+    const roomy = candidates.filter((h) => !this.#full(h));
+    if (roomy.length === 0 && current && candidates.includes(current)) return current;
+    const now = this.#now();
     let best: HeldCredential | undefined;
-    let bestKey: [number, string] | undefined;
-    for (const h of candidates) {
-      const key: [number, string] = [this.#counts.get(h.name) ?? 0, tieBreak(client.id, h.name)];
-      if (!bestKey || key[0] < bestKey[0] || (key[0] === bestKey[0] && key[1] < bestKey[1])) {
+    let bestKey: [number, number, string] | undefined;
+    for (const h of roomy.length > 0 ? roomy : candidates) {
+      const key: [number, number, string] = [this.#counts.get(h.name) ?? 0, fullestPercentAt(this.#o.headroom?.(h), now) ?? 0, tieBreak(client.id, h.name)];
+      if (!bestKey || before(key, bestKey)) {
         best = h;
         bestKey = key;
       }
     }
     return best;
   }
+}
+
+function before(a: [number, number, string], b: [number, number, string]): boolean {
+  if (a[0] !== b[0]) return a[0] < b[0];
+  if (a[1] !== b[1]) return a[1] < b[1];
+  return a[2] < b[2];
 }
 
 function tieBreak(clientId: string, credential: string): string {

@@ -120,7 +120,15 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
       ? { client: served(caller) }
       : { clients: [...o.core.clients.all()].filter((c) => c.kind === 'broker').map(served).sort((x, y) => (x.name < y.name ? -1 : x.name > y.name ? 1 : 0)) };
     const status = refresher.status();
-    return { ...status, credentials, ...who, listener: o.core.listener.connected ? 'connected' : 'disconnected', usage: o.core.usage.view(status.secretKey) };
+    return {
+      ...status,
+      credentials,
+      ...who,
+      // Pools whose every login is at or over POOL_SWITCH_PERCENT: nobody can move (`status` exits 5).
+      exhaustedPools: o.core.assignments.exhaustedPools(),
+      listener: o.core.listener.connected ? 'connected' : 'disconnected',
+      usage: o.core.usage.view(status.secretKey),
+    };
   });
 
   app.get('/openapi.yaml', async (_req, reply) => reply.type('application/yaml').send(await readFile(SPEC_URL, 'utf8')));

@@ -3,6 +3,7 @@ import type { Pool } from '../db.js';
 import type { Logger } from '../logger.js';
 import type { BrokerMetrics } from '../metrics.js';
 import type { UsageFetchFn } from './fetch.js';
+import { headroom, type Headroom } from './headroom.js';
 import { claimPoll, readUsage, recordPoll, type UsageRow } from './store.js';
 import { usageView, type UsageView } from './view.js';
 
@@ -26,10 +27,15 @@ export interface UsageMonitorOptions {
   credentials: () => UsageCredential[];
   /** How often a replica looks whether a poll is due (default: a fifth of the interval, 10 ms to 30 s). */
   tickMs?: number;
+  /** POOL_SWITCH_PERCENT: a window at or over it makes its login full (default 90). */
+  switchPercent?: number;
+  /** New figures reached this replica (a credential's secret key): pools may move clients. */
+  onChange?: (secretKey: string) => void;
 }
 
 interface Held {
   row: UsageRow;
+  headroom: Headroom;
   /** performance.now() when read: the row's database times are aged by local elapsed time since. */
   readAt: number;
 }
@@ -97,9 +103,14 @@ export class UsageMonitor {
     return usageView(h?.row, h ? this.#ageMs(h) : undefined, this.#o.intervalMs);
   }
 
+  /** How full a credential is, from its last snapshot (undefined: polling off or no figures yet). No query. */
+  headroom(secretKey: string): Headroom | undefined {
+    return this.#held.get(secretKey)?.headroom;
+  }
+
   /** A NOTIFY on the usage channel: reload that credential (undefined, after a reconnect: all of them). */
   onNotify(secretKey: string | undefined): void {
-    if (!this.enabled) return;
+    if (!this.enabled || this.#abort.signal.aborted) return;
     const done = secretKey === undefined ? this.reload() : this.reload([secretKey]);
     done.catch((err: Error) => this.#o.logger.debug({ event: 'usage_reload_failed', err: { message: err.message } }, 'could not reload stored usage; serving the last one'));
   }
@@ -114,8 +125,9 @@ export class UsageMonitor {
       const prev = this.#held.get(row.secretKey);
       // Reads may finish out of order: never let an older one overwrite a newer one.
       if (prev && prev.row.dbNowMs > row.dbNowMs) continue;
-      this.#held.set(row.secretKey, { row, readAt });
+      this.#held.set(row.secretKey, { row, readAt, headroom: headroom(row.snapshot, this.#o.switchPercent ?? 90) });
       this.#setGauges(row);
+      if (row.snapshot !== undefined) this.#o.onChange?.(row.secretKey);
     }
   }
 

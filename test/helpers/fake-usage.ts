@@ -24,6 +24,8 @@ export class FakeUsageBackend {
   gets = 0;
   /** What a 200 answers with (percentages and reset times). */
   usage: FakeUsage = { plan: 'plus', primary: { usedPercent: 12, resetAt: 1_900_000_000 }, secondary: { usedPercent: 3, resetAt: 1_900_100_000 } };
+  /** Figures for one access token (one login), instead of `usage`. */
+  readonly #usageOf = new Map<string, FakeUsage>();
   /** A whole body to answer 200 with instead (a malformed or partial document), when set. */
   body: unknown;
   /** The bearer and account id of every GET, for the assertions (never printed). */
@@ -46,6 +48,11 @@ export class FakeUsageBackend {
   /** How the backend answers this one token (others get `answer`). */
   set(token: string, answer: UsageAnswer): void {
     this.#perToken.set(token, answer);
+  }
+
+  /** What a 200 answers this one token with (a login's own figures; others get `usage`). */
+  setUsage(token: string, usage: FakeUsage): void {
+    this.#usageOf.set(token, usage);
   }
 
   private handle(req: IncomingMessage, res: ServerResponse): void {
@@ -72,7 +79,7 @@ export class FakeUsageBackend {
         res.writeHead(401, { 'content-type': 'application/json' }).end(JSON.stringify({ error: { message: 'token expired', code: 'token_expired' } }));
         return;
       default: {
-        const u = this.usage;
+        const u = (bearer !== undefined ? this.#usageOf.get(bearer) : undefined) ?? this.usage;
         res.writeHead(200, { 'content-type': 'application/json' }).end(
           JSON.stringify(
             this.body !== undefined
