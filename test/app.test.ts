@@ -200,9 +200,9 @@ describe('fan-out', () => {
     await a.core.store.put(KEY, JSON.stringify(doc));
     const exp = decodeJwt((doc as { tokens: { access_token: string } }).tokens.access_token).exp ?? 0;
     const iso = new Date(exp * 1000).toISOString();
-    // The check interval is 300 s: only the NOTIFY can make this happen within 2 s.
-    const ms = await waitFor('b to adopt the re-seed', () => b.core.refresher.status().accessTokenExpiresAt === iso);
-    assert.ok(ms < 2_000);
+    // The check interval is 300 s: only the NOTIFY can make this happen within waitFor's 5 s
+    // (no tighter timing asserted: a loaded machine may take seconds).
+    await waitFor('b to adopt the re-seed', () => b.core.refresher.status().accessTokenExpiresAt === iso);
     const res = await get(b, '/status', ADMIN_TOKEN);
     assert.equal(res.json().accessTokenExpiresAt, iso);
   });
@@ -221,7 +221,7 @@ describe('fan-out', () => {
     assert.equal(report.attempt, 'rotated');
     const exp = decodeJwt(upstream.lastAccessToken() ?? '').exp ?? 0;
     const iso = new Date(exp * 1000).toISOString();
-    // b's next check is 300 s away: only the NOTIFY can make this happen within 2 s.
+    // b's next check is 300 s away: only the NOTIFY can make this happen within waitFor's 5 s.
     await waitFor('b to adopt the rotation', () => b.core.refresher.status().accessTokenExpiresAt === iso);
     assert.equal(upstream.posts, 1);
     assert.equal(upstream.reuseAnswers, 0);
