@@ -345,16 +345,15 @@ describe('authentication', () => {
     const c = await addClient(a, 'replicated');
     // B learns about the new client by NOTIFY, too.
     await waitFor('b to learn the new client', async () => (await get(b, '/codex-auth', c.token)).statusCode === 200, 2_000);
-    const started = Date.now();
     assert.equal((await call(a, { method: 'DELETE', url: '/admin/clients/replicated', token: ADMIN_TOKEN })).statusCode, 204);
     assert401(await get(a, '/codex-auth', c.token));
     let last: LightMyRequestResponse | undefined;
+    // B's periodic reload is 30 s away: only the NOTIFY revokes it within waitFor's 5 s (no
+    // tighter bound asserted; timings on a loaded machine prove nothing).
     await waitFor('the revocation on b', async () => {
       last = await get(b, '/codex-auth', c.token);
       return last.statusCode === 401;
-    }, 2_000);
-    const ms = Date.now() - started;
-    assert.ok(ms < 2_000, `revoked on B after ${ms} ms`);
+    });
     assert401(last!);
     assert401(await get(b, DROP_IN(randomUUID()), c.token));
     assert401(await get(b, '/status', c.token));

@@ -197,6 +197,11 @@ export class FakeUpstream {
     this.#faults.push(f);
   }
 
+  /** Faults queued and not yet applied. */
+  get queuedFaults(): number {
+    return this.#faults.length;
+  }
+
   /** A fault for the next revocation (only `status` is meaningful there). */
   revokeFault(f: Fault): void {
     this.#revokeFaults.push(f);
