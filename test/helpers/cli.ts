@@ -2,8 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 
 const ROOT = path.resolve(import.meta.dirname, '..', '..');
-const SOURCE = path.join(ROOT, 'src');
-const COMPILED = path.join(ROOT, 'dist', 'cli.js');
+const SOURCE_CLI = path.join(ROOT, 'src', 'cli.ts');
 
 /** The newest modification time of any file under dir (recursively). */
 function newestMtime(dir: string): number {
@@ -15,17 +14,18 @@ function newestMtime(dir: string): number {
 }
 
 /**
- * dist/cli.js when `npm test` asked for it (CODEX_AUTH_BROKER_TEST_DIST=1, set right after its
- * `npm run build`) and it is newer than every source file; otherwise undefined. tsc rewrites
- * every output file, so an older dist/cli.js means a source changed since the build: the
- * tests then run the source, never a stale build.
+ * root/dist/cli.js when `npm test` asked for it (CODEX_AUTH_BROKER_TEST_DIST=1, set right
+ * after its `npm run build`) and it is newer than every file under root/src; otherwise
+ * undefined. tsc rewrites every output file, so an older dist/cli.js means a source changed
+ * since the build: the tests then run the source, never a stale build.
  */
-function freshBuild(): string | undefined {
-  if (process.env['CODEX_AUTH_BROKER_TEST_DIST'] !== '1' || !fs.existsSync(COMPILED)) return undefined;
-  return fs.statSync(COMPILED).mtimeMs >= newestMtime(SOURCE) ? COMPILED : undefined;
+export function freshBuild(root: string, env: NodeJS.ProcessEnv): string | undefined {
+  const compiled = path.join(root, 'dist', 'cli.js');
+  if (env['CODEX_AUTH_BROKER_TEST_DIST'] !== '1' || !fs.existsSync(compiled)) return undefined;
+  return fs.statSync(compiled).mtimeMs >= newestMtime(path.join(root, 'src')) ? compiled : undefined;
 }
 
-const BUILT = freshBuild();
+const BUILT = freshBuild(ROOT, process.env);
 
 /**
  * The arguments after `node` that run the CLI (`codex-auth-broker <args>`) as its own
@@ -40,7 +40,7 @@ export function cliArgs(args: readonly string[] = []): string[] {
 
 /** The CLI from its source through tsx, whatever `npm test` built. */
 export function sourceCliArgs(args: readonly string[] = []): string[] {
-  return ['--import', 'tsx', path.join(SOURCE, 'cli.ts'), ...args];
+  return ['--import', 'tsx', SOURCE_CLI, ...args];
 }
 
 /** The fresh dist/ that `npm test` built (undefined when the tests run the source). */
