@@ -245,7 +245,8 @@ describe('store outage', () => {
     await t.core.refresher.reload();
     await suite.pg.stopServer();
     try {
-      await new Promise((r) => setTimeout(r, 1_100));
+      // /readyz re-checks the database at most once a second: wait for it to look, not a fixed second.
+      await waitFor('/readyz to find the database down', async () => (await get(t, '/readyz')).statusCode === 503, 10_000);
       const res = await get(t, '/readyz');
       assert.equal(res.statusCode, 503);
       assert.equal(res.json().code, 'store_unreachable');
@@ -253,9 +254,7 @@ describe('store outage', () => {
     } finally {
       await suite.pg.startServer();
     }
-    await new Promise((r) => setTimeout(r, 1_100));
-    const res = await get(t, '/readyz');
-    assert.equal(res.statusCode, 200);
+    await waitFor('/readyz to find the database back', async () => (await get(t, '/readyz')).statusCode === 200, 10_000);
   });
 });
 

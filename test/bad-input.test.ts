@@ -9,10 +9,10 @@ import type { FakeUpstream } from './helpers/fake-upstream.js';
 import { findLeaks } from './helpers/logs.js';
 import { runProcess } from './helpers/process.js';
 import { useSuite } from './helpers/suite.js';
+import { cliArgs } from './helpers/cli.js';
 
 const KEY = 'CODEX_AUTH_JSON';
 const ROOT = path.resolve(import.meta.dirname, '..');
-const CLI = path.join(ROOT, 'src', 'cli.ts');
 const TWO_MIB = 2 * 1024 * 1024;
 const admin = { authorization: `Bearer ${ADMIN_TOKEN}` };
 
@@ -121,7 +121,7 @@ describe('PUT /admin/credential and seed refuse bad documents', () => {
     }
     Object.assign(env, { DATABASE_URL: url, SECRETS_ENCRYPTION_KEY: randomBytes(32).toString('base64') });
     const seed = async (input: string) => {
-      const r = await runProcess(process.execPath, ['--import', 'tsx', CLI, 'seed', '-'], { cwd: ROOT, env, input, timeoutMs: 120_000 });
+      const r = await runProcess(process.execPath, cliArgs(['seed', '-']), { cwd: ROOT, env, input, timeoutMs: 120_000 });
       outputs.push(r.stdout, r.stderr);
       return r;
     };

@@ -12,9 +12,9 @@ import { openForPostgresUser } from '../src/embedded.js';
 import { FakeUpstream } from './helpers/fake-upstream.js';
 import { findLeaks, findSlices } from './helpers/logs.js';
 import { freePort, startTestPostgres, type TestPostgres } from './helpers/pg.js';
+import { cliArgs } from './helpers/cli.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
-const CLI = path.join(ROOT, 'src', 'cli.ts');
 const KEY_B64 = randomBytes(32).toString('base64');
 const outputs: string[] = [];
 let pgServer: TestPostgres;
@@ -47,7 +47,7 @@ interface Run {
 }
 
 async function run(args: string[], env: Record<string, string>, input?: string): Promise<Run> {
-  const r = await runProcess(process.execPath, ['--import', 'tsx', CLI, ...args], { cwd: ROOT, env: cleanEnv(env), input: input ?? '', timeoutMs: 120_000 });
+  const r = await runProcess(process.execPath, cliArgs(args), { cwd: ROOT, env: cleanEnv(env), input: input ?? '', timeoutMs: 120_000 });
   outputs.push(r.stdout, r.stderr);
   return r;
 }
@@ -442,7 +442,8 @@ describe('the command line (Operator experience)', () => {
   });
 
   test('a reader that goes away (status | true) ends the command quietly: no EPIPE stack trace', async () => {
-    const script = `"${process.execPath}" --import tsx "${CLI}" --help 2>"$ERR" | true; "${process.execPath}" --import tsx "${CLI}" --help 2>>"$ERR" | head -c 10 >/dev/null; cat "$ERR"`;
+    const help = [process.execPath, ...cliArgs(['--help'])].map((a) => `"${a}"`).join(' ');
+    const script = `${help} 2>"$ERR" | true; ${help} 2>>"$ERR" | head -c 10 >/dev/null; cat "$ERR"`;
     const dir = tmpDir();
     const r = await runProcess('bash', ['-c', script], { cwd: ROOT, env: cleanEnv({ ERR: path.join(dir, 'err') }), timeoutMs: 120_000 });
     assert.equal(r.code, 0, r.stderr);
@@ -463,7 +464,7 @@ describe('the command line (Operator experience)', () => {
     await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
     const port = (silent.address() as { port: number }).port;
     try {
-      const child = spawn(process.execPath, ['--import', 'tsx', CLI, 'status'], {
+      const child = spawn(process.execPath, cliArgs(['status']), {
         cwd: ROOT,
         env: cleanEnv({ DATABASE_URL: `postgres://u:p@127.0.0.1:${port}/db`, SECRETS_ENCRYPTION_KEY: KEY_B64 }),
         stdio: ['ignore', 'pipe', 'pipe'],

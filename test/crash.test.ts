@@ -14,9 +14,9 @@ import { findLeaks, LogCapture } from './helpers/logs.js';
 import { freePort } from './helpers/pg.js';
 import { useSuite } from './helpers/suite.js';
 import { waitFor } from './helpers/wait.js';
+import { cliArgs } from './helpers/cli.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
-const CLI = path.join(ROOT, 'src', 'cli.ts');
 const KEY = 'CODEX_AUTH_JSON';
 const KEY_B64 = randomBytes(32).toString('base64');
 const ADMIN = `admin-${randomBytes(16).toString('hex')}`;
@@ -57,7 +57,7 @@ interface Serve {
 }
 
 function serve(env: Record<string, string>): Serve {
-  const child = spawn(process.execPath, ['--import', 'tsx', CLI, 'serve'], { cwd: ROOT, env: cleanEnv({ LOG_LEVEL: 'info', LOG_FORMAT: 'json', HOST: '127.0.0.1', ...env }), stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, cliArgs(['serve']), { cwd: ROOT, env: cleanEnv({ LOG_LEVEL: 'info', LOG_FORMAT: 'json', HOST: '127.0.0.1', ...env }), stdio: ['ignore', 'pipe', 'pipe'] });
   children.add(child);
   let out = '';
   child.stdout?.on('data', (d: Buffer) => (out += d.toString()));

@@ -9,9 +9,9 @@ import { findLeaks } from './helpers/logs.js';
 import { startTestPostgres, type TestPostgres } from './helpers/pg.js';
 import { runProcess } from './helpers/process.js';
 import { tempDirs } from './helpers/tmp.js';
+import { cliArgs } from './helpers/cli.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
-const CLI = path.join(ROOT, 'src', 'cli.ts');
 const KEY_B64 = randomBytes(32).toString('base64');
 const outputs: string[] = [];
 let pgServer: TestPostgres;
@@ -32,7 +32,7 @@ async function run(args: string[], env: Record<string, string>) {
   for (const [k, v] of Object.entries(process.env)) {
     if (!/^(PORT|HOST|DATABASE_URL|DATA_DIR|SECRETS_ENCRYPTION_KEY|ADMIN_TOKEN|LOG_LEVEL|BROKER_ENV|MOLECULE_ENV|NODE_TEST_CONTEXT)$/.test(k)) clean[k] = v;
   }
-  const r = await runProcess(process.execPath, ['--import', 'tsx', CLI, ...args], { cwd: ROOT, env: { ...clean, ...env }, input: '', timeoutMs: 120_000 });
+  const r = await runProcess(process.execPath, cliArgs(args), { cwd: ROOT, env: { ...clean, ...env }, input: '', timeoutMs: 120_000 });
   outputs.push(r.stdout, r.stderr);
   return r;
 }

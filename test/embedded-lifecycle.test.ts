@@ -8,9 +8,9 @@ import { runProcess } from './helpers/process.js';
 import { cleanEnv, logEvents, pidAlive, spawnServe, statusOf, type Serve } from './helpers/serve.js';
 import { tempDirs } from './helpers/tmp.js';
 import { waitFor } from './helpers/wait.js';
+import { cliArgs } from './helpers/cli.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
-const CLI = path.join(ROOT, 'src', 'cli.ts');
 const tmp = tempDirs('cab-embedded-');
 
 /**
@@ -32,7 +32,7 @@ async function serveEmbedded(extra: Record<string, string> = {}): Promise<Serve>
 }
 
 function cli(args: string[]) {
-  return runProcess(process.execPath, ['--import', 'tsx', CLI, ...args], { cwd: ROOT, env: cleanEnv({ DATA_DIR: dir, LOG_LEVEL: 'info' }), timeoutMs: 120_000 });
+  return runProcess(process.execPath, cliArgs(args), { cwd: ROOT, env: cleanEnv({ DATA_DIR: dir, LOG_LEVEL: 'info' }), timeoutMs: 120_000 });
 }
 
 test('a shutdown held past its deadline still stops the embedded Postgres before exiting', async () => {

@@ -12,9 +12,9 @@ import { findLeaks } from './helpers/logs.js';
 import { startTestPostgres, type TestPostgres } from './helpers/pg.js';
 import { runProcess } from './helpers/process.js';
 import { waitFor } from './helpers/wait.js';
+import { cliArgs } from './helpers/cli.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
-const CLI = path.join(ROOT, 'src', 'cli.ts');
 const KEY = randomBytes(32);
 const outputs: string[] = [];
 const issuers: FakeIssuer[] = [];
@@ -42,14 +42,14 @@ async function setup(o: FakeIssuerOptions = {}) {
 }
 
 async function run(args: string[], env: NodeJS.ProcessEnv) {
-  const r = await runProcess(process.execPath, ['--import', 'tsx', CLI, ...args], { cwd: ROOT, env, timeoutMs: 120_000 });
+  const r = await runProcess(process.execPath, cliArgs(args), { cwd: ROOT, env, timeoutMs: 120_000 });
   outputs.push(r.stdout, r.stderr);
   return r;
 }
 
 /** A CLI process to talk to: its output so far, its standard input, signals, its exit. */
 function start(args: string[], env: NodeJS.ProcessEnv) {
-  const child = spawn(process.execPath, ['--import', 'tsx', CLI, ...args], { cwd: ROOT, env, stdio: ['pipe', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, cliArgs(args), { cwd: ROOT, env, stdio: ['pipe', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
   child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));

