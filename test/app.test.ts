@@ -80,6 +80,9 @@ describe('operator routes', () => {
   test('/readyz is 503 credential_unreadable for a row of an unknown encryption version', async () => {
     const t = await setup();
     await t.core.store.put(KEY, JSON.stringify(t.upstream.seed()));
+    // Let the put's NOTIFY reload land first: one still reading the old row could otherwise
+    // finish after the reload below and put the readable copy back.
+    await waitFor('the seed loaded through NOTIFY', () => t.core.refresher.state() === 'fresh');
     await t.core.pool.query('UPDATE global_secrets SET encryption_version = 7 WHERE key = $1', [KEY]);
     await t.core.refresher.reload();
     const res = await get(t, '/readyz');
@@ -212,7 +215,10 @@ describe('fan-out', () => {
     const now = () => nowMs;
     const upstream = await suite.upstream({ now, accessLifetimeSec: 3_600 });
     const a = await setup({ now, upstream, start: false });
-    const b = await setup({ now, upstream, databaseUrl: a.databaseUrl });
+    // b runs on the real clock: the 40 minutes a skips ahead never make the seed due for b,
+    // so the rotation b adopts is a's (b's own re-check after the seed's NOTIFY may run late
+    // on a loaded machine; with a's clock it could rotate first).
+    const b = await setup({ upstream, databaseUrl: a.databaseUrl });
     await waitFor("b's listener connected", () => b.core.listener.connected);
     await a.core.store.put(KEY, JSON.stringify(upstream.seed()));
     await waitFor('b to load the seed', () => b.core.refresher.state() === 'fresh');
