@@ -78,11 +78,10 @@ describe('operator routes', () => {
   });
 
   test('/readyz is 503 credential_unreadable for a row of an unknown encryption version', async () => {
-    const t = await setup();
+    // Not started (no listener): the put's NOTIFY must not load the readable copy first, or
+    // the broker would rightly keep serving that last good token.
+    const t = await setup({ start: false });
     await t.core.store.put(KEY, JSON.stringify(t.upstream.seed()));
-    // Let the put's NOTIFY reload land first: one still reading the old row could otherwise
-    // finish after the reload below and put the readable copy back.
-    await waitFor('the seed loaded through NOTIFY', () => t.core.refresher.state() === 'fresh');
     await t.core.pool.query('UPDATE global_secrets SET encryption_version = 7 WHERE key = $1', [KEY]);
     await t.core.refresher.reload();
     const res = await get(t, '/readyz');
