@@ -271,36 +271,36 @@ function register<M extends Counter<string> | Histogram<string>>(metric: M, cell
  * scrape. Label values here come from bounded sets (methods, routes, status codes,
  * results), and the route strings are the same objects every time.
  */
-export function labelled(metric: Counter<string>): (...values: Label[]) => CounterCell;
-export function labelled(metric: Histogram<string>): (...values: Label[]) => HistogramCell;
-export function labelled(metric: Counter<string> | Histogram<string>): (...values: Label[]) => CounterCell | HistogramCell {
+export function labelled(metric: Counter<string>): (a: Label, b?: Label, c?: Label) => CounterCell;
+export function labelled(metric: Histogram<string>): (a: Label, b?: Label, c?: Label) => HistogramCell;
+export function labelled(metric: Counter<string> | Histogram<string>): (a: Label, b?: Label, c?: Label) => CounterCell | HistogramCell {
+  type AnyCell = CounterCell | HistogramCell;
   const names = (metric as unknown as { labelNames: string[] }).labelNames;
-  const make = (values: Label[]): CounterCell | HistogramCell => {
+  // Fixed arity, no rest array per call: the broker's serving metrics have two or three labels.
+  if (names.length < 1 || names.length > 3) throw new Error('labelled() takes a metric with one to three labels');
+  const add = (level: Map<Label, unknown>, key: Label, values: Label[]): AnyCell => {
     const labels: Record<string, string> = {};
     names.forEach((n, i) => (labels[n] = String(values[i])));
     const cell = metric instanceof Histogram ? new HistogramCell(metric, labels) : new CounterCell(metric.labels(labels));
     register(metric, cell);
+    level.set(key, cell);
     return cell;
   };
+  const below = (level: Map<Label, unknown>, key: Label): Map<Label, unknown> => {
+    let next = level.get(key) as Map<Label, unknown> | undefined;
+    if (!next) {
+      next = new Map();
+      level.set(key, next);
+    }
+    return next;
+  };
   const root = new Map<Label, unknown>();
-  return (...values) => {
-    let level = root;
-    const last = values.length - 1;
-    for (let i = 0; i < last; i++) {
-      const v = values[i] as Label;
-      let next = level.get(v) as Map<Label, unknown> | undefined;
-      if (!next) {
-        next = new Map();
-        level.set(v, next);
-      }
-      level = next;
-    }
-    const leaf = values[last] as Label;
-    let cell = level.get(leaf) as CounterCell | HistogramCell | undefined;
-    if (cell === undefined) {
-      cell = make(values);
-      level.set(leaf, cell);
-    }
-    return cell;
+  const depth = names.length;
+  return (a, b = '', c = '') => {
+    if (depth === 1) return (root.get(a) as AnyCell | undefined) ?? add(root, a, [a]);
+    const l1 = below(root, a);
+    if (depth === 2) return (l1.get(b) as AnyCell | undefined) ?? add(l1, b, [a, b]);
+    const l2 = below(l1, b);
+    return (l2.get(c) as AnyCell | undefined) ?? add(l2, c, [a, b, c]);
   };
 }
