@@ -12,7 +12,9 @@ export interface Rendered {
   readonly body: string;
   /** The platform's drop-in shape, `{"CODEX_AUTH_JSON": body as a string}`, built on first read. */
   readonly platformBody: string;
-  etag: string;
+  readonly etag: string;
+  /** The drop-in shape's ETag: the same validator with `-v` (another representation). */
+  readonly platformEtag: string;
   generation: string;
 }
 
@@ -85,12 +87,14 @@ const PLATFORM_CLOSE = '"}';
 class SharedDocument implements Rendered {
   readonly body: string;
   readonly etag: string;
+  readonly platformEtag: string;
   readonly generation: string;
   #platformBody: string | undefined;
 
   constructor(body: string, generation: string) {
     this.body = body;
     this.etag = etagOf(body);
+    this.platformEtag = `${this.etag.slice(0, -1)}-v"`;
     this.generation = generation;
   }
 
@@ -110,17 +114,25 @@ function etagOf(body: string): string {
  * for a 304.
  */
 class ClientDocument implements Rendered {
-  readonly etag: string;
   readonly generation: string;
   readonly #t: Template;
   readonly #credential: string;
+  readonly #tag: string;
   #body: string | undefined;
 
   constructor(t: Template, client: Client) {
     this.#t = t;
     this.#credential = client.refreshCredential;
-    this.etag = `"${t.hash}-${client.etagTag}"`;
+    this.#tag = client.etagTag;
     this.generation = t.generation;
+  }
+
+  get etag(): string {
+    return `"${this.#t.hash}-${this.#tag}"`;
+  }
+
+  get platformEtag(): string {
+    return `"${this.#t.hash}-${this.#tag}-v"`;
   }
 
   get body(): string {

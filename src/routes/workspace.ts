@@ -83,12 +83,13 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
     }
     const ready = prepare(req, reply, dropIn, o.platformTokens);
     if (!ready) return;
-    if (ready.client.workspaceId !== null && ready.client.workspaceId.toLowerCase() !== req.params.id.toLowerCase()) {
+    const bound = ready.client.workspaceId;
+    if (bound !== null && bound !== req.params.id && bound.toLowerCase() !== req.params.id.toLowerCase()) {
       served(dropIn, 'not_found');
       sendProblem(reply, { status: 404, code: 'not_found', title: 'Not Found', detail: 'no such workspace for this token' });
       return;
     }
     // The platform's shape: a flat object whose CODEX_AUTH_JSON member is auth.json as a string.
-    send(req, reply, dropIn, ready.client, `"${ready.doc.etag.slice(1, -1)}-v"`, ready.doc, true);
+    send(req, reply, dropIn, ready.client, ready.doc.platformEtag, ready.doc, true);
   });
 }
