@@ -396,6 +396,8 @@ const fmtMb = (b: number) => `${(b / MB).toFixed(1)} MB`;
 
 async function main(): Promise<void> {
   const started = new Date();
+  // Other work on the machine inflates CPU per request (fewer requests per wake-up): said in the report.
+  const loadAtStart = os.loadavg()[0] ?? NaN;
   console.log(`bench: ${SECONDS} s per case after ${WARMUP} s warm-up, ${CONNECTIONS} connections, 127.0.0.1`);
   const pg = await startTestPostgres();
   const children: ChildProcess[] = [];
@@ -641,7 +643,7 @@ async function main(): Promise<void> {
       '',
       `Written by \`npm run bench\` (bench/run.ts) on ${started.toISOString()}.`,
       '',
-      `Machine: ${cpus.length} cores (${cpus[0]?.model.trim() ?? 'unknown CPU'}), ${(os.totalmem() / 1024 ** 3).toFixed(1)} GiB memory, Node ${process.version}, ${os.platform()} ${os.release()}.`,
+      `Machine: ${cpus.length} cores (${cpus[0]?.model.trim() ?? 'unknown CPU'}), ${(os.totalmem() / 1024 ** 3).toFixed(1)} GiB memory, Node ${process.version}, ${os.platform()} ${os.release()}. Load average (1 min) ${loadAtStart.toFixed(2)} at the start and ${(os.loadavg()[0] ?? NaN).toFixed(2)} at the end: with other work on the ${cpus.length} cores every server pays more CPU per request (fewer requests per wake-up), the bare route included, so compare ratios only from a run on an otherwise idle machine.`,
       PIN
         ? `Pinned with taskset: the server under test on core ${SERVER_CPU}, autocannon on core 0 (Postgres, idle in steady state, unpinned). The ratios compare the server's CPU cost per request; absolute numbers depend on this machine.`
         : 'Not pinned (BENCH_PIN=0, no taskset, or one core): autocannon and the servers share the cores, so absolute numbers are a floor and the ratios swing with the scheduler.',
