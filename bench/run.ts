@@ -672,7 +672,7 @@ async function main(): Promise<void> {
       '',
       '## Database queries on the hot path',
       '',
-      `On the harness broker (same buildApp; its periodic client reload, last-seen flush and every credential's refresh check slowed to once an hour, so that only the serving path is counted): \`codex_broker_db_queries_total\` from /metrics before and after ${q.requests.total.toLocaleString('en-US')} requests mixing GET /codex-auth (200 and 304), the drop-in route, POST /oauth/token (stale caller) and /healthz: ${before} → ${after}, a difference of **${queries}**. (test/hot-path.test.ts proves the same by counting, untimed.)`,
+      `On the harness broker (same buildApp; its periodic client reload, last-seen flush, login sweep and every credential's refresh check slowed to once an hour, so that only the serving path is counted): \`codex_broker_db_queries_total\` from /metrics before and after ${q.requests.total.toLocaleString('en-US')} requests mixing GET /codex-auth (200 and 304), the drop-in route, POST /oauth/token (stale caller) and /healthz: ${before} → ${after}, a difference of **${queries}**. (test/hot-path.test.ts proves the same by counting, untimed.)`,
       '',
       '## Memory',
       '',

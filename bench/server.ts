@@ -134,9 +134,16 @@ async function serve(url: string): Promise<void> {
   const controlPort = await controlServer();
   const upstream = await FakeUpstream.start();
   // Background work slowed right down: steady state is what is measured.
-  // Each credential's refresh check too: with three of them, one used to land in the
-  // query count's window and read the store.
-  const t = await createTestApp({ databaseUrl: url, upstreamUrl: upstream.url, clientReloadMs: LONG, clientFlushMs: LONG, config: { REFRESH_CHECK_INTERVAL_SECONDS: LONG / 1000 } });
+  // The login sweep (every 15 s) and each credential's refresh check too: on a slow run
+  // they land in the query count's window.
+  const t = await createTestApp({
+    databaseUrl: url,
+    upstreamUrl: upstream.url,
+    clientReloadMs: LONG,
+    clientFlushMs: LONG,
+    login: { sweepMs: LONG },
+    config: { REFRESH_CHECK_INTERVAL_SECONDS: LONG / 1000 },
+  });
   // One pool, three logins: serving goes through each client's stored assignment.
   for (const name of CREDENTIALS) {
     const url = name === 'default' ? '/admin/credential' : `/admin/credentials/${name}`;
