@@ -3,7 +3,7 @@
  * does not share their event loop.
  *
  *   node --import tsx bench/server.ts serve   <DATABASE_URL in env>
- *     the broker (10,000 clients), a bare Fastify route and a raw node:http server, all on
+ *     the broker (3 credentials in one pool, 10,000 clients assigned across them), a bare Fastify route and a raw node:http server, all on
  *     127.0.0.1; prints one JSON line (ports, sample tokens, RSS) and runs until SIGTERM.
  *   node --import tsx bench/server.ts limits   <BENCH_BODY in env>
  *     only the limits: a bare Fastify route and a raw node:http server serving BENCH_BODY;
@@ -22,10 +22,8 @@ import { refreshCredential, sha256 } from '../src/clients/credentials.js';
 import { refreshLeadSeconds } from '../src/due.js';
 import { ADMIN_TOKEN, createTestApp, type TestApp } from '../test/helpers/app.js';
 import { FakeUpstream } from '../test/helpers/fake-upstream.js';
+import { CLIENTS, CREDENTIALS, LOADED_CLIENTS } from './fleet.js';
 
-export const CLIENTS = 10_000;
-/** Clients whose tokens the load spreads over. */
-export const LOADED_CLIENTS = 1_000;
 const LONG = 3_600_000;
 
 export interface ServeInfo {
@@ -136,9 +134,22 @@ async function serve(url: string): Promise<void> {
   const controlPort = await controlServer();
   const upstream = await FakeUpstream.start();
   // Background work slowed right down: steady state is what is measured.
-  const t = await createTestApp({ databaseUrl: url, upstreamUrl: upstream.url, clientReloadMs: LONG, clientFlushMs: LONG });
-  const seeded = await t.app.inject({ method: 'PUT', url: '/admin/credential', headers: admin, payload: upstream.seed() });
-  if (seeded.statusCode !== 200) throw new Error(`seed failed: ${seeded.body}`);
+  // The login sweep (every 15 s) and each credential's refresh check too: on a slow run
+  // they land in the query count's window.
+  const t = await createTestApp({
+    databaseUrl: url,
+    upstreamUrl: upstream.url,
+    clientReloadMs: LONG,
+    clientFlushMs: LONG,
+    login: { sweepMs: LONG },
+    config: { REFRESH_CHECK_INTERVAL_SECONDS: LONG / 1000 },
+  });
+  // One pool, three logins: serving goes through each client's stored assignment.
+  for (const name of CREDENTIALS) {
+    const url = name === 'default' ? '/admin/credential' : `/admin/credentials/${name}`;
+    const seeded = await t.app.inject({ method: 'PUT', url, headers: admin, payload: upstream.seed({ accountId: `bench-${name}` }) });
+    if (seeded.statusCode !== 200) throw new Error(`seed ${name} failed: ${seeded.body}`);
+  }
   const afterStart = memory(true);
 
   // 10,000 clients in one statement, in the shape createClient writes.
@@ -163,6 +174,9 @@ async function serve(url: string): Promise<void> {
      SELECT * FROM unnest($1::text[], $2::uuid[], $3::bytea[], $4::text[], $5::bytea[])`,
     [names, workspaces, shas, prefixes, credShas],
   );
+  await t.core.clients.reload();
+  // Store every client's assignment (as the first replica to see them does), then reload them.
+  await t.core.assignments.rebalance();
   await t.core.clients.reload();
   const afterClients = memory(true);
 

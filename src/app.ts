@@ -1,5 +1,5 @@
 import underPressure from '@fastify/under-pressure';
-import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type onResponseHookHandler, type RouteHandlerMethod } from 'fastify';
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type onResponseHookHandler, type RouteHandlerMethod } from 'fastify';
 import type { BrokerCore } from './broker.js';
 import type { Config } from './config.js';
 import { guardConnections, serverTimeouts, type HttpLimitsConfig } from './http/connection-limits.js';
@@ -53,9 +53,24 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
   guardConnections(app.server, o.config, o.logger);
   app.setErrorHandler(errorHandler);
 
-  // Echo the request id so an operator can find the matching log line.
+  // Shed request load before it queues; the refresher runs on timers, not requests, so a
+  // due refresh is never starved by it. under-pressure samples in a scope of its own (its
+  // per-request hook would build Fastify's routeOptions object on every request); the one
+  // onRequest hook below asks it, and also echoes the request id so an operator can find
+  // the matching log line.
+  const limits = { maxEventLoopDelay: o.config.MAX_EVENT_LOOP_DELAY_MS ?? 1000, maxHeapUsedBytes: o.config.MAX_HEAP_USED_BYTES ?? 0, maxRssBytes: o.config.MAX_RSS_BYTES ?? 0 };
+  let pressure: FastifyInstance | undefined;
+  await app.register(async (scope) => {
+    await scope.register(underPressure, { ...limits, ...(o.pressureSampleIntervalMs !== undefined ? { sampleInterval: o.pressureSampleIntervalMs } : {}) });
+    pressure = scope;
+  });
+  if (!pressure) throw new Error('under-pressure did not register');
+  const { isUnderPressure, memoryUsage } = pressure;
+  app.decorate('isUnderPressure', isUnderPressure);
+  app.decorate('memoryUsage', memoryUsage);
   app.addHook('onRequest', (req, reply, done) => {
     reply.header('x-request-id', req.id);
+    if (isUnderPressure()) shed(reply, limits, memoryUsage());
     done();
   });
 
@@ -74,25 +89,6 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
   app.setNotFoundHandler((req, reply) => {
     reply.raw.once('finish', () => httpDuration(req.method, 'unmatched', reply.statusCode).observe(reply.elapsedTime / 1000));
     return notFoundHandler(req, reply);
-  });
-
-  // Shed request load before it queues; the refresher runs on timers, not requests, so a
-  // due refresh is never starved by it.
-  await app.register(underPressure, {
-    maxEventLoopDelay: o.config.MAX_EVENT_LOOP_DELAY_MS ?? 1000,
-    maxHeapUsedBytes: o.config.MAX_HEAP_USED_BYTES ?? 0,
-    maxRssBytes: o.config.MAX_RSS_BYTES ?? 0,
-    retryAfter: 5,
-    ...(o.pressureSampleIntervalMs !== undefined ? { sampleInterval: o.pressureSampleIntervalMs } : {}),
-    pressureHandler: (_req, reply, type, value) => {
-      sendProblem(reply, {
-        status: 503,
-        code: 'overloaded',
-        title: 'Service Unavailable',
-        detail: `the broker is overloaded (${type}${value !== undefined ? ` ${String(value)}` : ''}); retry shortly`,
-        headers: { 'retry-after': '5' },
-      });
-    },
   });
 
   const now = o.now ?? Date.now;
@@ -168,4 +164,21 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     });
   }
   return app;
+}
+
+/** 503 + Retry-After, naming the first limit exceeded (in under-pressure's order of checks). */
+function shed(reply: FastifyReply, limits: { maxEventLoopDelay: number; maxHeapUsedBytes: number; maxRssBytes: number }, m: { eventLoopDelay: number; heapUsed: number; rssBytes: number }): void {
+  const [type, value] =
+    limits.maxEventLoopDelay > 0 && m.eventLoopDelay > limits.maxEventLoopDelay
+      ? ['eventLoopDelay', m.eventLoopDelay]
+      : limits.maxHeapUsedBytes > 0 && m.heapUsed > limits.maxHeapUsedBytes
+        ? ['heapUsedBytes', m.heapUsed]
+        : ['rssBytes', m.rssBytes];
+  sendProblem(reply, {
+    status: 503,
+    code: 'overloaded',
+    title: 'Service Unavailable',
+    detail: `the broker is overloaded (${type} ${String(value)}); retry shortly`,
+    headers: { 'retry-after': '5' },
+  });
 }

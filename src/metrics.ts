@@ -154,32 +154,158 @@ export function dropCredentialMetrics(m: BrokerMetrics, credential: string): voi
 }
 
 type Label = string | number;
+
+/** One labelled series as the serving path sees it: plain-number bookkeeping, handed to prom-client when scraped. */
+interface Cell {
+  flush(): void;
+}
+
+/** A counter series: inc() adds to a number; the scrape adds the sum to prom-client's child. */
+export class CounterCell implements Cell {
+  #n = 0;
+  readonly #child: { inc(n: number): void };
+
+  constructor(child: { inc(n: number): void }) {
+    this.#child = child;
+  }
+
+  inc(): void {
+    this.#n += 1;
+  }
+
+  flush(): void {
+    if (this.#n === 0) return;
+    const n = this.#n;
+    this.#n = 0;
+    this.#child.inc(n);
+  }
+}
+
+/** prom-client's stored state of one histogram series (its hashMap entries). */
+interface HistogramEntry {
+  labels: Record<string, string>;
+  bucketValues: Record<string, number>;
+  sum: number;
+  count: number;
+}
+
 /**
- * A metric's labelled children, kept in nested maps keyed by the label values: prom-client
- * builds and hashes a key from a labels object on every inc()/observe(), which the serving
- * path would pay per request. Label values here come from bounded sets (methods, routes,
- * status codes, results), and the route strings are the same objects every time.
+ * A histogram series: observe() counts into a plain array by bucket; the scrape adds the
+ * counts, sum and count to prom-client's entry for these labels. prom-client has no bulk
+ * observe, so this writes its entry (created by the public zero()); a test compares the
+ * exposition with prom-client's own observe() so an upgrade that changes the entry's
+ * shape fails there rather than in production.
  */
-export function labelled<C>(metric: { labels(...values: string[]): C }): (...values: Label[]) => C {
+export class HistogramCell implements Cell {
+  readonly #metric: Histogram<string>;
+  readonly #labels: Record<string, string>;
+  readonly #bounds: readonly number[];
+  /** One per bucket, and one for values above the last (+Inf only). */
+  readonly #counts: number[];
+  #sum = 0;
+  #count = 0;
+
+  constructor(metric: Histogram<string>, labels: Record<string, string>) {
+    this.#metric = metric;
+    this.#labels = labels;
+    this.#bounds = (metric as unknown as { upperBounds: number[] }).upperBounds;
+    this.#counts = new Array<number>(this.#bounds.length + 1).fill(0);
+  }
+
+  observe(value: number): void {
+    if (!Number.isFinite(value)) throw new TypeError(`Value is not a valid number: ${value}`);
+    const bounds = this.#bounds;
+    let i = 0;
+    while (i < bounds.length && value > (bounds[i] as number)) i++;
+    this.#counts[i] = (this.#counts[i] as number) + 1;
+    this.#sum += value;
+    this.#count += 1;
+  }
+
+  flush(): void {
+    if (this.#count === 0) return;
+    const entry = this.#entry();
+    for (let i = 0; i < this.#bounds.length; i++) {
+      const n = this.#counts[i] as number;
+      if (n === 0) continue;
+      const key = String(this.#bounds[i]);
+      entry.bucketValues[key] = (entry.bucketValues[key] ?? 0) + n;
+      this.#counts[i] = 0;
+    }
+    this.#counts[this.#bounds.length] = 0;
+    entry.sum += this.#sum;
+    entry.count += this.#count;
+    this.#sum = 0;
+    this.#count = 0;
+  }
+
+  #entry(): HistogramEntry {
+    const find = () => Object.values((this.#metric as unknown as { hashMap: Record<string, HistogramEntry> }).hashMap).find((e) => e.labels === this.#labels);
+    let entry = find();
+    if (!entry) {
+      this.#metric.zero(this.#labels);
+      entry = find();
+    }
+    if (!entry) throw new Error("prom-client kept no series for a histogram's labels");
+    return entry;
+  }
+}
+
+/** Cells of each metric, flushed by its collect hook (prom-client calls it on every read: scrape, get()). */
+const cellsOf = new WeakMap<object, Cell[]>();
+function register<M extends Counter<string> | Histogram<string>>(metric: M, cell: Cell): void {
+  let cells = cellsOf.get(metric);
+  if (!cells) {
+    const list: Cell[] = [];
+    cells = list;
+    cellsOf.set(metric, list);
+    const m = metric as unknown as { collect?: (this: M) => unknown };
+    const previous = m.collect;
+    m.collect = function (this: M) {
+      for (const c of list) c.flush();
+      return previous?.call(this);
+    };
+  }
+  cells.push(cell);
+}
+
+/**
+ * A metric's series as cells, kept in nested maps keyed by the label values. The serving
+ * path pays a few Map lookups and a number increment per request; prom-client's labels
+ * object, label validation and hash are paid once per series, and its bookkeeping once per
+ * scrape. Label values here come from bounded sets (methods, routes, status codes,
+ * results), and the route strings are the same objects every time.
+ */
+export function labelled(metric: Counter<string>): (a: Label, b?: Label, c?: Label) => CounterCell;
+export function labelled(metric: Histogram<string>): (a: Label, b?: Label, c?: Label) => HistogramCell;
+export function labelled(metric: Counter<string> | Histogram<string>): (a: Label, b?: Label, c?: Label) => CounterCell | HistogramCell {
+  type AnyCell = CounterCell | HistogramCell;
+  const names = (metric as unknown as { labelNames: string[] }).labelNames;
+  // Fixed arity, no rest array per call: the broker's serving metrics have two or three labels.
+  if (names.length < 1 || names.length > 3) throw new Error('labelled() takes a metric with one to three labels');
+  const add = (level: Map<Label, unknown>, key: Label, values: Label[]): AnyCell => {
+    const labels: Record<string, string> = {};
+    names.forEach((n, i) => (labels[n] = String(values[i])));
+    const cell = metric instanceof Histogram ? new HistogramCell(metric, labels) : new CounterCell(metric.labels(labels));
+    register(metric, cell);
+    level.set(key, cell);
+    return cell;
+  };
+  const below = (level: Map<Label, unknown>, key: Label): Map<Label, unknown> => {
+    let next = level.get(key) as Map<Label, unknown> | undefined;
+    if (!next) {
+      next = new Map();
+      level.set(key, next);
+    }
+    return next;
+  };
   const root = new Map<Label, unknown>();
-  return (...values) => {
-    let level = root;
-    const last = values.length - 1;
-    for (let i = 0; i < last; i++) {
-      const v = values[i] as Label;
-      let next = level.get(v) as Map<Label, unknown> | undefined;
-      if (!next) {
-        next = new Map();
-        level.set(v, next);
-      }
-      level = next;
-    }
-    const leaf = values[last] as Label;
-    let child = level.get(leaf) as C | undefined;
-    if (child === undefined) {
-      child = metric.labels(...values.map(String));
-      level.set(leaf, child);
-    }
-    return child;
+  const depth = names.length;
+  return (a, b = '', c = '') => {
+    if (depth === 1) return (root.get(a) as AnyCell | undefined) ?? add(root, a, [a]);
+    const l1 = below(root, a);
+    if (depth === 2) return (l1.get(b) as AnyCell | undefined) ?? add(l1, b, [a, b]);
+    const l2 = below(l1, b);
+    return (l2.get(c) as AnyCell | undefined) ?? add(l2, c, [a, b, c]);
   };
 }

@@ -12,7 +12,9 @@ export interface Rendered {
   readonly body: string;
   /** The platform's drop-in shape, `{"CODEX_AUTH_JSON": body as a string}`, built on first read. */
   readonly platformBody: string;
-  etag: string;
+  readonly etag: string;
+  /** The drop-in shape's ETag: the same validator with `-v` (another representation). */
+  readonly platformEtag: string;
   generation: string;
 }
 
@@ -28,11 +30,45 @@ interface Template {
   /** pre and post as they appear inside a JSON string (the drop-in shape). */
   escapedPre: string;
   escapedPost: string;
+  /** What follows a client's credential in the slot: `.<generation>"`, and as it appears inside a JSON string. */
+  slotEnd: string;
+  escapedSlotEnd: string;
   generation: string;
   /** Names the template's bytes; with the client's credential it names the served bytes. */
   hash: string;
   /** Same bytes for every client (omit, raw): rendered once. */
   shared: Rendered | undefined;
+  /** The shim's view of this snapshot, built on first use. */
+  tokens?: ShimTokens;
+}
+
+/**
+ * One snapshot's tokens as the refresh shim answers them. The answer's bytes are those of
+ * JSON.stringify({ access_token, id_token?, refresh_token, token_type, expires_in }), with
+ * the part before the client's refresh token serialised once per snapshot.
+ */
+export class ShimTokens {
+  readonly accessToken: string;
+  readonly idToken: string | undefined;
+  readonly exp: number | undefined;
+  readonly generation: string;
+  readonly #head: string;
+  readonly #slotEnd: string;
+
+  constructor(accessToken: string, idToken: string | undefined, exp: number | undefined, generation: string) {
+    this.accessToken = accessToken;
+    this.idToken = idToken;
+    this.exp = exp;
+    this.generation = generation;
+    const head = JSON.stringify({ access_token: accessToken, ...(idToken ? { id_token: idToken } : {}) });
+    this.#head = `${head.slice(0, -1)},"refresh_token":"`;
+    this.#slotEnd = `.${generation}","token_type":"Bearer","expires_in":`;
+  }
+
+  /** The JSON answer for a client (its refresh credential is base64url, which JSON never escapes). */
+  answer(refreshCredential: string, expiresIn: number): string {
+    return this.#head + refreshCredential + this.#slotEnd + String(expiresIn) + '}';
+  }
 }
 
 function isObject(v: unknown): v is JsonObject {
@@ -51,12 +87,14 @@ const PLATFORM_CLOSE = '"}';
 class SharedDocument implements Rendered {
   readonly body: string;
   readonly etag: string;
+  readonly platformEtag: string;
   readonly generation: string;
   #platformBody: string | undefined;
 
   constructor(body: string, generation: string) {
     this.body = body;
     this.etag = etagOf(body);
+    this.platformEtag = `${this.etag.slice(0, -1)}-v"`;
     this.generation = generation;
   }
 
@@ -76,31 +114,37 @@ function etagOf(body: string): string {
  * for a 304.
  */
 class ClientDocument implements Rendered {
-  readonly etag: string;
   readonly generation: string;
   readonly #t: Template;
   readonly #credential: string;
+  readonly #tag: string;
   #body: string | undefined;
 
   constructor(t: Template, client: Client) {
     this.#t = t;
     this.#credential = client.refreshCredential;
-    this.etag = `"${t.hash}-${client.etagTag}"`;
+    this.#tag = client.etagTag;
     this.generation = t.generation;
   }
 
+  get etag(): string {
+    return `"${this.#t.hash}-${this.#tag}"`;
+  }
+
+  get platformEtag(): string {
+    return `"${this.#t.hash}-${this.#tag}-v"`;
+  }
+
   get body(): string {
-    this.#body ??= this.#t.pre + this.#slot() + this.#t.post;
+    // The slot is a JSON string of `<credential>.<generation>`: both are base64url (the
+    // credential with its cabrt_ prefix), which JSON never escapes, so no stringify here.
+    this.#body ??= this.#t.pre + '"' + this.#credential + this.#t.slotEnd + this.#t.post;
     return this.#body;
   }
 
   /** Equal to JSON.stringify({ CODEX_AUTH_JSON: body }), without escaping the document per request. */
   get platformBody(): string {
-    return PLATFORM_OPEN + this.#t.escapedPre + escaped(this.#slot()) + this.#t.escapedPost + PLATFORM_CLOSE;
-  }
-
-  #slot(): string {
-    return JSON.stringify(`${this.#credential}.${this.#t.generation}`);
+    return PLATFORM_OPEN + this.#t.escapedPre + '\\"' + this.#credential + this.#t.escapedSlotEnd + this.#t.escapedPost + PLATFORM_CLOSE;
   }
 }
 
@@ -165,7 +209,8 @@ export class DocumentRenderer {
       if (this.#exposure === 'omit') tokens['refresh_token'] = '';
       shared = new SharedDocument(JSON.stringify(doc), generation);
     }
-    this.#template = { snap, pre, post, escapedPre, escapedPost, generation, hash, shared };
+    const slotEnd = `.${generation}"`;
+    this.#template = { snap, pre, post, escapedPre, escapedPost, slotEnd, escapedSlotEnd: escaped(slotEnd), generation, hash, shared };
     return this.#template;
   }
 
@@ -178,12 +223,14 @@ export class DocumentRenderer {
     return new ClientDocument(t, client);
   }
 
-  /** The current tokens for the refresh shim's answer. */
-  tokens(): { accessToken: string; idToken: string | undefined; exp: number | undefined; generation: string } | undefined {
+  /** The current tokens for the refresh shim's answer (one object per snapshot). */
+  tokens(): ShimTokens | undefined {
     const snap = this.#refresher.current();
     const at = snap?.parsed.tokens.access_token;
     if (!snap || !at) return undefined;
-    return { accessToken: at, idToken: snap.parsed.tokens.id_token, exp: snap.claims.exp, generation: this.#templateFor(snap).generation };
+    const t = this.#templateFor(snap);
+    t.tokens ??= new ShimTokens(at, snap.parsed.tokens.id_token, snap.claims.exp, t.generation);
+    return t.tokens;
   }
 }
 
@@ -258,6 +305,8 @@ export class ServedCredentials {
   readonly #exposure: Exposure;
   readonly #now: () => number;
   readonly #renderers = new WeakMap<Refresher, DocumentRenderer>();
+  /** One answer per held credential, so serving allocates none per request. */
+  readonly #served = new WeakMap<{ name: string; refresher: Refresher }, ServedCredential>();
 
   constructor(pick: (client: Client) => { name: string; refresher: Refresher } | undefined, exposure: Exposure, now: () => number = Date.now) {
     this.#pick = pick;
@@ -277,7 +326,13 @@ export class ServedCredentials {
   /** Undefined when the client's pool holds no credential at all. */
   for(client: Client): ServedCredential | undefined {
     const held = this.#pick(client);
-    return held ? { name: held.name, refresher: held.refresher, renderer: this.rendererOf(held.refresher) } : undefined;
+    if (!held) return undefined;
+    let served = this.#served.get(held);
+    if (served?.name !== held.name || served.refresher !== held.refresher) {
+      served = { name: held.name, refresher: held.refresher, renderer: this.rendererOf(held.refresher) };
+      this.#served.set(held, served);
+    }
+    return served;
   }
 
   /** The generation the client should hold now (for its active/stale state). */

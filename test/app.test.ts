@@ -54,6 +54,9 @@ describe('operator routes', () => {
     assert.equal(res.statusCode, 200);
     assert.equal(res.json().status, 'ok');
     assert.equal(res.json().credentialState, 'fresh');
+    assert.match(String(res.headers['content-type']), /^application\/json; charset=utf-8$/);
+    assert.deepEqual(Object.keys(res.json()), ['status', 'credentialState', 'writebackPending', 'listener', 'replicaId', 'uptimeSeconds']);
+    assert.equal(res.body, JSON.stringify(res.json()), 'the bytes JSON.stringify writes');
   });
 
   test('/readyz is 503 naming no_credential when nothing is stored', async () => {

@@ -68,7 +68,7 @@ test('zero database queries per served request in steady state', async () => {
   assert.equal(upstream.posts, 0);
 });
 
-test('3 credentials and 10,000 clients: each client is served its assigned credential with zero database queries', async () => {
+test('3 credentials and 10,000 clients: each client is served its assigned credential on every serving route with zero database queries', async () => {
   const admin = { authorization: `Bearer ${ADMIN_TOKEN}` };
   for (const name of ['one', 'two']) {
     const r = await t.app.inject({ method: 'PUT', url: `/admin/credentials/${name}`, headers: admin, payload: upstream.seed({ accountId: `acct-${name}` }) });
@@ -76,17 +76,18 @@ test('3 credentials and 10,000 clients: each client is served its assigned crede
   }
   // 10,000 clients in one statement, as a bulk import would land them; one reload.
   const tokens: string[] = [];
-  const rows: { name: string; tokenSha: Buffer; credentialSha: Buffer }[] = [];
+  const rows: { name: string; workspaceId: string; tokenSha: Buffer; credentialSha: Buffer }[] = [];
+  const workspaceId = (i: number) => `00000000-0000-4000-9000-${String(i).padStart(12, '0')}`;
   for (let i = 0; i < 10_000; i++) {
     const token = newToken();
     const tokenSha = sha256(token);
     tokens.push(token);
-    rows.push({ name: `bulk-${i}`, tokenSha, credentialSha: sha256(refreshCredential(t.core.credentialSecret, tokenSha)) });
+    rows.push({ name: `bulk-${i}`, workspaceId: workspaceId(i), tokenSha, credentialSha: sha256(refreshCredential(t.core.credentialSecret, tokenSha)) });
   }
   await t.core.pool.query(
-    `INSERT INTO broker_clients (name, token_sha256, token_prefix, refresh_credential_sha256)
-     SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::bytea[])`,
-    [rows.map((r) => r.name), rows.map((r) => r.tokenSha), rows.map(() => ''), rows.map((r) => r.credentialSha)],
+    `INSERT INTO broker_clients (name, workspace_id, token_sha256, token_prefix, refresh_credential_sha256)
+     SELECT * FROM unnest($1::text[], $2::uuid[], $3::bytea[], $4::text[], $5::bytea[])`,
+    [rows.map((r) => r.name), rows.map((r) => r.workspaceId), rows.map((r) => r.tokenSha), rows.map(() => ''), rows.map((r) => r.credentialSha)],
   );
   await t.core.clients.reload();
   // The first replica to see them stores an assignment for each (one statement).
@@ -100,13 +101,29 @@ test('3 credentials and 10,000 clients: each client is served its assigned crede
   await t.core.clients.reload();
   const before = await settledCount(queries);
   const seen: Record<string, number> = {};
+  let served = 0;
   for (let i = 0; i < tokens.length; i += 7) {
-    const res = await t.app.inject({ url: '/codex-auth', headers: { authorization: `Bearer ${tokens[i]}` } });
+    const auth = { authorization: `Bearer ${tokens[i]}` };
+    const res = await t.app.inject({ url: '/codex-auth', headers: auth });
     assert.equal(res.statusCode, 200, res.body);
     const name = String(res.headers['x-codex-credential']);
     seen[name] = (seen[name] ?? 0) + 1;
+    served += 1;
+    if (i % 5 !== 0) continue;
+    // Every other serving route answers for the same client from the same credential.
+    const nm = await t.app.inject({ url: '/codex-auth', headers: { ...auth, 'if-none-match': String(res.headers.etag) } });
+    assert.equal(nm.statusCode, 304);
+    const drop = await t.app.inject({ url: `/workspaces/${workspaceId(i)}/secrets/values`, headers: auth });
+    assert.equal(drop.statusCode, 200, drop.body);
+    assert.equal(drop.headers['x-codex-credential'], name);
+    const doc = res.json() as { tokens: { refresh_token: string } };
+    const shim = await t.app.inject({ method: 'POST', url: '/oauth/token', payload: { grant_type: 'refresh_token', refresh_token: `${doc.tokens.refresh_token.split('.')[0]}.stale`, client_id: 'x' } });
+    assert.equal(shim.statusCode, 200, shim.body);
+    assert.equal(shim.headers['x-codex-credential'], name);
+    assert.equal((await t.app.inject({ url: '/healthz' })).statusCode, 200);
+    served += 4;
   }
   const after = await queries();
-  assert.equal(after - before, 0, `${after - before} queries while serving`);
+  assert.equal(after - before, 0, `${after - before} queries for ${served} served requests`);
   assert.deepEqual(Object.keys(seen).sort(), ['default', 'one', 'two'], 'every credential is served');
 });

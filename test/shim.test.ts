@@ -14,6 +14,7 @@ import { performance } from 'node:perf_hooks';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { generationOf } from '../src/clients/credentials.js';
+import { ShimTokens } from '../src/serving.js';
 import { ADMIN_TOKEN, type TestApp } from './helpers/app.js';
 import type { FakeUpstream } from './helpers/fake-upstream.js';
 import { FakeUsageBackend } from './helpers/fake-usage.js';
@@ -183,6 +184,7 @@ describe('POST /oauth/token (refresh shim)', () => {
     assert.equal(a.refresh_token, current.tokens.refresh_token, 'the same refresh token a fresh GET /codex-auth serves');
     assert.equal(a.token_type, 'Bearer');
     assert.ok(Number.isInteger(a.expires_in) && a.expires_in > 0 && a.expires_in <= 864_000, `expires_in ${a.expires_in}`);
+    assert.equal(res.body, JSON.stringify(a), 'the bytes JSON.stringify makes of the answer');
     assert.equal(f.upstream.posts, 1, 'no upstream call for a stale caller');
     assert.equal(f.upstream.reuseAnswers, 0);
     assert.ok(!res.body.includes(f.upstream.currentRefreshToken()!), 'the upstream refresh token is never served');
@@ -584,6 +586,25 @@ test('the same storm during an upstream outage costs one upstream POST and every
   for (const [i, r] of results.entries()) {
     assert.equal(r.statusCode, 200, `call ${i}: ${r.body}`);
     assert.equal((r.json() as TokenAnswer).access_token, held[0]!.tokens.access_token, `call ${i}`);
+  }
+});
+
+test("the shim's answer is byte for byte JSON.stringify of its fields, with and without an id_token, whatever they hold", () => {
+  const credential = 'cabrt_AbC-_09xyzAbC-_09xyzAbC-_09xyzAbC-_09xy';
+  for (const idToken of [undefined, '', 'eyJ.a.b', 'quote " backslash \\ newline \n tab \t nul \u0000 é 😀 \u2028']) {
+    for (const accessToken of ['eyJhbGciOiJIUzI1NiJ9.e30.sig', '"<\\>"\u007f']) {
+      const t = new ShimTokens(accessToken, idToken, 1_800_000_000, 'Gen-_123');
+      for (const expiresIn of [0, 1, 863_999]) {
+        const expected = JSON.stringify({
+          access_token: accessToken,
+          ...(idToken ? { id_token: idToken } : {}),
+          refresh_token: `${credential}.Gen-_123`,
+          token_type: 'Bearer',
+          expires_in: expiresIn,
+        });
+        assert.equal(t.answer(credential, expiresIn), expected);
+      }
+    }
   }
 });
 

@@ -1,8 +1,9 @@
 import type { FastifyError, FastifyInstance, FastifyReply } from 'fastify';
 import { splitServedRefreshToken } from '../clients/credentials.js';
-import type { ClientRegistry } from '../clients/registry.js';
+import type { Client, ClientRegistry } from '../clients/registry.js';
 import { labelled, type BrokerMetrics } from '../metrics.js';
-import type { ServedCredentials } from '../serving.js';
+import type { Refresher } from '../refresher.js';
+import type { ServedCredential, ServedCredentials, ShimTokens } from '../serving.js';
 import type { TokenVerifier } from '../token-check.js';
 
 export interface ShimRoutesOptions {
@@ -52,72 +53,85 @@ export async function shimRoutes(app: FastifyInstance, o: ShimRoutesOptions): Pr
     return oauthError(reply, 400, 'invalid_request', err.message);
   });
 
-  app.post(ROUTE, async (req, reply) => {
-    const body = req.body;
-    if (typeof body !== 'object' || body === null || Array.isArray(body)) {
-      served('bad_request');
-      return oauthError(reply, 400, 'invalid_request', 'expected a JSON or form body with grant_type=refresh_token and refresh_token');
-    }
-    const b = body as Record<string, unknown>;
-    if (b['grant_type'] !== 'refresh_token') {
-      served('bad_request');
-      return oauthError(reply, 400, 'unsupported_grant_type', 'only grant_type=refresh_token is supported');
-    }
-    const presented = b['refresh_token'];
-    if (typeof presented !== 'string' || presented === '') {
-      served('bad_request');
-      return oauthError(reply, 400, 'invalid_request', 'refresh_token must be a non-empty string');
-    }
-    const { credential, generation } = splitServedRefreshToken(presented);
-    const client = o.clients.byRefreshCredential(credential);
-    if (!client) {
-      served('unauthorized');
-      return oauthError(reply, 401, 'refresh_token_invalidated', 'This refresh token is not a live credential of this broker. Run the workspace sync again or ask an operator for a client.');
-    }
-    const assigned = o.served.for(client);
-    if (!assigned) {
-      served('unavailable');
-      reply.header('retry-after', '30');
-      return oauthError(reply, 503, 'temporarily_unavailable', "The client's pool holds no credential right now; retry shortly.", 'server_error');
-    }
-    const { refresher, renderer } = assigned;
-    reply.header('x-codex-credential', assigned.name);
-    // A caller that held another credential's token (it was switched) just gets this one's.
-    let current = renderer.tokens();
-    if (current && generation === current.generation) {
-      if (b['refresh_reason'] === 'unauthorized_recovery') {
-        // The caller's word is not enough: any client could otherwise rotate the fleet's
-        // login at will. Ask the backend (one shared call per token) before forcing.
-        if (!refresher.forcedRefreshBlocked(o.forcedRefreshFloorMs)) {
-          const check = await o.verifier.verify(current.accessToken, refresher.current()?.account.accountId);
-          if (check.verdict === 'rejected') {
-            await refresher.runCycle({ force: true, waitForLock: true, onlyIfOlderThanMs: o.forcedRefreshFloorMs, reason: 'shim_unauthorized_recovery' });
-          }
-        }
-      } else if (refresher.state() === 'due' || refresher.state() === 'expired') {
-        await refresher.runCycle({ waitForLock: true, reason: 'shim_stale' });
-      }
-      current = renderer.tokens();
-    }
+  /** The answer once `current` is what the caller gets: the tokens, or why there are none. */
+  const answer = (reply: FastifyReply, client: Client, refresher: Refresher, current: ShimTokens | undefined): void => {
     const nowSec = o.now() / 1000;
     if (!current || (current.exp !== undefined && current.exp <= nowSec)) {
       const latch = refresher.latch;
       if (latch && current) {
         served('unauthorized');
-        return oauthError(reply, 401, latch.code ?? 'refresh_token_invalidated', 'The shared login was refused upstream; an operator must log in again and re-seed the broker.');
+        oauthError(reply, 401, latch.code ?? 'refresh_token_invalidated', 'The shared login was refused upstream; an operator must log in again and re-seed the broker.');
+        return;
       }
       served('unavailable');
       reply.header('retry-after', '30');
-      return oauthError(reply, 503, 'temporarily_unavailable', 'The broker holds no unexpired token right now; retry shortly.', 'server_error');
+      oauthError(reply, 503, 'temporarily_unavailable', 'The broker holds no unexpired token right now; retry shortly.', 'server_error');
+      return;
     }
     o.clients.markServed(client, current.generation, o.now());
     served('ok');
-    return reply.header('cache-control', 'no-store').send({
-      access_token: current.accessToken,
-      ...(current.idToken ? { id_token: current.idToken } : {}),
-      refresh_token: `${client.refreshCredential}.${current.generation}`,
-      token_type: 'Bearer',
-      expires_in: current.exp !== undefined ? Math.max(0, Math.floor(current.exp - nowSec)) : 0,
-    });
+    const expiresIn = current.exp !== undefined ? Math.max(0, Math.floor(current.exp - nowSec)) : 0;
+    reply.header('cache-control', 'no-store').type('application/json; charset=utf-8').send(current.answer(client.refreshCredential, expiresIn));
+  };
+
+  /** A caller that holds the current token: refresh first when it is due, or when the backend confirms a reported rejection. */
+  const holdsCurrent = async (reply: FastifyReply, client: Client, assigned: ServedCredential, current: ShimTokens, reason: unknown): Promise<void> => {
+    const { refresher, renderer } = assigned;
+    if (reason === 'unauthorized_recovery') {
+      // The caller's word is not enough: any client could otherwise rotate the fleet's
+      // login at will. Ask the backend (one shared call per token) before forcing.
+      if (!refresher.forcedRefreshBlocked(o.forcedRefreshFloorMs)) {
+        const check = await o.verifier.verify(current.accessToken, refresher.current()?.account.accountId);
+        if (check.verdict === 'rejected') {
+          await refresher.runCycle({ force: true, waitForLock: true, onlyIfOlderThanMs: o.forcedRefreshFloorMs, reason: 'shim_unauthorized_recovery' });
+        }
+      }
+    } else if (refresher.state() === 'due' || refresher.state() === 'expired') {
+      await refresher.runCycle({ waitForLock: true, reason: 'shim_stale' });
+    }
+    answer(reply, client, refresher, renderer.tokens());
+  };
+
+  // Synchronous but for a caller that holds the current token: a stale caller (the usual
+  // one) costs no promise.
+  app.post(ROUTE, (req, reply) => {
+    const body = req.body;
+    if (typeof body !== 'object' || body === null || Array.isArray(body)) {
+      served('bad_request');
+      oauthError(reply, 400, 'invalid_request', 'expected a JSON or form body with grant_type=refresh_token and refresh_token');
+      return;
+    }
+    const b = body as Record<string, unknown>;
+    if (b['grant_type'] !== 'refresh_token') {
+      served('bad_request');
+      oauthError(reply, 400, 'unsupported_grant_type', 'only grant_type=refresh_token is supported');
+      return;
+    }
+    const presented = b['refresh_token'];
+    if (typeof presented !== 'string' || presented === '') {
+      served('bad_request');
+      oauthError(reply, 400, 'invalid_request', 'refresh_token must be a non-empty string');
+      return;
+    }
+    const { credential, generation } = splitServedRefreshToken(presented);
+    const client = o.clients.byRefreshCredential(credential);
+    if (!client) {
+      served('unauthorized');
+      oauthError(reply, 401, 'refresh_token_invalidated', 'This refresh token is not a live credential of this broker. Run the workspace sync again or ask an operator for a client.');
+      return;
+    }
+    const assigned = o.served.for(client);
+    if (!assigned) {
+      served('unavailable');
+      reply.header('retry-after', '30');
+      oauthError(reply, 503, 'temporarily_unavailable', "The client's pool holds no credential right now; retry shortly.", 'server_error');
+      return;
+    }
+    reply.header('x-codex-credential', assigned.name);
+    // A caller that held another credential's token (it was switched) just gets this one's.
+    const current = assigned.renderer.tokens();
+    if (current && generation === current.generation) return holdsCurrent(reply, client, assigned, current, b['refresh_reason']);
+    answer(reply, client, assigned.refresher, current);
+    return undefined;
   });
 }

@@ -18,6 +18,8 @@ export interface WorkspaceRoutesOptions {
 
 function matches(ifNoneMatch: string | undefined, etag: string): boolean {
   if (!ifNoneMatch) return false;
+  // What a workspace sends back: the one ETag it was given.
+  if (ifNoneMatch === etag) return true;
   if (ifNoneMatch.trim() === '*') return true;
   return ifNoneMatch.split(',').some((t) => t.trim().replace(/^W\//, '') === etag);
 }
@@ -66,25 +68,28 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
     return reply.type('application/json; charset=utf-8').send(platformShape ? doc.platformBody : doc.body);
   };
 
-  app.get('/codex-auth', async (req, reply) => {
+  // Synchronous handlers that send: no promise and no extra microtask per request.
+  app.get('/codex-auth', (req, reply) => {
     const ready = prepare(req, reply, '/codex-auth', false);
-    if (!ready) return reply;
-    return send(req, reply, '/codex-auth', ready.client, ready.doc.etag, ready.doc, false);
+    if (ready) send(req, reply, '/codex-auth', ready.client, ready.doc.etag, ready.doc, false);
   });
 
   const dropIn = '/workspaces/:id/secrets/values';
-  app.get<{ Params: { id: string } }>(dropIn, async (req, reply) => {
+  app.get<{ Params: { id: string } }>(dropIn, (req, reply) => {
     if (!UUID.test(req.params.id)) {
       served(dropIn, 'bad_request');
-      return sendProblem(reply, { status: 400, code: 'invalid_workspace_id', title: 'Bad Request', detail: 'the workspace id must be a UUID' });
+      sendProblem(reply, { status: 400, code: 'invalid_workspace_id', title: 'Bad Request', detail: 'the workspace id must be a UUID' });
+      return;
     }
     const ready = prepare(req, reply, dropIn, o.platformTokens);
-    if (!ready) return reply;
-    if (ready.client.workspaceId !== null && ready.client.workspaceId.toLowerCase() !== req.params.id.toLowerCase()) {
+    if (!ready) return;
+    const bound = ready.client.workspaceId;
+    if (bound !== null && bound !== req.params.id && bound.toLowerCase() !== req.params.id.toLowerCase()) {
       served(dropIn, 'not_found');
-      return sendProblem(reply, { status: 404, code: 'not_found', title: 'Not Found', detail: 'no such workspace for this token' });
+      sendProblem(reply, { status: 404, code: 'not_found', title: 'Not Found', detail: 'no such workspace for this token' });
+      return;
     }
     // The platform's shape: a flat object whose CODEX_AUTH_JSON member is auth.json as a string.
-    return send(req, reply, dropIn, ready.client, `"${ready.doc.etag.slice(1, -1)}-v"`, ready.doc, true);
+    send(req, reply, dropIn, ready.client, ready.doc.platformEtag, ready.doc, true);
   });
 }
