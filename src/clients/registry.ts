@@ -16,6 +16,8 @@ export interface Client {
   /** The credential it is assigned within its pool (stored; undefined until assigned, and for platform tokens). */
   assigned: string | undefined;
   tokenSha: Buffer;
+  /** tokenSha in hex: the registry's key for it, kept across reloads. */
+  tokenKey: string;
   /** The derived broker refresh credential (proxy mode serves it, /oauth/token accepts it). */
   refreshCredential: string;
   /** SHA-256 (hex) of refreshCredential, computed once: the shim's lookup key. */
@@ -77,26 +79,35 @@ export class ClientRegistry {
     }>('SELECT id, name, workspace_id, pool, assigned_credential, token_sha256, last_used_at, last_served_generation FROM broker_clients WHERE revoked_at IS NULL');
     const byToken = new Map<string, Client>();
     const byCredential = new Map<string, Client>();
-    const add = (c: Client) => {
-      byToken.set(c.tokenSha.toString('hex'), c);
+    const add = (key: string, c: Client) => {
+      byToken.set(key, c);
       byCredential.set(c.refreshCredentialSha, c);
     };
-    const withCredential = (tokenSha: Buffer, known: string | undefined) => {
-      const credential = known ?? refreshCredential(this.#secret, tokenSha);
+    // A client this replica already holds keeps its derived values (and its map key and
+    // token hash): a reload of 10,000 clients then allocates rows, not 10,000 new hashes
+    // and strings, which is what held the process's RSS up after each reload.
+    const withCredential = (tokenSha: Buffer, prev: Client | undefined) => {
+      if (prev) return { tokenSha: prev.tokenSha, refreshCredential: prev.refreshCredential, refreshCredentialSha: prev.refreshCredentialSha, etagTag: prev.etagTag };
+      const credential = refreshCredential(this.#secret, tokenSha);
       const credentialSha = sha256(credential);
-      return { refreshCredential: credential, refreshCredentialSha: credentialSha.toString('hex'), etagTag: credentialSha.toString('base64url', 0, 12) };
+      return { tokenSha, refreshCredential: credential, refreshCredentialSha: credentialSha.toString('hex'), etagTag: credentialSha.toString('base64url', 0, 12) };
+    };
+    const known = (tokenSha: Buffer): [string, Client | undefined] => {
+      const key = tokenSha.toString('hex');
+      const prev = this.#byToken.get(key);
+      return [prev ? prev.tokenKey : key, prev];
     };
     for (const r of rows.rows) {
-      const prev = this.#byToken.get(r.token_sha256.toString('hex'));
-      add({
+      const [key, prev] = known(r.token_sha256);
+      add(key, {
         id: r.id,
         name: r.name,
         kind: 'broker',
         workspaceId: r.workspace_id,
         pool: r.pool,
         assigned: r.assigned_credential ?? undefined,
-        tokenSha: r.token_sha256,
-        ...withCredential(r.token_sha256, prev?.refreshCredential),
+        tokenKey: key,
+        ...withCredential(r.token_sha256, prev),
         // Keep what this replica saw more recently than its last flush.
         lastSeenAt: Math.max(prev?.lastSeenAt ?? 0, r.last_used_at?.getTime() ?? 0) || undefined,
         lastGeneration: prev && (prev.lastSeenAt ?? 0) >= (r.last_used_at?.getTime() ?? 0) ? prev.lastGeneration : (r.last_served_generation ?? undefined),
@@ -104,8 +115,8 @@ export class ClientRegistry {
     }
     if (this.#platformTokens) {
       for (const c of await this.#loadPlatformTokens()) {
-        const prev = this.#byToken.get(c.tokenSha.toString('hex'));
-        add({ ...c, ...withCredential(c.tokenSha, prev?.refreshCredential), lastSeenAt: prev?.lastSeenAt, lastGeneration: prev?.lastGeneration });
+        const [key, prev] = known(c.tokenSha);
+        add(key, { ...c, tokenKey: key, ...withCredential(c.tokenSha, prev), lastSeenAt: prev?.lastSeenAt, lastGeneration: prev?.lastGeneration });
       }
     }
     // Apply unless a reload that started later has already been applied: an older read
@@ -127,7 +138,7 @@ export class ClientRegistry {
     this.#onReload = fn;
   }
 
-  async #loadPlatformTokens(): Promise<Array<Omit<Client, 'refreshCredential' | 'refreshCredentialSha' | 'etagTag'>>> {
+  async #loadPlatformTokens(): Promise<Array<Omit<Client, 'refreshCredential' | 'refreshCredentialSha' | 'etagTag' | 'tokenKey'>>> {
     const exists = await this.#pool.query<{ t: string | null }>("SELECT to_regclass('workspace_auth_tokens')::text AS t");
     if (!exists.rows[0]?.t) {
       if (!this.#platformTableMissingLogged) {
