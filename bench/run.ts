@@ -219,6 +219,8 @@ function summariseProfile(prof: { nodes: ProfileNode[]; samples: number[] }): Pr
 
 /** NODE_OPTIONS the image sets (Dockerfile ENV): the production process runs with them. */
 function imageNodeOptions(): string {
+  // BENCH_NODE_OPTIONS: an experiment's flags instead of the image's (e.g. '' for V8's defaults).
+  if (process.env['BENCH_NODE_OPTIONS'] !== undefined) return process.env['BENCH_NODE_OPTIONS'];
   const m = /NODE_OPTIONS=("[^"]*"|\S+)/.exec(fs.readFileSync(path.join(root, 'Dockerfile'), 'utf8'));
   return m?.[1]?.replace(/^"|"$/g, '') ?? '';
 }
