@@ -149,6 +149,16 @@ test('a login reaching POOL_SWITCH_PERCENT moves its clients, spread over the lo
   assert.match(text, /^codex_broker_usage_used_percent\{credential="one",window="primary"\} 92$/m);
   assert.match(text, /^codex_broker_pool_switch_percent 90$/m);
   assert.deepEqual(a.core.assignments.exhaustedPools(), []);
+  // GET /admin/credentials shows each login's usage beside its clients.
+  const listed = (await a.app.inject({ url: '/admin/credentials', headers: admin })).json() as {
+    credentials: Array<{ name: string; clientsAssigned: number; usage: { planType: string; primary: { usedPercent: number; resetAt: string }; ageSeconds: number } | null }>;
+  };
+  const one = listed.credentials.find((c) => c.name === 'one')!;
+  assert.equal(one.clientsAssigned, 0);
+  assert.equal(one.usage?.planType, 'plus');
+  assert.equal(one.usage?.primary.usedPercent, 92);
+  assert.equal(one.usage?.primary.resetAt, new Date(RESET * 1000).toISOString());
+  assert.ok(typeof one.usage?.ageSeconds === 'number');
 
   // Serving by usage costs no query: with polling stopped (its queries aside) and one login
   // still full, 300 fetches (the full login's former clients included) send nothing.

@@ -12,7 +12,7 @@ import { revokeStoredLogin } from '../revocation.js';
 import { seedCredential, staleSeedProblem } from '../seed-guard.js';
 
 export interface CredentialRoutesOptions {
-  core: Pick<BrokerCore, 'credentials' | 'store' | 'pool' | 'revoke' | 'assignments'>;
+  core: Pick<BrokerCore, 'credentials' | 'store' | 'pool' | 'revoke' | 'assignments' | 'usage'>;
   defaultKey: string;
   replicaId: string;
   metrics: BrokerMetrics;
@@ -42,7 +42,8 @@ export async function credentialRoutes(app: FastifyInstance, o: CredentialRoutes
   const { credentials } = o.core;
 
   app.get('/admin/credentials', async () => ({
-    credentials: credentials.list().map((h) => ({ ...describeCredential(h), clientsAssigned: o.core.assignments.clientsOf(h.name) })),
+    // With each login's usage (plan, both windows, resets, age): what the pool moves by.
+    credentials: credentials.list().map((h) => ({ ...describeCredential(h), clientsAssigned: o.core.assignments.clientsOf(h.name), usage: o.core.usage.view(h.secretKey) })),
   }));
 
   /**
