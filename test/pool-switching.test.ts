@@ -12,7 +12,7 @@ import type { FakeUpstream } from './helpers/fake-upstream.js';
 import { findLeaks } from './helpers/logs.js';
 import { expectAlerts, promtoolOrSkip } from './helpers/promtool.js';
 import { useSuite } from './helpers/suite.js';
-import { waitFor } from './helpers/wait.js';
+import { settledCount, waitFor } from './helpers/wait.js';
 
 const admin = { authorization: `Bearer ${ADMIN_TOKEN}` };
 const suite = useSuite();
@@ -164,14 +164,7 @@ test('a login reaching POOL_SWITCH_PERCENT moves its clients, spread over the lo
   // still full, 300 fetches (the full login's former clients included) send nothing.
   for (const r of f.replicas) await r.core.usage.close();
   const queries = async () => (await a.metrics.dbQueries.get()).values[0]?.value ?? 0;
-  let quietAt = await queries();
-  for (let quiet = 0, tries = 0; quiet < 10; tries++) {
-    assert.ok(tries < 400, 'the database queries never settled');
-    await new Promise((r) => setTimeout(r, 50));
-    const now = await queries();
-    quiet = now === quietAt ? quiet + 1 : 0;
-    quietAt = now;
-  }
+  const quietAt = await settledCount(queries);
   for (const c of f.clients) assert.equal(await served(a, c), after[c.name]);
   assert.equal((await queries()) - quietAt, 0, 'no database query while serving');
 });
