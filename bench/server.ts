@@ -31,7 +31,7 @@ export interface ServeInfo {
   brokerPort: number;
   fastifyPort: number;
   rawPort: number;
-  /** Bench-only control server: GET /mem[?gc=1], POST /profile/start, POST /profile/stop. */
+  /** Bench-only control server: GET /mem[?gc=1], POST /profile/start, POST /profile/stop, POST /alloc/start, POST /alloc/stop. */
   controlPort: number;
   bodyBytes: number;
   clients: Array<{ token: string; etag: string; refresh: string; workspaceId: string }>;
@@ -99,6 +99,17 @@ async function controlServer(): Promise<number> {
     }
     if (req.url === '/profile/stop') {
       post('Profiler.stop').then((r) => reply((r as { profile: unknown }).profile), fail);
+      return;
+    }
+    // Sampled allocations of a load window, garbage included (what each request allocates).
+    if (req.url === '/alloc/start') {
+      post('HeapProfiler.enable')
+        .then(() => post('HeapProfiler.startSampling', { samplingInterval: 1024, includeObjectsCollectedByMajorGC: true, includeObjectsCollectedByMinorGC: true }))
+        .then(() => reply({ ok: true }), fail);
+      return;
+    }
+    if (req.url === '/alloc/stop') {
+      post('HeapProfiler.stopSampling').then((r) => reply((r as { profile: unknown }).profile), fail);
       return;
     }
     res.writeHead(404);
