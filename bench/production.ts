@@ -86,9 +86,11 @@ export interface Production {
  * NODE_OPTIONS, on its own database, seeded through the admin API, with clientCount
  * clients inserted in the shape createClient writes and loaded through NOTIFY.
  */
-export async function startProduction(databaseUrl: string, clientCount: number, loaded: number): Promise<Production> {
-  const build = spawnSync('npm', ['run', '--silent', 'build'], { cwd: root, stdio: 'inherit' });
-  if (build.status !== 0) throw new Error('npm run build failed');
+export async function startProduction(databaseUrl: string, clientCount: number, loaded: number, o: { build?: boolean } = {}): Promise<Production> {
+  if (o.build !== false) {
+    const build = spawnSync('npm', ['run', '--silent', 'build'], { cwd: root, stdio: 'inherit' });
+    if (build.status !== 0) throw new Error('npm run build failed');
+  }
   const upstream = await FakeUpstream.start();
   const key = randomBytes(32);
   const admin = `bench-admin-${randomBytes(16).toString('hex')}`;

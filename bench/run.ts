@@ -7,7 +7,8 @@
  * the side-by-side cases run interleaved this many times; the table shows the median),
  * BENCH_MEMORY_REQUESTS (1,000,000), BENCH_QUERY_REQUESTS (100,000), BENCH_PROFILE_SECONDS (8),
  * BENCH_PIN (1: with taskset and 2+ cores, servers on the last core, autocannon on the first;
- * the cases then run a second time unpinned, everything sharing every core), BENCH_QUICK (0).
+ * the cases then run a second time unpinned, everything sharing every core), BENCH_QUICK (0),
+ * BENCH_FRESH (1: each round after the first on a fresh production and limits process).
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -34,6 +35,8 @@ const PROFILE_SECONDS = num('BENCH_PROFILE_SECONDS', 8);
 const ROUNDS = Math.max(1, num('BENCH_ROUNDS', 3));
 /** BENCH_QUICK=1: only the production side by side (pinned when pinning), printed; BENCHMARKS.md untouched. */
 const QUICK = process.env['BENCH_QUICK'] === '1';
+/** BENCH_FRESH=0: every round on the first production and limits processes (default: a fresh pair per round after the first). */
+const FRESH = process.env['BENCH_FRESH'] !== '0';
 const CONNECTIONS = 50;
 /** One pool, three logins: every serving case goes through each client's stored assignment. */
 const MB = 1024 * 1024;
@@ -233,17 +236,20 @@ async function main(): Promise<void> {
     const limits = JSON.parse(await lim.firstLine) as LimitsInfo;
     const { clients } = prod;
     const broker = prod.base;
-    const specs = requestSpecs(clients, STALE_GENERATION);
-    const cases: Array<{ name: string; url: string; spec: RequestSpec; expect: string; pid?: number }> = [
-      { name: 'bare Fastify route (limit)', pid: limits.pid, url: `http://127.0.0.1:${limits.fastifyPort}`, spec: specs.get200(), expect: '200' },
-      { name: 'raw node:http', pid: limits.pid, url: `http://127.0.0.1:${limits.rawPort}`, spec: specs.get200(), expect: '200' },
-      { name: 'GET /codex-auth 200', url: broker, spec: specs.get200(), expect: '200' },
-      { name: 'GET /codex-auth 304', url: broker, spec: specs.get304, expect: '304' },
-      { name: 'GET drop-in /workspaces/:id/secrets/values', url: broker, spec: specs.dropIn, expect: '200' },
-      { name: 'POST /oauth/token (stale caller)', url: broker, spec: specs.shim, expect: '200' },
-      { name: 'GET /healthz', url: broker, spec: specs.healthz, expect: '200' },
-      { name: 'GET /metrics', url: broker, spec: specs.metrics, expect: '200' },
-    ];
+    const caseList = (base: string, served: ServeInfo['clients'], lim: LimitsInfo): Array<{ name: string; url: string; spec: RequestSpec; expect: string; pid?: number }> => {
+      const specs = requestSpecs(served, STALE_GENERATION);
+      return [
+        { name: 'bare Fastify route (limit)', pid: lim.pid, url: `http://127.0.0.1:${lim.fastifyPort}`, spec: specs.get200(), expect: '200' },
+        { name: 'raw node:http', pid: lim.pid, url: `http://127.0.0.1:${lim.rawPort}`, spec: specs.get200(), expect: '200' },
+        { name: 'GET /codex-auth 200', url: base, spec: specs.get200(), expect: '200' },
+        { name: 'GET /codex-auth 304', url: base, spec: specs.get304, expect: '304' },
+        { name: 'GET drop-in /workspaces/:id/secrets/values', url: base, spec: specs.dropIn, expect: '200' },
+        { name: 'POST /oauth/token (stale caller)', url: base, spec: specs.shim, expect: '200' },
+        { name: 'GET /healthz', url: base, spec: specs.healthz, expect: '200' },
+        { name: 'GET /metrics', url: base, spec: specs.metrics, expect: '200' },
+      ];
+    };
+    const cases = caseList(broker, clients, limits);
 
     // Memory first, on the fresh process: RSS through MEMORY_REQUESTS GET /codex-auth.
     const rssBeforeRun = rssOf(prod.pid);
@@ -266,20 +272,46 @@ async function main(): Promise<void> {
     // Interleaved rounds: a slow moment on the shared machine hits one round of every case
     // rather than all rounds of one case. Each row is the round with the median req/s.
     let prodServed = memRun.requests.total;
-    const sideBySide = async (label: string): Promise<Row[]> => {
+    // Each round after the first runs on a fresh production process and a fresh limits
+    // process (BENCH_FRESH=0: all rounds on the first pair): the same build measures 20-25 %
+    // apart from one process to the next, so a row is the median of several processes.
+    const freshPair = async (pinned: boolean) => {
+      const p = await startProduction(await pg.newDatabase(), CLIENTS, LOADED_CLIENTS, { build: false });
+      const l = startServer('limits', '', [], { BENCH_BODY: p.body });
+      const li = await l.firstLine.then((line) => JSON.parse(line) as LimitsInfo).catch(async (err: unknown) => {
+        await p.stop();
+        throw err;
+      });
+      if (!pinned) for (const pid of [p.pid, li.pid]) execFileSync('taskset', ['-a', '-p', '-c', `0-${CPU_COUNT - 1}`, String(pid)], { stdio: 'ignore' });
+      return {
+        cases: caseList(p.base, p.clients, li),
+        pid: p.pid,
+        stop: async () => {
+          await stopChild(l.child);
+          await p.stop();
+        },
+      };
+    };
+    const sideBySide = async (label: string, pinned: boolean): Promise<Row[]> => {
       const byCase: Row[][] = cases.map(() => []);
       for (let round = 0; round < ROUNDS; round++) {
-        console.log(`${label} round ${round + 1}/${ROUNDS}`);
-        for (const [i, c] of cases.entries()) {
-          if (round === 0) await run(c.url, [c.spec], WARMUP);
-          const pid = c.pid ?? prod.pid;
-          const cpuBefore = cpuUsOf(pid);
-          const r = await run(c.url, [c.spec], SECONDS);
-          const rw = { ...row(c.name, r), cpuUs: (cpuUsOf(pid) - cpuBefore) / Math.max(1, r.requests.total) };
-          if (!(c.expect in r.statusCodeStats) || Object.keys(r.statusCodeStats).length !== 1) console.warn(`  unexpected statuses for ${c.name}: ${rw.statuses}`);
-          if (c.url === broker) prodServed += r.requests.total;
-          byCase[i]?.push(rw);
-          console.log(`  ${c.name.padEnd(44)} ${f1(rw.rps).padStart(9)} req/s  p50 ${rw.p50} ms  p99 ${rw.p99} ms  server CPU ${f1(rw.cpuUs)} µs/request  [${rw.statuses}]`);
+        const fresh = round > 0 && FRESH;
+        console.log(`${label} round ${round + 1}/${ROUNDS}${fresh ? ' (fresh processes)' : ''}`);
+        const set = fresh ? await freshPair(pinned) : { cases, pid: prod.pid, stop: async () => undefined };
+        try {
+          for (const [i, c] of set.cases.entries()) {
+            if (round === 0 || fresh) await run(c.url, [c.spec], WARMUP);
+            const pid = c.pid ?? set.pid;
+            const cpuBefore = cpuUsOf(pid);
+            const r = await run(c.url, [c.spec], SECONDS);
+            const rw = { ...row(c.name, r), cpuUs: (cpuUsOf(pid) - cpuBefore) / Math.max(1, r.requests.total) };
+            if (!(c.expect in r.statusCodeStats) || Object.keys(r.statusCodeStats).length !== 1) console.warn(`  unexpected statuses for ${c.name}: ${rw.statuses}`);
+            if (c.url === broker) prodServed += r.requests.total;
+            byCase[i]?.push(rw);
+            console.log(`  ${c.name.padEnd(44)} ${f1(rw.rps).padStart(9)} req/s  p50 ${rw.p50} ms  p99 ${rw.p99} ms  server CPU ${f1(rw.cpuUs)} µs/request  [${rw.statuses}]`);
+          }
+        } finally {
+          await set.stop();
         }
       }
       return byCase.map((runs) => {
@@ -289,7 +321,7 @@ async function main(): Promise<void> {
         return { ...median, rounds: runs.map((x) => x.rps), cpuRounds, cpuUs: medianOf(cpuRounds) };
       });
     };
-    const rows = await sideBySide(PIN ? 'pinned' : 'unpinned');
+    const rows = await sideBySide(PIN ? 'pinned' : 'unpinned', PIN);
     const bare = rows[0] as Row;
     // The same cases with the load generator and the servers sharing every core, as on a
     // busy host: the req/s ratio then shows what the broker's CPU costs its neighbours.
@@ -297,7 +329,7 @@ async function main(): Promise<void> {
     if (PIN && !QUICK) {
       const all = `0-${CPU_COUNT - 1}`;
       for (const pid of [process.pid, prod.pid, limits.pid]) execFileSync('taskset', ['-a', '-p', '-c', all, String(pid)], { stdio: 'ignore' });
-      unpinned = await sideBySide('unpinned');
+      unpinned = await sideBySide('unpinned', false);
       for (const [pid, cpu] of [[process.pid, '0'], [prod.pid, SERVER_CPU], [limits.pid, SERVER_CPU]] as const) execFileSync('taskset', ['-a', '-p', '-c', cpu, String(pid)], { stdio: 'ignore' });
     }
     await stopChild(lim.child);
@@ -456,7 +488,7 @@ async function main(): Promise<void> {
         ? `Pinned with taskset: the server under test on core ${SERVER_CPU}, autocannon on core 0 (Postgres, idle in steady state, unpinned). The ratios compare the server's CPU cost per request; absolute numbers depend on this machine.`
         : 'Not pinned (BENCH_PIN=0, no taskset, or one core): autocannon and the servers share the cores, so absolute numbers are a floor and the ratios swing with the scheduler.',
       '',
-      `Method: autocannon, ${CONNECTIONS} connections, ${WARMUP} s warm-up then ${SECONDS} s per case, the cases interleaved in ${ROUNDS} rounds (each row is the round with the median req/s; every round's req/s is listed), 127.0.0.1. The broker is the production process, \`${prod.command}\` (built by the bench; JSON logs at warn, default process metrics, client last-seen flush every 2 s, refresh-token exposure \`proxy\`), on an embedded Postgres, holding ${CREDENTIALS.length} credentials in one pool (${CREDENTIALS.map((c) => `\`${c}\``).join(', ')}, each its own login) and ${prod.clientCount.toLocaleString('en-US')} clients, assigned across them by the broker itself (${spreadOf(prod.assigned)}); requests rotate over ${clients.length.toLocaleString('en-US')} of them (one token per request; served ${spreadOf(prod.servedBy)}), so every case serves through each client's stored assignment. The two limits run in a process of their own (\`bench/server.ts limits\`) and serve the same ${Buffer.byteLength(prod.body)}-byte auth.json to the same request mix.`,
+      `Method: autocannon, ${CONNECTIONS} connections, ${WARMUP} s warm-up then ${SECONDS} s per case, the cases interleaved in ${ROUNDS} rounds (each row is the round with the median req/s; every round's req/s is listed)${FRESH && ROUNDS > 1 ? ', each round after the first on a fresh production process and a fresh limits process (the same build measures 20-25 % apart from one process to the next; see the history below), so a row is the median of several processes' : ''}, 127.0.0.1. The broker is the production process, \`${prod.command}\` (built by the bench; JSON logs at warn, default process metrics, client last-seen flush every 2 s, refresh-token exposure \`proxy\`), on an embedded Postgres, holding ${CREDENTIALS.length} credentials in one pool (${CREDENTIALS.map((c) => `\`${c}\``).join(', ')}, each its own login) and ${prod.clientCount.toLocaleString('en-US')} clients, assigned across them by the broker itself (${spreadOf(prod.assigned)}); requests rotate over ${clients.length.toLocaleString('en-US')} of them (one token per request; served ${spreadOf(prod.servedBy)}), so every case serves through each client's stored assignment. The two limits run in a process of their own (\`bench/server.ts limits\`) and serve the same ${Buffer.byteLength(prod.body)}-byte auth.json to the same request mix.`,
       '',
       '## Side by side',
       '',
