@@ -172,8 +172,11 @@ test('a login reaching POOL_SWITCH_PERCENT moves its clients, spread over the lo
 test('sticky after a reset: when the full login resets nobody moves back, and new clients go to it (the fewest)', async (t) => {
   const f = await fleet(t, 30);
   const [a] = f.replicas as [TestApp];
+  const onOne = tally(await stored(a))['one'];
   await fills(f, 'one', 95);
   await waitFor('nobody left on one', async () => tally(await stored(a))['one'] === 0, 10_000);
+  // A replica counts its moves once its statement has committed, a moment after the rows change.
+  await waitFor('every move counted', async () => (await switches(f.replicas))[`${POOL}/usage`] === onOne, 10_000);
   const moved = await stored(a);
   const switched = await switches(f.replicas);
 
@@ -193,6 +196,10 @@ test('every login of the pool over the threshold: nobody moves, the pool is exha
   // two and three fill up (three in its weekly window): everyone ends on one.
   await Promise.all([fills(f, 'two', 96), fills(f, 'three', 40, 93)]);
   await waitFor('everyone on one', async () => tally(await stored(a))['one'] === 30, 10_000);
+  // Moves are counted once their statement has committed, a moment after the rows change.
+  const usageMoves = async () => (await switches(f.replicas))[`${POOL}/usage`] ?? 0;
+  await waitFor('the moves counted', async () => (await usageMoves()) >= 20, 10_000);
+  await settledCount(usageMoves);
   const switched = await switches(f.replicas);
   // 20 moves at least (some of two's clients may have gone to three before it filled).
   assert.ok((switched[`${POOL}/usage`] ?? 0) >= 20, JSON.stringify(switched));
