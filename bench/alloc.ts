@@ -3,17 +3,16 @@
  * bare Fastify route and the broker's serving routes in one harness process
  * (bench/server.ts serve: 3 credentials, BENCH_CLIENTS clients). V8's sampling heap
  * profiler (node:inspector, every 1 KiB, objects later collected by either GC kept) over
- * BENCH_SECONDS (5) of load per case after a 2 s warm-up. Allocation drives the young
+ * BENCH_SECONDS (5) of load per case after a 2 s warm-up (pinned like the bench when pinning). Allocation drives the young
  * generation's collections and what gets promoted, so it explains CPU and RSS alike, and
  * unlike CPU time it barely moves with other work on the machine. Prints; writes nothing
  * else (BENCH_ALLOC_DIR=dir keeps each .heapprofile for Chrome DevTools).
  */
-import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import autocannon from 'autocannon';
 import { startTestPostgres } from '../test/helpers/pg.js';
-import { root } from './production.js';
+import { root, startServer, stopChild } from './production.js';
 import type { ServeInfo } from './server.js';
 
 interface ProfileNode {
@@ -34,21 +33,9 @@ function rotating(make: (i: number) => Record<string, string>): Spec {
 
 async function main(): Promise<void> {
   const pg = await startTestPostgres();
-  const child = spawn(process.execPath, ['--max-semi-space-size=2', '--import', 'tsx', path.join(root, 'bench/server.ts'), 'serve'], {
-    cwd: root,
-    env: { ...process.env, DATABASE_URL: await pg.newDatabase() },
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
+  const server = startServer('serve', await pg.newDatabase(), ['--max-semi-space-size=2']);
   try {
-    const info = await new Promise<ServeInfo>((resolve, reject) => {
-      let buf = '';
-      child.stdout.on('data', (d: Buffer) => {
-        buf += d.toString('utf8');
-        const nl = buf.indexOf('\n');
-        if (nl >= 0) resolve(JSON.parse(buf.slice(0, nl)) as ServeInfo);
-      });
-      child.once('exit', (code) => reject(new Error(`bench/server.ts serve exited (${String(code)})`)));
-    });
+    const info = JSON.parse(await server.firstLine) as ServeInfo;
     const clientAt = (i: number) => info.clients[i % info.clients.length] ?? { token: '', etag: '', workspaceId: '' };
     const broker = `http://127.0.0.1:${info.brokerPort}`;
     const cases: Array<{ name: string; url: string; spec: Spec }> = [
@@ -85,8 +72,7 @@ async function main(): Promise<void> {
     }
     console.log(['', '| case | bytes allocated per request |', '|---|---:|', ...summary].join('\n'));
   } finally {
-    child.kill('SIGTERM');
-    await new Promise((r) => child.once('exit', r));
+    await stopChild(server.child);
     await pg.stop();
   }
 }

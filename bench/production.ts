@@ -31,6 +31,26 @@ export function serverCommand(args: string[]): [string, string[]] {
 }
 
 
+/** A bench/server.ts process (pinned to SERVER_CPU when pinning) and the JSON line it prints once ready. */
+export function startServer(mode: 'serve' | 'refresh' | 'limits', databaseUrl: string, extraArgs: string[] = [], extraEnv: NodeJS.ProcessEnv = {}): { child: ChildProcess; firstLine: Promise<string> } {
+  const [cmd, args] = serverCommand([...extraArgs, '--import', 'tsx', path.join(root, 'bench/server.ts'), mode]);
+  const child = spawn(cmd, args, {
+    cwd: root,
+    env: { ...process.env, DATABASE_URL: databaseUrl, ...extraEnv },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  const firstLine = new Promise<string>((resolve, reject) => {
+    let buf = '';
+    child.stdout?.on('data', (d: Buffer) => {
+      buf += d.toString('utf8');
+      const nl = buf.indexOf('\n');
+      if (nl >= 0) resolve(buf.slice(0, nl));
+    });
+    child.once('exit', (code) => reject(new Error(`bench/server.ts ${mode} exited (${String(code)}) before reporting`)));
+  });
+  return { child, firstLine };
+}
+
 export async function stopChild(child: ChildProcess): Promise<void> {
   if (child.exitCode !== null) return;
   const exited = new Promise((r) => child.once('exit', r));

@@ -18,7 +18,7 @@ import { fileURLToPath } from 'node:url';
 import autocannon from 'autocannon';
 import { startTestPostgres } from '../test/helpers/pg.js';
 import { CLIENTS, CREDENTIALS, LOADED_CLIENTS } from './fleet.js';
-import { CPU_COUNT, PIN, SERVER_CPU, cpuUsOf, root, rssOf, serverCommand, startProduction, stopChild } from './production.js';
+import { CPU_COUNT, PIN, SERVER_CPU, cpuUsOf, root, rssOf, startProduction, startServer, stopChild } from './production.js';
 import type { LimitsInfo, RefreshTrial, ServeInfo } from './server.js';
 
 const HISTORY_MARKER = '<!-- history: everything below is kept by npm run bench -->';
@@ -41,24 +41,6 @@ const CONNECTIONS = 50;
 /** One pool, three logins: every serving case goes through each client's stored assignment. */
 const MB = 1024 * 1024;
 
-function startServer(mode: 'serve' | 'refresh' | 'limits', databaseUrl: string, extraArgs: string[] = [], extraEnv: NodeJS.ProcessEnv = {}): { child: ChildProcess; firstLine: Promise<string> } {
-  const [cmd, args] = serverCommand([...extraArgs, '--import', 'tsx', path.join(root, 'bench/server.ts'), mode]);
-  const child = spawn(cmd, args, {
-    cwd: root,
-    env: { ...process.env, DATABASE_URL: databaseUrl, ...extraEnv },
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
-  const firstLine = new Promise<string>((resolve, reject) => {
-    let buf = '';
-    child.stdout?.on('data', (d: Buffer) => {
-      buf += d.toString('utf8');
-      const nl = buf.indexOf('\n');
-      if (nl >= 0) resolve(buf.slice(0, nl));
-    });
-    child.once('exit', (code) => reject(new Error(`bench/server.ts ${mode} exited (${String(code)}) before reporting`)));
-  });
-  return { child, firstLine };
-}
 
 /** A request whose headers or body rotate over the loaded clients, one per request. */
 function rotating(make: (c: ServeInfo['clients'][number]) => Omit<RequestSpec, 'setupRequest'>, clients: ServeInfo['clients']): RequestSpec {

@@ -30,17 +30,17 @@ export async function poolsStatus(
   o: { defaultKey: string; marginSeconds: number; usageIntervalMs: number; switchPercent: number },
 ): Promise<PoolsStatus> {
   const rows = await describeStored(store, pool, o.defaultKey, o.marginSeconds);
-  const usage = o.usageIntervalMs > 0 ? await readUsage(pool, rows.map((r) => r.secretKey)) : new Map();
+  // Polling off: no figures to show or judge pools by.
+  const usage = o.usageIntervalMs > 0 ? await readUsage(pool, rows.map((r) => r.secretKey)) : undefined;
   const credentials = rows.map((r) => ({
     name: r.name,
     pool: r.pool,
     state: r.state,
     planType: r.planType,
     clientsAssigned: r.clientsAssigned,
-    usage: o.usageIntervalMs > 0 ? usageViewOfRow(usage.get(r.secretKey), o.usageIntervalMs) : null,
+    usage: usage ? usageViewOfRow(usage.get(r.secretKey), o.usageIntervalMs) : null,
   }));
-  const exhausted =
-    o.usageIntervalMs > 0 ? exhaustedPools(rows.map((r) => ({ pool: r.pool, headroom: headroom(usage.get(r.secretKey)?.snapshot, o.switchPercent) })), Date.now()) : [];
+  const exhausted = usage ? exhaustedPools(rows.map((r) => ({ pool: r.pool, headroom: headroom(usage.get(r.secretKey)?.snapshot, o.switchPercent) })), Date.now()) : [];
   const unusable = credentials
     .filter((c) => c.state !== 'fresh' && c.state !== 'due')
     .filter((c) => !(c.name === 'default' && c.state === 'absent' && credentials.length > 1))
