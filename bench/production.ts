@@ -67,6 +67,13 @@ export function cpuUsOf(pid: number): number {
   return ((Number(f[11]) + Number(f[12])) * 1e6) / CLK_TCK;
 }
 
+/** CPU time split: user and system, in microseconds, from /proc. */
+export function cpuSplitOf(pid: number): { user: number; sys: number } {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return { user: (Number(f[11]) * 1e6) / CLK_TCK, sys: (Number(f[12]) * 1e6) / CLK_TCK };
+}
+
 export function rssOf(pid: number): number {
   const m = /VmRSS:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
   return m ? Number(m[1]) * 1024 : NaN;
@@ -80,9 +87,17 @@ export function imageNodeOptions(): string {
   return m?.[1]?.replace(/^"|"$/g, '') ?? '';
 }
 
-/** BENCH_NODE_ARGS: node flags NODE_OPTIONS refuses (e.g. --cpu-prof --cpu-prof-dir=DIR), for a profile of the production process. */
+/** The node flags of the image's CMD (`node <flags> dist/cli.js serve`): V8 flags NODE_OPTIONS refuses. */
+export function imageNodeArgs(): string[] {
+  const m = /^CMD\s+(\[.*\])\s*$/m.exec(fs.readFileSync(path.join(root, 'Dockerfile'), 'utf8'));
+  const cmd = m?.[1] ? (JSON.parse(m[1]) as string[]) : [];
+  const script = cmd.indexOf('dist/cli.js');
+  return cmd[0] === 'node' && script > 0 ? cmd.slice(1, script) : [];
+}
+
+/** The image's node flags, then BENCH_NODE_ARGS: more flags NODE_OPTIONS refuses (e.g. --cpu-prof --cpu-prof-dir=DIR), for a profile of the production process. */
 function nodeArgs(): string[] {
-  return (process.env['BENCH_NODE_ARGS'] ?? '').split(' ').filter(Boolean);
+  return [...imageNodeArgs(), ...(process.env['BENCH_NODE_ARGS'] ?? '').split(' ').filter(Boolean)];
 }
 
 export interface Production {
@@ -221,7 +236,7 @@ export async function startProduction(databaseUrl: string, clientCount: number, 
     }
     if (Object.keys(servedBy).length !== CREDENTIALS.length) throw new Error(`the loaded clients are not served every credential: ${JSON.stringify(servedBy)}`);
     return {
-      command: `${nodeOptions ? `NODE_OPTIONS=${nodeOptions} ` : ''}node dist/cli.js serve`,
+      command: `${nodeOptions ? `NODE_OPTIONS=${nodeOptions} ` : ''}node ${[...imageNodeArgs(), ''].join(' ')}dist/cli.js serve`,
       pid,
       base,
       port,

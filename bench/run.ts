@@ -8,7 +8,11 @@
  * BENCH_MEMORY_REQUESTS (1,000,000), BENCH_QUERY_REQUESTS (100,000), BENCH_PROFILE_SECONDS (8),
  * BENCH_PIN (1: with taskset and 2+ cores, servers on the last core, autocannon on the first;
  * the cases then run a second time unpinned, everything sharing every core), BENCH_QUICK (0),
- * BENCH_FRESH (1: each round after the first on a fresh production and limits process).
+ * BENCH_FRESH (1: each round after the first on a fresh production and limits process),
+ * BENCH_CASES (a regular expression: only the side-by-side cases whose name matches, beside
+ * the bare route; for experiments with BENCH_QUICK), BENCH_LIMITS_ARGS (node flags for the
+ * limits process, e.g. --cpu-prof --cpu-prof-dir=DIR; BENCH_NODE_ARGS is the production's).
+ * Each case prints the server's CPU per request split into user and system time.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -18,7 +22,7 @@ import { fileURLToPath } from 'node:url';
 import autocannon from 'autocannon';
 import { startTestPostgres } from '../test/helpers/pg.js';
 import { CLIENTS, CREDENTIALS, LOADED_CLIENTS } from './fleet.js';
-import { CPU_COUNT, PIN, SERVER_CPU, cpuUsOf, root, rssOf, startProduction, startServer, stopChild } from './production.js';
+import { CPU_COUNT, PIN, SERVER_CPU, cpuUsOf, cpuSplitOf, root, rssOf, startProduction, startServer, stopChild } from './production.js';
 import type { LimitsInfo, RefreshTrial, ServeInfo } from './server.js';
 
 const HISTORY_MARKER = '<!-- history: everything below is kept by npm run bench -->';
@@ -213,7 +217,7 @@ async function main(): Promise<void> {
     const prod = await startProduction(prodDb, CLIENTS, LOADED_CLIENTS);
     stoppers.push(prod.stop);
     console.log(`${prod.command} (pid ${prod.pid}): ${CLIENTS} clients, auth.json ${Buffer.byteLength(prod.body)} bytes`);
-    const lim = startServer('limits', '', [], { BENCH_BODY: prod.body });
+    const lim = startServer('limits', '', (process.env['BENCH_LIMITS_ARGS'] ?? '').split(' ').filter(Boolean), { BENCH_BODY: prod.body });
     children.push(lim.child);
     const limits = JSON.parse(await lim.firstLine) as LimitsInfo;
     const { clients } = prod;
@@ -231,14 +235,18 @@ async function main(): Promise<void> {
         { name: 'GET /metrics', url: base, spec: specs.metrics, expect: '200' },
       ];
     };
-    const cases = caseList(broker, clients, limits);
+    const caseFilter = process.env['BENCH_CASES'] ? new RegExp(process.env['BENCH_CASES']) : undefined;
+    // The report reads every case by position: a filtered run only prints.
+    if (caseFilter && !QUICK) throw new Error('BENCH_CASES needs BENCH_QUICK=1 (the full report needs every case)');
+    const allCases = caseList(broker, clients, limits);
+    const cases = allCases.filter((c, i) => i === 0 || !caseFilter || caseFilter.test(c.name));
 
     // Memory first, on the fresh process: RSS through MEMORY_REQUESTS GET /codex-auth.
     const rssBeforeRun = rssOf(prod.pid);
     const raw: Array<{ t: number; rss: number }> = [{ t: 0, rss: rssBeforeRun }];
     const t0 = Date.now();
     const sampler = setInterval(() => raw.push({ t: (Date.now() - t0) / 1000, rss: rssOf(prod.pid) }), 2_000);
-    const memRun = await run(broker, [cases[2]?.spec as RequestSpec], 0, CONNECTIONS, MEMORY_REQUESTS);
+    const memRun = await run(broker, [allCases[2]?.spec as RequestSpec], 0, CONNECTIONS, MEMORY_REQUESTS);
     clearInterval(sampler);
     await new Promise((r) => setTimeout(r, 2_000));
     const rssEnd = rssOf(prod.pid);
@@ -259,14 +267,14 @@ async function main(): Promise<void> {
     // apart from one process to the next, so a row is the median of several processes.
     const freshPair = async (pinned: boolean) => {
       const p = await startProduction(await pg.newDatabase(), CLIENTS, LOADED_CLIENTS, { build: false });
-      const l = startServer('limits', '', [], { BENCH_BODY: p.body });
+      const l = startServer('limits', '', (process.env['BENCH_LIMITS_ARGS'] ?? '').split(' ').filter(Boolean), { BENCH_BODY: p.body });
       const li = await l.firstLine.then((line) => JSON.parse(line) as LimitsInfo).catch(async (err: unknown) => {
         await p.stop();
         throw err;
       });
       if (!pinned) for (const pid of [p.pid, li.pid]) execFileSync('taskset', ['-a', '-p', '-c', `0-${CPU_COUNT - 1}`, String(pid)], { stdio: 'ignore' });
       return {
-        cases: caseList(p.base, p.clients, li),
+        cases: caseList(p.base, p.clients, li).filter((c, i) => i === 0 || !caseFilter || caseFilter.test(c.name)),
         pid: p.pid,
         stop: async () => {
           await stopChild(l.child);
@@ -285,12 +293,16 @@ async function main(): Promise<void> {
             if (round === 0 || fresh) await run(c.url, [c.spec], WARMUP);
             const pid = c.pid ?? set.pid;
             const cpuBefore = cpuUsOf(pid);
+            const splitBefore = cpuSplitOf(pid);
             const r = await run(c.url, [c.spec], SECONDS);
             const rw = { ...row(c.name, r), cpuUs: (cpuUsOf(pid) - cpuBefore) / Math.max(1, r.requests.total) };
+            const splitAfter = cpuSplitOf(pid);
+            const n = Math.max(1, r.requests.total);
+            const split = `(user ${f1((splitAfter.user - splitBefore.user) / n)}, system ${f1((splitAfter.sys - splitBefore.sys) / n)})`;
             if (!(c.expect in r.statusCodeStats) || Object.keys(r.statusCodeStats).length !== 1) console.warn(`  unexpected statuses for ${c.name}: ${rw.statuses}`);
             if (c.url === broker) prodServed += r.requests.total;
             byCase[i]?.push(rw);
-            console.log(`  ${c.name.padEnd(44)} ${f1(rw.rps).padStart(9)} req/s  p50 ${rw.p50} ms  p99 ${rw.p99} ms  server CPU ${f1(rw.cpuUs)} µs/request  [${rw.statuses}]`);
+            console.log(`  ${c.name.padEnd(44)} ${f1(rw.rps).padStart(9)} req/s  p50 ${rw.p50} ms  p99 ${rw.p99} ms  server CPU ${f1(rw.cpuUs)} µs/request ${split}  [${rw.statuses}]`);
           }
         } finally {
           await set.stop();
@@ -321,7 +333,7 @@ async function main(): Promise<void> {
     }
 
     // /metrics as Prometheus scrapes it: one request at a time.
-    const scrapeRun = await run(broker, [cases[7]?.spec as RequestSpec], 0, 1, 2_000);
+    const scrapeRun = await run(broker, [allCases[7]?.spec as RequestSpec], 0, 1, 2_000);
     const scrapeP99 = scrapeRun.latency.p99;
     console.log(`  /metrics, 1 connection, 2,000 scrapes: p50 ${scrapeRun.latency.p50} ms, p99 ${scrapeP99} ms`);
     const rssAfterCases = rssOf(prod.pid);
@@ -336,12 +348,12 @@ async function main(): Promise<void> {
     const hb = `http://127.0.0.1:${info.brokerPort}`;
     const hSpecs = requestSpecs(info.clients, info.staleGeneration);
     const hCases = {
-      bare: { name: cases[0]?.name ?? '', url: `http://127.0.0.1:${info.fastifyPort}`, spec: hSpecs.get200() },
-      get200: { name: cases[2]?.name ?? '', url: hb, spec: hSpecs.get200() },
-      get304: { name: cases[3]?.name ?? '', url: hb, spec: hSpecs.get304 },
-      dropIn: { name: cases[4]?.name ?? '', url: hb, spec: hSpecs.dropIn },
-      shim: { name: cases[5]?.name ?? '', url: hb, spec: hSpecs.shim },
-      healthz: { name: cases[6]?.name ?? '', url: hb, spec: hSpecs.healthz },
+      bare: { name: allCases[0]?.name ?? '', url: `http://127.0.0.1:${info.fastifyPort}`, spec: hSpecs.get200() },
+      get200: { name: allCases[2]?.name ?? '', url: hb, spec: hSpecs.get200() },
+      get304: { name: allCases[3]?.name ?? '', url: hb, spec: hSpecs.get304 },
+      dropIn: { name: allCases[4]?.name ?? '', url: hb, spec: hSpecs.dropIn },
+      shim: { name: allCases[5]?.name ?? '', url: hb, spec: hSpecs.shim },
+      healthz: { name: allCases[6]?.name ?? '', url: hb, spec: hSpecs.healthz },
     };
     const control = `http://127.0.0.1:${info.controlPort}`;
     const mem = async (): Promise<NodeJS.MemoryUsage> => (await fetch(`${control}/mem?gc=1`)).json() as Promise<NodeJS.MemoryUsage>;
