@@ -15,8 +15,7 @@ export interface Client {
   pool: string;
   /** The credential it is assigned within its pool (stored; undefined until assigned, and for platform tokens). */
   assigned: string | undefined;
-  tokenSha: Buffer;
-  /** tokenSha in hex: the registry's key for it, kept across reloads. */
+  /** SHA-256 (hex) of the client's token: the registry's key for it, kept across reloads. */
   tokenKey: string;
   /** The derived broker refresh credential (proxy mode serves it, /oauth/token accepts it). */
   refreshCredential: string;
@@ -79,18 +78,29 @@ export class ClientRegistry {
     }>('SELECT id, name, workspace_id, pool, assigned_credential, token_sha256, last_used_at, last_served_generation FROM broker_clients WHERE revoked_at IS NULL');
     const byToken = new Map<string, Client>();
     const byCredential = new Map<string, Client>();
+    // Values most clients share (pool, credential and generation names) as one string each,
+    // not one per row: 10,000 clients are held for the life of the process.
+    const shared = new Map<string, string>();
+    const intern = <T extends string | null | undefined>(v: T): T => {
+      if (typeof v !== 'string') return v;
+      const held = shared.get(v);
+      if (held !== undefined) return held as T;
+      shared.set(v, v);
+      return v;
+    };
     const add = (key: string, c: Client) => {
       byToken.set(key, c);
       byCredential.set(c.refreshCredentialSha, c);
     };
-    // A client this replica already holds keeps its derived values (and its map key and
-    // token hash): a reload of 10,000 clients then allocates rows, not 10,000 new hashes
-    // and strings, which is what held the process's RSS up after each reload.
+    // A client this replica already holds keeps its derived values (and its map key): a
+    // reload of 10,000 clients then allocates rows, not 10,000 new hashes and strings, which
+    // is what held the process's RSS up after each reload. The token hash itself is not
+    // kept (a Buffer per client): the hex key names it.
     const withCredential = (tokenSha: Buffer, prev: Client | undefined) => {
-      if (prev) return { tokenSha: prev.tokenSha, refreshCredential: prev.refreshCredential, refreshCredentialSha: prev.refreshCredentialSha, etagTag: prev.etagTag };
+      if (prev) return { refreshCredential: prev.refreshCredential, refreshCredentialSha: prev.refreshCredentialSha, etagTag: prev.etagTag };
       const credential = refreshCredential(this.#secret, tokenSha);
       const credentialSha = sha256(credential);
-      return { tokenSha, refreshCredential: credential, refreshCredentialSha: credentialSha.toString('hex'), etagTag: credentialSha.toString('base64url', 0, 12) };
+      return { refreshCredential: credential, refreshCredentialSha: credentialSha.toString('hex'), etagTag: credentialSha.toString('base64url', 0, 12) };
     };
     const known = (tokenSha: Buffer): [string, Client | undefined] => {
       const key = tokenSha.toString('hex');
@@ -104,19 +114,19 @@ export class ClientRegistry {
         name: r.name,
         kind: 'broker',
         workspaceId: r.workspace_id,
-        pool: r.pool,
-        assigned: r.assigned_credential ?? undefined,
+        pool: intern(r.pool),
+        assigned: intern(r.assigned_credential) ?? undefined,
         tokenKey: key,
         ...withCredential(r.token_sha256, prev),
         // Keep what this replica saw more recently than its last flush.
         lastSeenAt: Math.max(prev?.lastSeenAt ?? 0, r.last_used_at?.getTime() ?? 0) || undefined,
-        lastGeneration: prev && (prev.lastSeenAt ?? 0) >= (r.last_used_at?.getTime() ?? 0) ? prev.lastGeneration : (r.last_served_generation ?? undefined),
+        lastGeneration: prev && (prev.lastSeenAt ?? 0) >= (r.last_used_at?.getTime() ?? 0) ? prev.lastGeneration : (intern(r.last_served_generation) ?? undefined),
       });
     }
     if (this.#platformTokens) {
-      for (const c of await this.#loadPlatformTokens()) {
-        const [key, prev] = known(c.tokenSha);
-        add(key, { ...c, tokenKey: key, ...withCredential(c.tokenSha, prev), lastSeenAt: prev?.lastSeenAt, lastGeneration: prev?.lastGeneration });
+      for (const { tokenSha, ...c } of await this.#loadPlatformTokens()) {
+        const [key, prev] = known(tokenSha);
+        add(key, { ...c, tokenKey: key, ...withCredential(tokenSha, prev), lastSeenAt: prev?.lastSeenAt, lastGeneration: prev?.lastGeneration });
       }
     }
     // Apply unless a reload that started later has already been applied: an older read
@@ -138,7 +148,7 @@ export class ClientRegistry {
     this.#onReload = fn;
   }
 
-  async #loadPlatformTokens(): Promise<Array<Omit<Client, 'refreshCredential' | 'refreshCredentialSha' | 'etagTag' | 'tokenKey'>>> {
+  async #loadPlatformTokens(): Promise<Array<Omit<Client, 'refreshCredential' | 'refreshCredentialSha' | 'etagTag' | 'tokenKey'> & { tokenSha: Buffer }>> {
     const exists = await this.#pool.query<{ t: string | null }>("SELECT to_regclass('workspace_auth_tokens')::text AS t");
     if (!exists.rows[0]?.t) {
       if (!this.#platformTableMissingLogged) {
