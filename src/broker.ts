@@ -138,7 +138,7 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
   const revoke =
     o.revoke ??
     createRevokeClient(
-      { url: revokeUrlFor(config.OAUTH_TOKEN_URL), clientId: config.OAUTH_CLIENT_ID, timeoutMs: ms(config.UPSTREAM_TIMEOUT_SECONDS), dispatcher: o.dispatcher },
+      { url: revokeUrlFor(config.OAUTH_TOKEN_URL), clientId: config.OAUTH_CLIENT_ID, timeoutMs: ms(config.UPSTREAM_TIMEOUT_SECONDS), dispatcher },
       o.now,
     );
   const journal = o.journalDir && config.encryptionKey ? new RotationJournal(o.journalDir, config.encryptionKey) : undefined;
@@ -265,7 +265,7 @@ export async function createBrokerCore(o: BrokerCoreOptions): Promise<BrokerCore
     secretKey: config.CODEX_AUTH_SECRET_KEY,
     replicaId: config.replicaId,
     encryptionKey: config.encryptionKey,
-    issuer: { issuer: config.OAUTH_ISSUER, clientId: config.OAUTH_CLIENT_ID, timeoutMs: ms(config.UPSTREAM_TIMEOUT_SECONDS), dispatcher: o.dispatcher },
+    issuer: { issuer: config.OAUTH_ISSUER, clientId: config.OAUTH_CLIENT_ID, timeoutMs: ms(config.UPSTREAM_TIMEOUT_SECONDS), dispatcher },
     logger,
     register: async (name, db) => {
       if (name !== 'default') await registerCredential(db, name, config.CODEX_AUTH_SECRET_KEY, undefined);

@@ -7,6 +7,7 @@ import { after, before, test } from 'node:test';
 import pg from 'pg';
 import { open } from '../src/lib/secret-crypto.js';
 import { makeChatgptLogin } from './helpers/codex.js';
+import { ConnectProxy } from './helpers/connect-proxy.js';
 import { FakeIssuer, type FakeIssuerOptions } from './helpers/fake-issuer.js';
 import { findLeaks } from './helpers/logs.js';
 import { startTestPostgres, type TestPostgres } from './helpers/pg.js';
@@ -100,6 +101,19 @@ test('login prints the verification URL and the code, waits for it, stores the l
   assert.equal(doc?.['auth_mode'], 'chatgpt');
   assert.equal((doc?.['tokens'] as Record<string, string>)['account_id'], 'acct-cli');
   assert.deepEqual(await loginEvents(databaseUrl), [{ outcome: 'stored' }]);
+});
+
+test('login goes to the issuer through HTTPS_PROXY / HTTP_PROXY, like serve', async () => {
+  const proxy = await ConnectProxy.start();
+  try {
+    const { fake, databaseUrl, env } = await setup({ autoApproveAfterPolls: 1 });
+    const r = await run(['login', '--credential', 'default'], { ...env, HTTPS_PROXY: proxy.url, HTTP_PROXY: proxy.url, NO_PROXY: '' });
+    assert.equal(r.code, 0, r.stderr);
+    assert.ok(proxy.targets.includes(new URL(fake.url).host), `the issuer was reached through the proxy: ${proxy.targets.join(', ') || 'nothing was'}`);
+    assert.deepEqual(await loginEvents(databaseUrl), [{ outcome: 'stored' }]);
+  } finally {
+    await proxy.close();
+  }
 });
 
 test('login --credential team-a --pool batch stores the login as a named credential in that pool', async () => {

@@ -12,7 +12,8 @@ import { createBackendTokenCheck } from '../src/token-check.js';
 import { createUpstreamClient } from '../src/upstream.js';
 import { ADMIN_TOKEN } from './helpers/app.js';
 import { ConnectProxy } from './helpers/connect-proxy.js';
-import { DEFAULT_CLIENT_ID } from './helpers/fake-upstream.js';
+import { FakeIssuer } from './helpers/fake-issuer.js';
+import { DEFAULT_CLIENT_ID, REVOKE_PATH } from './helpers/fake-upstream.js';
 import { FakeUsageBackend } from './helpers/fake-usage.js';
 import { useSuite } from './helpers/suite.js';
 
@@ -62,6 +63,30 @@ describe('outbound proxies', () => {
     const verdict = await t.core.tokenVerifier.verify(t.core.refresher.current()!.parsed.tokens.access_token!, undefined);
     assert.equal(verdict.verdict, 'accepted');
     assert.ok(proxy.targets.includes(new URL(backend.url).host), 'the backend check went through the proxy');
+  });
+
+  test('HTTPS_PROXY and HTTP_PROXY carry the upstream revocation and the logins the broker performs through the proxy', async () => {
+    const proxy = await ConnectProxy.start();
+    closers.push(() => proxy.close());
+    const upstream = await suite.upstream();
+    const issuer = await FakeIssuer.start({ mint: () => (upstream.seed() as { tokens: { id_token: string; access_token: string; refresh_token: string } }).tokens });
+    closers.push(() => issuer.close());
+    const databaseUrl = await suite.pg.newDatabase();
+    const t = await withProxyEnv({ HTTPS_PROXY: proxy.url, HTTP_PROXY: proxy.url }, () =>
+      suite.app({ databaseUrl, upstreamUrl: upstream.url, start: false, config: { OAUTH_ISSUER: issuer.url } }),
+    );
+    const admin = { authorization: `Bearer ${ADMIN_TOKEN}` };
+    const put = await t.app.inject({ method: 'PUT', url: '/admin/credential', headers: admin, payload: upstream.seed() });
+    assert.equal(put.statusCode, 200, put.body);
+    const revoked = await t.app.inject({ method: 'POST', url: '/admin/credentials/default/revoke', headers: admin });
+    assert.equal(revoked.statusCode, 200, revoked.body);
+    assert.equal(upstream.revocations, 1);
+    assert.deepEqual(upstream.requests.map((r) => r.path), [REVOKE_PATH], 'the only call to the upstream host was the revocation');
+    assert.ok(proxy.targets.includes(new URL(upstream.url).host), `the revocation went through the proxy: ${proxy.targets.join(', ') || 'nothing did'}`);
+
+    const login = await t.app.inject({ method: 'POST', url: '/admin/credentials/default/login', headers: admin, payload: { method: 'device' } });
+    assert.equal(login.statusCode, 202, login.body);
+    assert.ok(proxy.targets.includes(new URL(issuer.url).host), `the device-code request went through the proxy: ${proxy.targets.join(', ')}`);
   });
 
   test('NO_PROXY sends a listed host direct', async () => {

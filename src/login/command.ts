@@ -1,4 +1,5 @@
 import { createInterface } from 'node:readline';
+import { EnvHttpProxyAgent } from 'undici';
 import type { Config } from '../config.js';
 import { registerCredential } from '../credential/catalog.js';
 import { badNameFlag, DEFAULT_CREDENTIAL, secretKeyOf } from '../credential/names.js';
@@ -74,7 +75,9 @@ export async function loginCommand(config: Config, logger: Logger, args: string[
   const secretKey = secretKeyOf(credential, config.CODEX_AUTH_SECRET_KEY);
   // As for seed: a named login joins the list every replica holds (default needs a row only for a pool).
   const listed = credential !== DEFAULT_CREDENTIAL || pool !== undefined;
-  const issuer = { issuer: config.OAUTH_ISSUER, clientId: config.OAUTH_CLIENT_ID, timeoutMs: config.UPSTREAM_TIMEOUT_SECONDS * 1000 };
+  // Through HTTPS_PROXY / HTTP_PROXY / NO_PROXY, like every call serve makes.
+  const dispatcher = new EnvHttpProxyAgent();
+  const issuer = { issuer: config.OAUTH_ISSUER, clientId: config.OAUTH_CLIENT_ID, timeoutMs: config.UPSTREAM_TIMEOUT_SECONDS * 1000, dispatcher };
   const cancel = new AbortController();
   const onSigint = () => cancel.abort();
   process.on('SIGINT', onSigint);
@@ -111,5 +114,6 @@ export async function loginCommand(config: Config, logger: Logger, args: string[
     return err.reason === 'stale_login' ? 4 : 1;
   } finally {
     process.off('SIGINT', onSigint);
+    await dispatcher.close().catch(() => undefined);
   }
 }
