@@ -95,6 +95,21 @@ async function status(port: number, p: string, token?: string): Promise<number> 
   }
 }
 
+/** A served read's status, and for an error its problem code (the body of a 200 is a token: never kept). */
+async function read(port: number, token: string): Promise<{ status: number; code?: string }> {
+  try {
+    const r = await fetch(`http://127.0.0.1:${port}/codex-auth`, { headers: { authorization: `Bearer ${token}` }, signal: AbortSignal.timeout(2_000) });
+    if (r.status === 200) {
+      await r.arrayBuffer();
+      return { status: 200 };
+    }
+    const body = (await r.json().catch(() => ({}))) as { code?: unknown };
+    return { status: r.status, code: typeof body.code === 'string' ? body.code : 'no code' };
+  } catch (err) {
+    return { status: 0, code: (err as Error).name };
+  }
+}
+
 /** A store on the test's database with the children's key: seed and read the row as an operator would. */
 async function openStore(url: string) {
   const logs = new LogCapture('warn');
@@ -264,9 +279,9 @@ test('3 replicas, one killed with SIGKILL in a loop, during 100 due cycles: exac
     const poll = (async () => {
       while (!stop) {
         for (const r of [r1, r2]) {
-          const s = await status(r.port, '/codex-auth', client);
-          if (s === 200) served.ok++;
-          else served.bad.push(`${r.port}: ${s} at +${Date.now() - startedAt} ms`);
+          const s = await read(r.port, client);
+          if (s.status === 200) served.ok++;
+          else served.bad.push(`${r.port}: ${s.status} ${s.code ?? ''} at +${Date.now() - startedAt} ms`);
         }
         await sleep(100);
       }
