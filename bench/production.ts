@@ -59,17 +59,10 @@ export async function stopChild(child: ChildProcess): Promise<void> {
 }
 
 export const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
-/** CPU time (user + system, all threads) a process has used, in microseconds, from /proc. */
-export function cpuUsOf(pid: number): number {
-  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-  // Fields after the command name (which may contain spaces): utime and stime are 14 and 15.
-  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return ((Number(f[11]) + Number(f[12])) * 1e6) / CLK_TCK;
-}
-
-/** CPU time split: user and system, in microseconds, from /proc. */
+/** CPU time a process has used (all threads), user and system, in microseconds, from /proc. */
 export function cpuSplitOf(pid: number): { user: number; sys: number } {
   const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  // Fields after the command name (which may contain spaces): utime and stime are 14 and 15.
   const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
   return { user: (Number(f[11]) * 1e6) / CLK_TCK, sys: (Number(f[12]) * 1e6) / CLK_TCK };
 }
@@ -236,7 +229,7 @@ export async function startProduction(databaseUrl: string, clientCount: number, 
     }
     if (Object.keys(servedBy).length !== CREDENTIALS.length) throw new Error(`the loaded clients are not served every credential: ${JSON.stringify(servedBy)}`);
     return {
-      command: `${nodeOptions ? `NODE_OPTIONS=${nodeOptions} ` : ''}node ${[...imageNodeArgs(), ''].join(' ')}dist/cli.js serve`,
+      command: `${nodeOptions ? `NODE_OPTIONS=${nodeOptions} ` : ''}${['node', ...imageNodeArgs(), 'dist/cli.js', 'serve'].join(' ')}`,
       pid,
       base,
       port,

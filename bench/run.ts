@@ -22,7 +22,7 @@ import { fileURLToPath } from 'node:url';
 import autocannon from 'autocannon';
 import { startTestPostgres } from '../test/helpers/pg.js';
 import { CLIENTS, CREDENTIALS, LOADED_CLIENTS } from './fleet.js';
-import { CPU_COUNT, PIN, SERVER_CPU, cpuUsOf, cpuSplitOf, root, rssOf, startProduction, startServer, stopChild } from './production.js';
+import { CPU_COUNT, PIN, SERVER_CPU, cpuSplitOf, root, rssOf, startProduction, startServer, stopChild } from './production.js';
 import type { LimitsInfo, RefreshTrial, ServeInfo } from './server.js';
 
 const HISTORY_MARKER = '<!-- history: everything below is kept by npm run bench -->';
@@ -217,7 +217,8 @@ async function main(): Promise<void> {
     const prod = await startProduction(prodDb, CLIENTS, LOADED_CLIENTS);
     stoppers.push(prod.stop);
     console.log(`${prod.command} (pid ${prod.pid}): ${CLIENTS} clients, auth.json ${Buffer.byteLength(prod.body)} bytes`);
-    const lim = startServer('limits', '', (process.env['BENCH_LIMITS_ARGS'] ?? '').split(' ').filter(Boolean), { BENCH_BODY: prod.body });
+    const limitsArgs = (process.env['BENCH_LIMITS_ARGS'] ?? '').split(' ').filter(Boolean);
+    const lim = startServer('limits', '', limitsArgs, { BENCH_BODY: prod.body });
     children.push(lim.child);
     const limits = JSON.parse(await lim.firstLine) as LimitsInfo;
     const { clients } = prod;
@@ -238,8 +239,10 @@ async function main(): Promise<void> {
     const caseFilter = process.env['BENCH_CASES'] ? new RegExp(process.env['BENCH_CASES']) : undefined;
     // The report reads every case by position: a filtered run only prints.
     if (caseFilter && !QUICK) throw new Error('BENCH_CASES needs BENCH_QUICK=1 (the full report needs every case)');
+    /** The bare route (the limit every ratio divides by), then the cases BENCH_CASES names. */
+    const chosen = <T extends { name: string }>(list: T[]) => list.filter((c, i) => i === 0 || !caseFilter || caseFilter.test(c.name));
     const allCases = caseList(broker, clients, limits);
-    const cases = allCases.filter((c, i) => i === 0 || !caseFilter || caseFilter.test(c.name));
+    const cases = chosen(allCases);
 
     // Memory first, on the fresh process: RSS through MEMORY_REQUESTS GET /codex-auth.
     const rssBeforeRun = rssOf(prod.pid);
@@ -267,14 +270,14 @@ async function main(): Promise<void> {
     // apart from one process to the next, so a row is the median of several processes.
     const freshPair = async (pinned: boolean) => {
       const p = await startProduction(await pg.newDatabase(), CLIENTS, LOADED_CLIENTS, { build: false });
-      const l = startServer('limits', '', (process.env['BENCH_LIMITS_ARGS'] ?? '').split(' ').filter(Boolean), { BENCH_BODY: p.body });
+      const l = startServer('limits', '', limitsArgs, { BENCH_BODY: p.body });
       const li = await l.firstLine.then((line) => JSON.parse(line) as LimitsInfo).catch(async (err: unknown) => {
         await p.stop();
         throw err;
       });
       if (!pinned) for (const pid of [p.pid, li.pid]) execFileSync('taskset', ['-a', '-p', '-c', `0-${CPU_COUNT - 1}`, String(pid)], { stdio: 'ignore' });
       return {
-        cases: caseList(p.base, p.clients, li).filter((c, i) => i === 0 || !caseFilter || caseFilter.test(c.name)),
+        cases: chosen(caseList(p.base, p.clients, li)),
         pid: p.pid,
         stop: async () => {
           await stopChild(l.child);
@@ -292,13 +295,14 @@ async function main(): Promise<void> {
           for (const [i, c] of set.cases.entries()) {
             if (round === 0 || fresh) await run(c.url, [c.spec], WARMUP);
             const pid = c.pid ?? set.pid;
-            const cpuBefore = cpuUsOf(pid);
-            const splitBefore = cpuSplitOf(pid);
+            const before = cpuSplitOf(pid);
             const r = await run(c.url, [c.spec], SECONDS);
-            const rw = { ...row(c.name, r), cpuUs: (cpuUsOf(pid) - cpuBefore) / Math.max(1, r.requests.total) };
-            const splitAfter = cpuSplitOf(pid);
+            const after = cpuSplitOf(pid);
             const n = Math.max(1, r.requests.total);
-            const split = `(user ${f1((splitAfter.user - splitBefore.user) / n)}, system ${f1((splitAfter.sys - splitBefore.sys) / n)})`;
+            const user = (after.user - before.user) / n;
+            const sys = (after.sys - before.sys) / n;
+            const rw = { ...row(c.name, r), cpuUs: user + sys };
+            const split = `(user ${f1(user)}, system ${f1(sys)})`;
             if (!(c.expect in r.statusCodeStats) || Object.keys(r.statusCodeStats).length !== 1) console.warn(`  unexpected statuses for ${c.name}: ${rw.statuses}`);
             if (c.url === broker) prodServed += r.requests.total;
             byCase[i]?.push(rw);

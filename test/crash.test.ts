@@ -85,20 +85,10 @@ function events(out: string): string[] {
   return evs;
 }
 
-async function status(port: number, p: string, token?: string): Promise<number> {
+/** A read's status, and for an error its problem code (a 200's body may be a token: never kept). */
+async function read(port: number, p: string, token?: string): Promise<{ status: number; code?: string }> {
   try {
     const r = await fetch(`http://127.0.0.1:${port}${p}`, { headers: token ? { authorization: `Bearer ${token}` } : {}, signal: AbortSignal.timeout(2_000) });
-    await r.arrayBuffer();
-    return r.status;
-  } catch {
-    return 0;
-  }
-}
-
-/** A served read's status, and for an error its problem code (the body of a 200 is a token: never kept). */
-async function read(port: number, token: string): Promise<{ status: number; code?: string }> {
-  try {
-    const r = await fetch(`http://127.0.0.1:${port}/codex-auth`, { headers: { authorization: `Bearer ${token}` }, signal: AbortSignal.timeout(2_000) });
     if (r.status === 200) {
       await r.arrayBuffer();
       return { status: 200 };
@@ -108,6 +98,10 @@ async function read(port: number, token: string): Promise<{ status: number; code
   } catch (err) {
     return { status: 0, code: (err as Error).name };
   }
+}
+
+async function status(port: number, p: string, token?: string): Promise<number> {
+  return (await read(port, p, token)).status;
 }
 
 /** A store on the test's database with the children's key: seed and read the row as an operator would. */
@@ -279,7 +273,7 @@ test('3 replicas, one killed with SIGKILL in a loop, during 100 due cycles: exac
     const poll = (async () => {
       while (!stop) {
         for (const r of [r1, r2]) {
-          const s = await read(r.port, client);
+          const s = await read(r.port, '/codex-auth', client);
           if (s.status === 200) served.ok++;
           else served.bad.push(`${r.port}: ${s.status} ${s.code ?? ''} at +${Date.now() - startedAt} ms`);
         }
