@@ -116,6 +116,7 @@ export function loadConfig(source: NodeJS.ProcessEnv = process.env): Config {
   const tokenUrl = env.OAUTH_TOKEN_URL ?? `${env.OAUTH_ISSUER.replace(/\/+$/, '')}/oauth/token`;
   checkUpstreamUrl(env.OAUTH_TOKEN_URL === undefined ? 'OAUTH_ISSUER' : 'OAUTH_TOKEN_URL', tokenUrl);
   checkUpstreamUrl('CHATGPT_BASE_URL', env.CHATGPT_BASE_URL);
+  checkProxyVariables(source);
   // Node refuses a server whose headers deadline is past its request deadline.
   if (env.HTTP_HEADERS_TIMEOUT_SECONDS > env.HTTP_REQUEST_TIMEOUT_SECONDS) {
     throw new ConfigError('HTTP_HEADERS_TIMEOUT_SECONDS', `expected at most HTTP_REQUEST_TIMEOUT_SECONDS (${env.HTTP_REQUEST_TIMEOUT_SECONDS}), got ${env.HTTP_HEADERS_TIMEOUT_SECONDS}`);
@@ -151,6 +152,29 @@ function checkDatabaseUrl(value: string): void {
   }
   if (url.protocol !== 'postgres:' && url.protocol !== 'postgresql:') {
     throw new ConfigError('DATABASE_URL', `expected a postgres:// or postgresql:// URL, got scheme ${url.protocol}`);
+  }
+}
+
+/**
+ * The outbound proxy every upstream call goes through (undici's EnvHttpProxyAgent): the
+ * variable it reads (lowercase first, as undici does) must be a URL, or every start would
+ * fail with a bare "Invalid URL". The value is never echoed (it may hold a password).
+ */
+function checkProxyVariables(source: NodeJS.ProcessEnv): void {
+  for (const [lower, upper] of [['http_proxy', 'HTTP_PROXY'], ['https_proxy', 'HTTPS_PROXY']] as const) {
+    const name = source[lower] !== undefined ? lower : upper;
+    const value = source[name];
+    if (!value) continue;
+    let url: URL | undefined;
+    try {
+      url = new URL(value);
+    } catch {
+      url = undefined;
+    }
+    // "proxy.internal:3128" parses too (as scheme "proxy.internal:"): insist on a scheme undici speaks and a host.
+    if (!url || !['http:', 'https:', 'socks:', 'socks5:'].includes(url.protocol) || !url.hostname) {
+      throw new ConfigError(name, 'expected the URL of an outbound proxy (http://, https:// or socks5://host:port, e.g. http://proxy.internal:3128)');
+    }
   }
 }
 

@@ -171,6 +171,19 @@ describe('config: bad values fail fast naming the variable', () => {
     rejects({ DATABASE_URL: 'mysql://x' }, 'DATABASE_URL');
   });
 
+  test('a proxy variable that is not a URL is rejected naming it (the one undici reads: lowercase first), never echoing it', () => {
+    for (const name of ['HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy']) {
+      // No scheme: parses as the URL scheme "user:", which no proxy speaks.
+      for (const bad of ['user:hunter2-s3cret@proxy.internal:3128', 'http://user:hunter2-s3cret@', 'hunter2-s3cret not a url']) {
+        const err = rejects({ [name]: bad }, name);
+        assert.ok(!err.message.includes('hunter2-s3cret'), err.message);
+      }
+    }
+    // The lowercase one wins in undici: an unused uppercase one does not stop the broker.
+    assert.doesNotThrow(() => loadConfig({ https_proxy: 'http://proxy.internal:3128', HTTPS_PROXY: 'not a url' }));
+    assert.doesNotThrow(() => loadConfig({ HTTPS_PROXY: 'http://user:pw@proxy.internal:3128', HTTP_PROXY: 'socks5://127.0.0.1:1080', NO_PROXY: 'localhost' }));
+  });
+
   test('a DATABASE_URL error never echoes its password', () => {
     const err = rejects({ DATABASE_URL: 'mysql://user:hunter2-s3cret@db/x' }, 'DATABASE_URL');
     assert.ok(!err.message.includes('hunter2-s3cret'), err.message);
