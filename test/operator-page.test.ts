@@ -453,12 +453,13 @@ test('add a client: its token is shown once with the sync-script lines; revoking
   await tokenBox.waitFor(WAIT).catch(async (err: Error) => assert.fail(`${err.message}\n${await page.locator('#main').innerText()}\n${w.problems().join('\n')}`));
   const token = (await tokenBox.textContent()) ?? '';
   assert.match(token, /^[A-Za-z0-9_-]{40,}$/);
-  assert.equal((await fetchAuth(b, token)).statusCode, 200, 'the shown token works');
   const origin = b.url;
   assert.equal(await page.locator('#new-client-lines').textContent(), `CODEX_AUTH_BROKER_URL=${origin}\nCODEX_AUTH_BROKER_TOKEN=${token}\nCODEX_REFRESH_TOKEN_URL_OVERRIDE=${origin}/oauth/token`);
   assert.equal(await page.getByRole('button', { name: 'Copy the token' }).count(), 1);
   await clientRow(page, 'ws-new').waitFor(WAIT);
+  // Read the row before the token is used: the page polls, and a used token's row says "active".
   assert.match((await clientRow(page, 'ws-new').textContent()) ?? '', new RegExp(`${workspaceId}.*never seen`));
+  assert.equal((await fetchAuth(b, token)).statusCode, 200, 'the shown token works');
   assert.ok(!page.url().includes(token));
   assert.equal(await page.evaluate(`JSON.stringify(sessionStorage).includes(${JSON.stringify(token)}) || JSON.stringify(localStorage).includes(${JSON.stringify(token)})`), false);
   // Once: dismissed, it is gone from the page; the list never shows it.
