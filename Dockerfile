@@ -23,14 +23,14 @@ RUN npm run build
 
 # ---- runtime: production dependencies only -------------------------------------------
 FROM ${NODE_IMAGE} AS runtime
-# V8's heap, sized for a broker with 10,000 clients (BENCHMARKS.md, history 2026-12-02):
-# --max-semi-space-size=4 bounds the young generation at 4 MB per semi-space (V8's default,
-# 16 MB, adds about 30 MB of RSS under load); 2 MB scavenged so often that it cost about a
-# quarter of the CPU per request. --heap-growing-percent=20 (in CMD: NODE_OPTIONS refuses
-# it) collects the old generation before it fills with garbage (about 30 MB less RSS after
-# 1,000,000 requests).
+# V8's heap, sized for a broker with 10,000 clients (docs/performance.md, "Heap sizing"):
+# --max-semi-space-size=8 bounds the young generation at 8 MB per semi-space (V8's default,
+# 16 MB, adds about 30 MB of RSS under load; 4 MB cost about a fifth more CPU per request,
+# 2 MB more still). --heap-growing-percent=20 (in CMD: NODE_OPTIONS refuses it) collects
+# the old generation before it fills with garbage (about 30 MB less RSS after 1,000,000
+# requests).
 ENV NODE_ENV=production \
-    NODE_OPTIONS=--max-semi-space-size=4 \
+    NODE_OPTIONS=--max-semi-space-size=8 \
     HOST=0.0.0.0 \
     PORT=8080 \
     DATA_DIR=/app/data

@@ -15,8 +15,8 @@ export default tseslint.config(
     },
   },
   {
-    // The plain-JavaScript launcher runs on Node: its globals are Node's.
-    files: ['bin/**/*.js'],
+    // The plain-JavaScript launcher (and the bench's preload) run on Node: their globals are Node's.
+    files: ['bin/**/*.js', 'bench/**/*.mjs'],
     languageOptions: { globals: { URL: 'readonly', console: 'readonly', process: 'readonly' } },
   },
   {

@@ -82,6 +82,8 @@ export function imageNodeOptions(): string {
 
 /** The node flags of the image's CMD (`node <flags> dist/cli.js serve`): V8 flags NODE_OPTIONS refuses. */
 export function imageNodeArgs(): string[] {
+  // BENCH_CMD_ARGS: an experiment's node flags instead of the CMD's (e.g. '' for V8's defaults).
+  if (process.env['BENCH_CMD_ARGS'] !== undefined) return process.env['BENCH_CMD_ARGS'].split(' ').filter(Boolean);
   const m = /^CMD\s+(\[.*\])\s*$/m.exec(fs.readFileSync(path.join(root, 'Dockerfile'), 'utf8'));
   const cmd = m?.[1] ? (JSON.parse(m[1]) as string[]) : [];
   const script = cmd.indexOf('dist/cli.js');
@@ -105,6 +107,8 @@ export interface Production {
   /** The loaded clients (the load rotates over them) per credential served. */
   servedBy: Record<string, number>;
   body: string;
+  /** With `inProcessBare`: the bare Fastify route served from this same process (bench/in-process-bare.mjs). */
+  inProcessBare?: string;
   rss: { afterStart: number; afterSeed: number; afterClients: number };
   stop(): Promise<void>;
 }
@@ -114,7 +118,7 @@ export interface Production {
  * NODE_OPTIONS, on its own database, seeded through the admin API, with clientCount
  * clients inserted in the shape createClient writes and loaded through NOTIFY.
  */
-export async function startProduction(databaseUrl: string, clientCount: number, loaded: number, o: { build?: boolean } = {}): Promise<Production> {
+export async function startProduction(databaseUrl: string, clientCount: number, loaded: number, o: { build?: boolean; inProcessBare?: boolean } = {}): Promise<Production> {
   if (o.build !== false) {
     const build = spawnSync('npm', ['run', '--silent', 'build'], { cwd: root, stdio: 'inherit' });
     if (build.status !== 0) throw new Error('npm run build failed');
@@ -138,7 +142,11 @@ export async function startProduction(databaseUrl: string, clientCount: number, 
     DATA_DIR: dataDir,
     LOG_LEVEL: 'warn',
   };
-  const [cmd, args] = serverCommand([...nodeArgs(), path.join(root, 'dist/cli.js'), 'serve']);
+  // The bare route inside this process (a bench-only preload; the image never loads it).
+  const bareFile = path.join(dataDir, 'in-process-bare-port');
+  const preload = o.inProcessBare ? ['--import', path.join(root, 'bench/in-process-bare.mjs')] : [];
+  if (o.inProcessBare) env['BENCH_IN_PROCESS_BARE_FILE'] = bareFile;
+  const [cmd, args] = serverCommand([...nodeArgs(), ...preload, path.join(root, 'dist/cli.js'), 'serve']);
   // BENCH_SERVER_STDOUT=file keeps what the process prints on stdout (e.g. with --trace-gc).
   const stdoutFile = process.env['BENCH_SERVER_STDOUT'];
   const child = spawn(cmd, args, { cwd: root, env, stdio: ['ignore', stdoutFile ? fs.openSync(stdoutFile, 'w') : 'ignore', 'inherit'] });
@@ -228,6 +236,12 @@ export async function startProduction(databaseUrl: string, clientCount: number, 
       clients.push({ token, etag: r.headers.get('etag') ?? '', refresh: doc.tokens.refresh_token.split('.')[0] ?? '', workspaceId: workspaceId(i) });
     }
     if (Object.keys(servedBy).length !== CREDENTIALS.length) throw new Error(`the loaded clients are not served every credential: ${JSON.stringify(servedBy)}`);
+    let inProcessBare: string | undefined;
+    if (o.inProcessBare) {
+      inProcessBare = `http://127.0.0.1:${fs.readFileSync(bareFile, 'utf8')}`;
+      const set = await fetch(`${inProcessBare}/body`, { method: 'PUT', headers: { 'content-type': 'text/plain' }, body });
+      if (set.status !== 204) throw new Error(`in-process bare route: PUT /body ${set.status}`);
+    }
     return {
       command: `${nodeOptions ? `NODE_OPTIONS=${nodeOptions} ` : ''}${['node', ...imageNodeArgs(), 'dist/cli.js', 'serve'].join(' ')}`,
       pid,
@@ -238,6 +252,7 @@ export async function startProduction(databaseUrl: string, clientCount: number, 
       assigned,
       servedBy,
       body,
+      ...(inProcessBare ? { inProcessBare } : {}),
       rss: { afterStart, afterSeed, afterClients },
       stop,
     };

@@ -8,7 +8,7 @@
  * BENCH_MEMORY_REQUESTS (1,000,000), BENCH_QUERY_REQUESTS (100,000), BENCH_PROFILE_SECONDS (8),
  * BENCH_PIN (1: with taskset and 2+ cores, servers on the last core, autocannon on the first;
  * the cases then run a second time unpinned, everything sharing every core), BENCH_QUICK (0),
- * BENCH_FRESH (1: each round after the first on a fresh production and limits process),
+ * BENCH_FRESH (1: each round on a fresh production and limits process; 0: every round on one pair),
  * BENCH_CASES (a regular expression: only the side-by-side cases whose name matches, beside
  * the bare route; for experiments with BENCH_QUICK), BENCH_LIMITS_ARGS (node flags for the
  * limits process, e.g. --cpu-prof --cpu-prof-dir=DIR; BENCH_NODE_ARGS is the production's).
@@ -39,7 +39,9 @@ const PROFILE_SECONDS = num('BENCH_PROFILE_SECONDS', 8);
 const ROUNDS = Math.max(1, num('BENCH_ROUNDS', 3));
 /** BENCH_QUICK=1: only the production side by side (pinned when pinning), printed; BENCHMARKS.md untouched. */
 const QUICK = process.env['BENCH_QUICK'] === '1';
-/** BENCH_FRESH=0: every round on the first production and limits processes (default: a fresh pair per round after the first). */
+/** The last side-by-side case: the bare route served from inside the production process. */
+const IN_PROCESS_BARE = "bare Fastify route in the broker's process";
+/** BENCH_FRESH=0: every round on one production and limits pair (default: a fresh pair per round). */
 const FRESH = process.env['BENCH_FRESH'] !== '0';
 const CONNECTIONS = 50;
 /** One pool, three logins: every serving case goes through each client's stored assignment. */
@@ -191,6 +193,28 @@ function sideBySideTable(rows: Row[]): string[] {
 }
 const fmtMb = (b: number) => `${(b / MB).toFixed(1)} MB`;
 
+/**
+ * The broker's CPU per request split in two by the bare route served from inside its own
+ * process: what the process costs every request (its heap, V8 flags and timers) and what
+ * each route's code adds.
+ */
+function processAndRoute(rows: Row[]): string[] {
+  const bare = rows[0];
+  const inside = rows.find((r) => r.name === IN_PROCESS_BARE);
+  if (!bare || !inside) return [];
+  const us = (r: Row) => r.cpuUs ?? NaN;
+  return [
+    '## Process and route',
+    '',
+    `The bare Fastify route also runs inside each production process (\`bench/in-process-bare.mjs\`, which the bench loads with \`node --import\`; the image never does): the same route code, on the broker's heap with its ${CLIENTS.toLocaleString('en-US')} clients, its V8 flags and its timers. Against the standalone bare route it shows what the process costs every request whatever the route; each route against it shows what the route's own code adds. Pinned rounds, server CPU per request (medians):`,
+    '',
+    "| case | µs/request | vs the standalone bare route | vs the bare route in the broker's process |",
+    '|---|---:|---:|---:|',
+    ...[inside, ...rows.filter((r) => r !== bare && r !== inside && !/^raw node|\/metrics$/.test(r.name))].map((r) => `| ${r.name} | ${f1(us(r))} | ${(us(r) / us(bare)).toFixed(2)}× | ${(us(r) / us(inside)).toFixed(2)}× |`),
+    '',
+  ];
+}
+
 async function main(): Promise<void> {
   const started = new Date();
   // Other work on the machine inflates CPU per request (fewer requests per wake-up): said in the report.
@@ -223,7 +247,7 @@ async function main(): Promise<void> {
     const limits = JSON.parse(await lim.firstLine) as LimitsInfo;
     const { clients } = prod;
     const broker = prod.base;
-    const caseList = (base: string, served: ServeInfo['clients'], lim: LimitsInfo): Array<{ name: string; url: string; spec: RequestSpec; expect: string; pid?: number }> => {
+    const caseList = (base: string, served: ServeInfo['clients'], lim: LimitsInfo, inProcessBare: string): Array<{ name: string; url: string; spec: RequestSpec; expect: string; pid?: number }> => {
       const specs = requestSpecs(served, STALE_GENERATION);
       return [
         { name: 'bare Fastify route (limit)', pid: lim.pid, url: `http://127.0.0.1:${lim.fastifyPort}`, spec: specs.get200(), expect: '200' },
@@ -233,6 +257,8 @@ async function main(): Promise<void> {
         { name: 'GET drop-in /workspaces/:id/secrets/values', url: base, spec: specs.dropIn, expect: '200' },
         { name: 'POST /oauth/token (stale caller)', url: base, spec: specs.shim, expect: '200' },
         { name: 'GET /healthz', url: base, spec: specs.healthz, expect: '200' },
+        // The limit again, served from inside the production process (bench/in-process-bare.mjs).
+        { name: IN_PROCESS_BARE, url: inProcessBare, spec: specs.get200(), expect: '200' },
         { name: 'GET /metrics', url: base, spec: specs.metrics, expect: '200' },
       ];
     };
@@ -241,7 +267,8 @@ async function main(): Promise<void> {
     if (caseFilter && !QUICK) throw new Error('BENCH_CASES needs BENCH_QUICK=1 (the full report needs every case)');
     /** The bare route (the limit every ratio divides by), then the cases BENCH_CASES names. */
     const chosen = <T extends { name: string }>(list: T[]) => list.filter((c, i) => i === 0 || !caseFilter || caseFilter.test(c.name));
-    const allCases = caseList(broker, clients, limits);
+    // The memory process has no in-process bare route: the side-by-side rounds run on fresh pairs.
+    const allCases = caseList(broker, clients, limits, '');
     const cases = chosen(allCases);
 
     // Memory first, on the fresh process: RSS through MEMORY_REQUESTS GET /codex-auth.
@@ -264,12 +291,13 @@ async function main(): Promise<void> {
 
     // Interleaved rounds: a slow moment on the shared machine hits one round of every case
     // rather than all rounds of one case. Each row is the round with the median req/s.
-    let prodServed = memRun.requests.total;
-    // Each round after the first runs on a fresh production process and a fresh limits
-    // process (BENCH_FRESH=0: all rounds on the first pair): the same build measures 20-25 %
-    // apart from one process to the next, so a row is the median of several processes.
+    // Each round runs on a fresh production process and a fresh limits process
+    // (BENCH_FRESH=0: all rounds on one pair): the same build measures 20-25 % apart from
+    // one process to the next, so a row is the median of several processes. The memory
+    // process is not one of them: it runs without the in-process bare route, which the
+    // side-by-side processes load.
     const freshPair = async (pinned: boolean) => {
-      const p = await startProduction(await pg.newDatabase(), CLIENTS, LOADED_CLIENTS, { build: false });
+      const p = await startProduction(await pg.newDatabase(), CLIENTS, LOADED_CLIENTS, { build: false, inProcessBare: true });
       const l = startServer('limits', '', limitsArgs, { BENCH_BODY: p.body });
       const li = await l.firstLine.then((line) => JSON.parse(line) as LimitsInfo).catch(async (err: unknown) => {
         await p.stop();
@@ -277,7 +305,7 @@ async function main(): Promise<void> {
       });
       if (!pinned) for (const pid of [p.pid, li.pid]) execFileSync('taskset', ['-a', '-p', '-c', `0-${CPU_COUNT - 1}`, String(pid)], { stdio: 'ignore' });
       return {
-        cases: chosen(caseList(p.base, p.clients, li)),
+        cases: chosen(caseList(p.base, p.clients, li, p.inProcessBare ?? '')),
         pid: p.pid,
         stop: async () => {
           await stopChild(l.child);
@@ -287,13 +315,16 @@ async function main(): Promise<void> {
     };
     const sideBySide = async (label: string, pinned: boolean): Promise<Row[]> => {
       const byCase: Row[][] = cases.map(() => []);
+      let kept: Awaited<ReturnType<typeof freshPair>> | undefined;
       for (let round = 0; round < ROUNDS; round++) {
-        const fresh = round > 0 && FRESH;
+        const reused = FRESH ? undefined : kept;
+        const fresh = reused === undefined;
         console.log(`${label} round ${round + 1}/${ROUNDS}${fresh ? ' (fresh processes)' : ''}`);
-        const set = fresh ? await freshPair(pinned) : { cases, pid: prod.pid, stop: async () => undefined };
+        const set = reused ?? (await freshPair(pinned));
+        if (!FRESH) kept = set;
         try {
           for (const [i, c] of set.cases.entries()) {
-            if (round === 0 || fresh) await run(c.url, [c.spec], WARMUP);
+            if (fresh) await run(c.url, [c.spec], WARMUP);
             const pid = c.pid ?? set.pid;
             const before = cpuSplitOf(pid);
             const r = await run(c.url, [c.spec], SECONDS);
@@ -304,12 +335,11 @@ async function main(): Promise<void> {
             const rw = { ...row(c.name, r), cpuUs: user + sys };
             const split = `(user ${f1(user)}, system ${f1(sys)})`;
             if (!(c.expect in r.statusCodeStats) || Object.keys(r.statusCodeStats).length !== 1) console.warn(`  unexpected statuses for ${c.name}: ${rw.statuses}`);
-            if (c.url === broker) prodServed += r.requests.total;
             byCase[i]?.push(rw);
             console.log(`  ${c.name.padEnd(44)} ${f1(rw.rps).padStart(9)} req/s  p50 ${rw.p50} ms  p99 ${rw.p99} ms  server CPU ${f1(rw.cpuUs)} µs/request ${split}  [${rw.statuses}]`);
           }
         } finally {
-          await set.stop();
+          if (FRESH || round === ROUNDS - 1) await set.stop();
         }
       }
       return byCase.map((runs) => {
@@ -332,13 +362,14 @@ async function main(): Promise<void> {
     }
     await stopChild(lim.child);
     if (QUICK) {
-      console.log(`\n${sideBySideTable(rows).join('\n')}\n(BENCH_QUICK: BENCHMARKS.md left as it is)`);
+      console.log(`\n${sideBySideTable(rows).join('\n')}\n\n${processAndRoute(rows).join('\n')}\n(BENCH_QUICK: BENCHMARKS.md left as it is)`);
       return;
     }
 
     // /metrics as Prometheus scrapes it: one request at a time.
-    const scrapeRun = await run(broker, [allCases[7]?.spec as RequestSpec], 0, 1, 2_000);
+    const scrapeRun = await run(broker, [allCases.find((c) => c.name === 'GET /metrics')?.spec as RequestSpec], 0, 1, 2_000);
     const scrapeP99 = scrapeRun.latency.p99;
+    const prodServed = memRun.requests.total + scrapeRun.requests.total;
     console.log(`  /metrics, 1 connection, 2,000 scrapes: p50 ${scrapeRun.latency.p50} ms, p99 ${scrapeP99} ms`);
     const rssAfterCases = rssOf(prod.pid);
 
@@ -486,7 +517,7 @@ async function main(): Promise<void> {
         ? `Pinned with taskset: the server under test on core ${SERVER_CPU}, autocannon on core 0 (Postgres, idle in steady state, unpinned). The ratios compare the server's CPU cost per request; absolute numbers depend on this machine.`
         : 'Not pinned (BENCH_PIN=0, no taskset, or one core): autocannon and the servers share the cores, so absolute numbers are a floor and the ratios swing with the scheduler.',
       '',
-      `Method: autocannon, ${CONNECTIONS} connections, ${WARMUP} s warm-up then ${SECONDS} s per case, the cases interleaved in ${ROUNDS} rounds (each row is the round with the median req/s; every round's req/s is listed)${FRESH && ROUNDS > 1 ? ', each round after the first on a fresh production process and a fresh limits process (the same build measures 20-25 % apart from one process to the next; see the history below), so a row is the median of several processes' : ''}, 127.0.0.1. The broker is the production process, \`${prod.command}\` (built by the bench; JSON logs at warn, default process metrics, client last-seen flush every 2 s, refresh-token exposure \`proxy\`), on an embedded Postgres, holding ${CREDENTIALS.length} credentials in one pool (${CREDENTIALS.map((c) => `\`${c}\``).join(', ')}, each its own login) and ${prod.clientCount.toLocaleString('en-US')} clients, assigned across them by the broker itself (${spreadOf(prod.assigned)}); requests rotate over ${clients.length.toLocaleString('en-US')} of them (one token per request; served ${spreadOf(prod.servedBy)}), so every case serves through each client's stored assignment. The two limits run in a process of their own (\`bench/server.ts limits\`) and serve the same ${Buffer.byteLength(prod.body)}-byte auth.json to the same request mix.`,
+      `Method: autocannon, ${CONNECTIONS} connections, ${WARMUP} s warm-up then ${SECONDS} s per case, the cases interleaved in ${ROUNDS} rounds (each row is the round with the median req/s; every round's req/s is listed)${FRESH ? ', each round on a fresh production process and a fresh limits process (the same build measures 20-25 % apart from one process to the next; see the history below), so a row is the median of several processes' : ', every round on one production process and one limits process (BENCH_FRESH=0)'}, 127.0.0.1. The broker is the production process, \`${prod.command}\` (built by the bench; JSON logs at warn, default process metrics, client last-seen flush every 2 s, refresh-token exposure \`proxy\`), on an embedded Postgres, holding ${CREDENTIALS.length} credentials in one pool (${CREDENTIALS.map((c) => `\`${c}\``).join(', ')}, each its own login) and ${prod.clientCount.toLocaleString('en-US')} clients, assigned across them by the broker itself (${spreadOf(prod.assigned)}); requests rotate over ${clients.length.toLocaleString('en-US')} of them (one token per request; served ${spreadOf(prod.servedBy)}), so every case serves through each client's stored assignment. The two limits run in a process of their own (\`bench/server.ts limits\`) and serve the same ${Buffer.byteLength(prod.body)}-byte auth.json to the same request mix; the bare route runs once more inside each production process (see "Process and route").`,
       '',
       '## Side by side',
       '',
@@ -502,6 +533,7 @@ async function main(): Promise<void> {
             '',
           ]
         : []),
+      ...processAndRoute(rows),
       '## Targets',
       '',
       '| target | measured | met |',
@@ -516,7 +548,7 @@ async function main(): Promise<void> {
       '',
       '### The production process (the RSS target)',
       '',
-      `\`${prod.command}\`, with ${prod.clientCount.toLocaleString('en-US')} clients inserted and loaded through NOTIFY, then ${memRun.requests.total.toLocaleString('en-US')} GET /codex-auth over ${clients.length.toLocaleString('en-US')} of them in ${memRun.duration.toFixed(0)} s (${f1(memRun.requests.average)} req/s; ${memStatuses}) before anything else; then the side-by-side cases (including ${ROUNDS} × ${SECONDS} s of /metrics from ${CONNECTIONS} concurrent connections, which Prometheus never does) and 2,000 single scrapes: ${prodServed.toLocaleString('en-US')} requests in all. RSS from /proc, no forced GC.`,
+      `\`${prod.command}\`, with ${prod.clientCount.toLocaleString('en-US')} clients inserted and loaded through NOTIFY, then ${memRun.requests.total.toLocaleString('en-US')} GET /codex-auth over ${clients.length.toLocaleString('en-US')} of them in ${memRun.duration.toFixed(0)} s (${f1(memRun.requests.average)} req/s; ${memStatuses}) before anything else; then 2,000 single /metrics scrapes: ${prodServed.toLocaleString('en-US')} requests in all. (The side-by-side cases run on processes of their own.) RSS from /proc, no forced GC.`,
       '',
       '| point | RSS |',
       '|---|---:|',
@@ -525,7 +557,7 @@ async function main(): Promise<void> {
       `| ${CREDENTIALS.length} credentials seeded | ${fmtMb(prod.rss.afterSeed)} |`,
       `| ${prod.clientCount.toLocaleString('en-US')} clients loaded and assigned | ${fmtMb(prod.rss.afterClients)} |`,
       `| after ${memRun.requests.total.toLocaleString('en-US')} requests | ${fmtMb(rssEnd)} (peak during the run ${fmtMb(rssPeak)}) |`,
-      `| after ${prodServed.toLocaleString('en-US')} requests in all (the side-by-side cases and /metrics scrapes too) | ${fmtMb(rssAfterCases)} |`,
+      `| after ${prodServed.toLocaleString('en-US')} requests in all (the /metrics scrapes too) | ${fmtMb(rssAfterCases)} |`,
       '',
       'During the long run:',
       '',
