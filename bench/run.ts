@@ -39,7 +39,7 @@ const PROFILE_SECONDS = num('BENCH_PROFILE_SECONDS', 8);
 const ROUNDS = Math.max(1, num('BENCH_ROUNDS', 3));
 /** BENCH_QUICK=1: only the production side by side (pinned when pinning), printed; BENCHMARKS.md untouched. */
 const QUICK = process.env['BENCH_QUICK'] === '1';
-/** The last side-by-side case: the bare route served from inside the production process. */
+/** The side-by-side case of the bare route served from inside the production process. */
 const IN_PROCESS_BARE = "bare Fastify route in the broker's process";
 /** BENCH_FRESH=0: every round on one production and limits pair (default: a fresh pair per round). */
 const FRESH = process.env['BENCH_FRESH'] !== '0';
@@ -206,7 +206,7 @@ function processAndRoute(rows: Row[]): string[] {
   return [
     '## Process and route',
     '',
-    `The bare Fastify route also runs inside each production process (\`bench/in-process-bare.mjs\`, which the bench loads with \`node --import\`; the image never does): the same route code, on the broker's heap with its ${CLIENTS.toLocaleString('en-US')} clients, its V8 flags and its timers. Against the standalone bare route it shows what the process costs every request whatever the route; each route against it shows what the route's own code adds. Pinned rounds, server CPU per request (medians):`,
+    `The bare Fastify route also runs inside each production process (\`bench/in-process-bare.mjs\`, which the bench loads with \`node --import\`; the image never does): the same route code, on the broker's heap with its ${CLIENTS.toLocaleString('en-US')} clients, its V8 flags and its timers. Against the standalone bare route it shows what the process costs every request whatever the route; each route against it shows what the route's own code adds. ${PIN ? 'Pinned' : 'Unpinned'} rounds, server CPU per request (medians):`,
     '',
     "| case | µs/request | vs the standalone bare route | vs the bare route in the broker's process |",
     '|---|---:|---:|---:|',
@@ -242,9 +242,6 @@ async function main(): Promise<void> {
     stoppers.push(prod.stop);
     console.log(`${prod.command} (pid ${prod.pid}): ${CLIENTS} clients, auth.json ${Buffer.byteLength(prod.body)} bytes`);
     const limitsArgs = (process.env['BENCH_LIMITS_ARGS'] ?? '').split(' ').filter(Boolean);
-    const lim = startServer('limits', '', limitsArgs, { BENCH_BODY: prod.body });
-    children.push(lim.child);
-    const limits = JSON.parse(await lim.firstLine) as LimitsInfo;
     const { clients } = prod;
     const broker = prod.base;
     const caseList = (base: string, served: ServeInfo['clients'], lim: LimitsInfo, inProcessBare: string): Array<{ name: string; url: string; spec: RequestSpec; expect: string; pid?: number }> => {
@@ -267,8 +264,10 @@ async function main(): Promise<void> {
     if (caseFilter && !QUICK) throw new Error('BENCH_CASES needs BENCH_QUICK=1 (the full report needs every case)');
     /** The bare route (the limit every ratio divides by), then the cases BENCH_CASES names. */
     const chosen = <T extends { name: string }>(list: T[]) => list.filter((c, i) => i === 0 || !caseFilter || caseFilter.test(c.name));
-    // The memory process has no in-process bare route: the side-by-side rounds run on fresh pairs.
-    const allCases = caseList(broker, clients, limits, '');
+    // The memory process's list names the cases and gives the specs it runs (the long GET
+    // and /metrics): the side-by-side rounds run on fresh pairs, which hold the limits and
+    // the in-process bare route.
+    const allCases = caseList(broker, clients, { pid: 0, fastifyPort: 0, rawPort: 0 }, '');
     const cases = chosen(allCases);
 
     // Memory first, on the fresh process: RSS through MEMORY_REQUESTS GET /codex-auth.
@@ -356,11 +355,11 @@ async function main(): Promise<void> {
     let unpinned: Row[] | undefined;
     if (PIN && !QUICK) {
       const all = `0-${CPU_COUNT - 1}`;
-      for (const pid of [process.pid, prod.pid, limits.pid]) execFileSync('taskset', ['-a', '-p', '-c', all, String(pid)], { stdio: 'ignore' });
+      // autocannon runs in this process; the fresh pairs are unpinned as they start.
+      execFileSync('taskset', ['-a', '-p', '-c', all, String(process.pid)], { stdio: 'ignore' });
       unpinned = await sideBySide('unpinned', false);
-      for (const [pid, cpu] of [[process.pid, '0'], [prod.pid, SERVER_CPU], [limits.pid, SERVER_CPU]] as const) execFileSync('taskset', ['-a', '-p', '-c', cpu, String(pid)], { stdio: 'ignore' });
+      execFileSync('taskset', ['-a', '-p', '-c', '0', String(process.pid)], { stdio: 'ignore' });
     }
-    await stopChild(lim.child);
     if (QUICK) {
       console.log(`\n${sideBySideTable(rows).join('\n')}\n\n${processAndRoute(rows).join('\n')}\n(BENCH_QUICK: BENCHMARKS.md left as it is)`);
       return;
