@@ -305,6 +305,48 @@ describe('authentication', () => {
     assert.equal(ok.statusCode, 200);
   });
 
+  test('a client secret that was served is refused as soon as the client is revoked (the remembered match goes with it)', async () => {
+    const t = await setup();
+    await seedAdmin(t, t.upstream.seed());
+    const c = await addClient(t, 'served-then-revoked');
+    const other = await addClient(t, 'still-live');
+    const ws = randomUUID();
+    const shim = (credential: string) => call(t, { method: 'POST', url: '/oauth/token', payload: { grant_type: 'refresh_token', refresh_token: `${credential}.old` } });
+    // Used on every route first, twice: the second use is answered from the remembered match.
+    for (let i = 0; i < 2; i++) {
+      assert.equal((await get(t, '/codex-auth', c.token)).statusCode, 200);
+      assert.equal((await get(t, DROP_IN(ws), c.token)).statusCode, 200);
+      assert.equal((await get(t, '/status', c.token)).statusCode, 200);
+      assert.equal((await shim(c.refreshCredential)).statusCode, 200);
+      assert.equal((await get(t, '/codex-auth', other.token)).statusCode, 200);
+    }
+    assert.equal((await call(t, { method: 'DELETE', url: '/admin/clients/served-then-revoked', token: ADMIN_TOKEN })).statusCode, 204);
+    assert401(await get(t, '/codex-auth', c.token));
+    assert401(await get(t, DROP_IN(ws), c.token));
+    assert401(await get(t, '/status', c.token));
+    assert.equal((await shim(c.refreshCredential)).statusCode, 401);
+    // The other client's remembered match was dropped too, and it is matched again.
+    assert.equal((await get(t, '/codex-auth', other.token)).statusCode, 200);
+  });
+
+  test('wrong secrets are never remembered: a flood of them leaves one remembered match per client secret used', async () => {
+    const t = await setup();
+    await seedAdmin(t, t.upstream.seed());
+    const c = await addClient(t, 'flooded');
+    // Every reload empties the remembered matches: wait for the last one this setup causes
+    // (the NOTIFY of the client's assignment in its pool).
+    await waitFor('the client loaded with its assignment', () => [...t.core.clients.all()].some((x) => x.name === 'flooded' && x.assigned !== undefined), 3_000);
+    assert.equal((await get(t, '/codex-auth', c.token)).statusCode, 200);
+    assert.equal((await call(t, { method: 'POST', url: '/oauth/token', payload: { grant_type: 'refresh_token', refresh_token: `${c.refreshCredential}.old` } })).statusCode, 200);
+    assert.equal(t.core.clients.remembered, 2);
+    for (let i = 0; i < 200; i++) {
+      assert401(await get(t, '/codex-auth', randomBytes(32).toString('base64url')));
+      const res = await call(t, { method: 'POST', url: '/oauth/token', payload: { grant_type: 'refresh_token', refresh_token: `cabrt_${randomBytes(32).toString('base64url')}.x` } });
+      assert.equal(res.statusCode, 401);
+    }
+    assert.equal(t.core.clients.remembered, 2);
+  });
+
   test('/admin/* without or with a wrong ADMIN_TOKEN is 401', async () => {
     const t = await setup();
     const c = await addClient(t, 'not-admin');

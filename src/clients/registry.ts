@@ -37,7 +37,18 @@ export interface ClientCounts {
  * Every client credential, held in memory and reloaded on change, so that serving a
  * workspace costs no database query. Lookups are by SHA-256 of the presented secret: a
  * caller cannot steer the hash, so the map lookup leaks nothing a constant-time compare
- * would protect, and one native hash call is the whole cost.
+ * would protect.
+ *
+ * The hash was the largest cost a client's request added (about 2 µs of 20: the native
+ * call and a 64-character hex string per request; BENCHMARKS.md, history). A secret that
+ * matched is therefore remembered as presented, mapped to its client, until the next
+ * applied reload empties that memory with the maps it came from: a revoked client is gone
+ * from both at the same moment. Only secrets that matched are remembered, so there is at
+ * most one entry per live client however many wrong secrets arrive (each of those still
+ * costs a hash, as before). That lookup by the presented string stays blind too: V8 compares
+ * a key's characters only after its 32-bit string hash, seeded at random per process, has
+ * matched. The process already holds the upstream tokens themselves; client secrets in its
+ * memory widen nothing for a reader of that memory.
  */
 export class ClientRegistry {
   readonly #pool: Pool;
@@ -46,6 +57,9 @@ export class ClientRegistry {
   readonly #platformTokens: boolean;
   #byToken = new Map<string, Client>();
   #byCredential = new Map<string, Client>();
+  /** Secrets that matched, as presented: emptied on every applied reload. */
+  #tokenSeen = new Map<string, Client>();
+  #credentialSeen = new Map<string, Client>();
   readonly #dirty = new Set<Client>();
   #loadSeq = 0;
   #appliedSeq = 0;
@@ -61,6 +75,11 @@ export class ClientRegistry {
 
   get size(): number {
     return this.#byToken.size;
+  }
+
+  /** How many matched secrets are remembered as presented (at most one per live client and kind). */
+  get remembered(): number {
+    return this.#tokenSeen.size + this.#credentialSeen.size;
   }
 
   /** Reload every client from the database (start, NOTIFY, periodic safety net). */
@@ -135,6 +154,8 @@ export class ClientRegistry {
     this.#appliedSeq = seq;
     this.#byToken = byToken;
     this.#byCredential = byCredential;
+    this.#tokenSeen = new Map();
+    this.#credentialSeen = new Map();
     this.#onReload?.();
   }
 
@@ -174,12 +195,20 @@ export class ClientRegistry {
 
   /** The client a bearer token belongs to, if it is live. No database query. */
   authenticate(token: string): Client | undefined {
-    return this.#byToken.get(hash('sha256', token, 'hex'));
+    return ClientRegistry.#lookup(token, this.#tokenSeen, this.#byToken);
   }
 
   /** The client a broker refresh credential belongs to, if it is live. */
   byRefreshCredential(credential: string): Client | undefined {
-    return this.#byCredential.get(hash('sha256', credential, 'hex'));
+    return ClientRegistry.#lookup(credential, this.#credentialSeen, this.#byCredential);
+  }
+
+  static #lookup(secret: string, seen: Map<string, Client>, byHash: Map<string, Client>): Client | undefined {
+    const known = seen.get(secret);
+    if (known !== undefined) return known;
+    const c = byHash.get(hash('sha256', secret, 'hex'));
+    if (c !== undefined) seen.set(secret, c);
+    return c;
   }
 
   markServed(c: Client, generation: string, now: number): void {
