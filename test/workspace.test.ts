@@ -305,7 +305,7 @@ describe('authentication', () => {
     assert.equal(ok.statusCode, 200);
   });
 
-  test('a client secret that was served is refused as soon as the client is revoked (the remembered match goes with it)', async () => {
+  test('a client secret that was served is refused as soon as the client is revoked (the remembered match goes with it; the others stay)', async () => {
     const t = await setup();
     await seedAdmin(t, t.upstream.seed());
     const c = await addClient(t, 'served-then-revoked');
@@ -320,12 +320,18 @@ describe('authentication', () => {
       assert.equal((await shim(c.refreshCredential)).statusCode, 200);
       assert.equal((await get(t, '/codex-auth', other.token)).statusCode, 200);
     }
+    // Its token and refresh credential, and the other client's token.
+    assert.equal(t.core.clients.remembered, 3);
     assert.equal((await call(t, { method: 'DELETE', url: '/admin/clients/served-then-revoked', token: ADMIN_TOKEN })).statusCode, 204);
+    assert.equal(t.core.clients.remembered, 1, 'the revoked client\'s secrets are forgotten with it, the live one\'s kept');
     assert401(await get(t, '/codex-auth', c.token));
     assert401(await get(t, DROP_IN(ws), c.token));
     assert401(await get(t, '/status', c.token));
     assert.equal((await shim(c.refreshCredential)).statusCode, 401);
-    // The other client's remembered match was dropped too, and it is matched again.
+    assert.equal((await get(t, '/codex-auth', other.token)).statusCode, 200);
+    // A reload that keeps a client keeps its remembered secret (pointing at the new record).
+    await t.core.clients.reload();
+    assert.equal(t.core.clients.remembered, 1);
     assert.equal((await get(t, '/codex-auth', other.token)).statusCode, 200);
   });
 

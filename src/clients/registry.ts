@@ -41,9 +41,10 @@ export interface ClientCounts {
  *
  * The hash was the largest cost a client's request added (about 2 µs of 20: the native
  * call and a 64-character hex string per request; BENCHMARKS.md, history). A secret that
- * matched is therefore remembered as presented, mapped to its client, until the next
- * applied reload empties that memory with the maps it came from: a revoked client is gone
- * from both at the same moment. Only secrets that matched are remembered, so there is at
+ * matched is therefore remembered as presented, mapped to its client; each applied reload
+ * carries over only the secrets whose hash it still holds, so a revoked or re-issued secret
+ * is forgotten at the same moment as its client. Only secrets that matched are remembered
+ * (about 140 bytes each: 1.4 MB for 10,000 clients' tokens), so there is at
  * most one entry per live client however many wrong secrets arrive (each of those still
  * costs a hash, as before). That lookup by the presented string stays blind too: V8 compares
  * a key's characters only after its 32-bit string hash, seeded at random per process, has
@@ -57,7 +58,7 @@ export class ClientRegistry {
   readonly #platformTokens: boolean;
   #byToken = new Map<string, Client>();
   #byCredential = new Map<string, Client>();
-  /** Secrets that matched, as presented: emptied on every applied reload. */
+  /** Secrets that matched, as presented (each applied reload keeps those still live). */
   #tokenSeen = new Map<string, Client>();
   #credentialSeen = new Map<string, Client>();
   readonly #dirty = new Set<Client>();
@@ -154,8 +155,10 @@ export class ClientRegistry {
     this.#appliedSeq = seq;
     this.#byToken = byToken;
     this.#byCredential = byCredential;
-    this.#tokenSeen = new Map();
-    this.#credentialSeen = new Map();
+    // A remembered secret stays remembered, now pointing at its client's new record, while
+    // the hash it matched is still live; a revoked or re-issued one is forgotten here.
+    this.#tokenSeen = ClientRegistry.#carried(this.#tokenSeen, byToken, (c) => c.tokenKey);
+    this.#credentialSeen = ClientRegistry.#carried(this.#credentialSeen, byCredential, (c) => c.refreshCredentialSha);
     this.#onReload?.();
   }
 
@@ -201,6 +204,15 @@ export class ClientRegistry {
   /** The client a broker refresh credential belongs to, if it is live. */
   byRefreshCredential(credential: string): Client | undefined {
     return ClientRegistry.#lookup(credential, this.#credentialSeen, this.#byCredential);
+  }
+
+  static #carried(seen: Map<string, Client>, byHash: Map<string, Client>, keyOf: (c: Client) => string): Map<string, Client> {
+    const out = new Map<string, Client>();
+    for (const [secret, before] of seen) {
+      const now = byHash.get(keyOf(before));
+      if (now !== undefined) out.set(secret, now);
+    }
+    return out;
   }
 
   static #lookup(secret: string, seen: Map<string, Client>, byHash: Map<string, Client>): Client | undefined {
