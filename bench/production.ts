@@ -10,7 +10,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
-import { loadCredentialSecret, refreshCredential, sha256, CLIENTS_CHANNEL } from '../src/clients/credentials.js';
+import { loadCredentialSecret, CLIENTS_CHANNEL } from '../src/clients/credentials.js';
+import { bulkInsert } from '../test/helpers/bulk-clients.js';
 import { FakeUpstream } from '../test/helpers/fake-upstream.js';
 import { freePort } from '../test/helpers/pg.js';
 import { CREDENTIALS } from './fleet.js';
@@ -179,24 +180,10 @@ export async function startProduction(databaseUrl: string, clientCount: number, 
     const afterSeed = rssOf(pid);
 
     const secret = await loadCredentialSecret(pool, key);
-    const tokens: string[] = [];
-    const cols: [string[], string[], Buffer[], string[], Buffer[]] = [[], [], [], [], []];
     const workspaceId = (i: number) => `00000000-0000-4000-8000-${String(i).padStart(12, '0')}`;
-    for (let i = 0; i < clientCount; i++) {
-      const token = randomBytes(32).toString('base64url');
-      const sha = sha256(token);
-      tokens.push(token);
-      cols[0].push(`bench-${i}`);
-      cols[1].push(workspaceId(i));
-      cols[2].push(sha);
-      cols[3].push(token.slice(0, 8));
-      cols[4].push(sha256(refreshCredential(secret, sha)));
-    }
-    await pool.query(
-      `INSERT INTO broker_clients (name, workspace_id, token_sha256, token_prefix, refresh_credential_sha256)
-       SELECT * FROM unnest($1::text[], $2::uuid[], $3::bytea[], $4::text[], $5::bytea[])`,
-      cols,
-    );
+    const bulk = bulkInsert(secret, clientCount, { prefix: 'bench', workspaceId });
+    const { tokens } = bulk;
+    await pool.query(bulk.text, bulk.values);
     await pool.query(`NOTIFY ${CLIENTS_CHANNEL}`);
     const get = (token: string) => fetch(`${base}/codex-auth`, { headers: { authorization: `Bearer ${token}` } });
     for (let i = 0; ; i++) {

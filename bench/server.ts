@@ -12,15 +12,14 @@
  *     three replicas on one database; times a due refresh (upstream answering in 200 ms)
  *     until all three serve the rotated token; prints one JSON line and exits.
  */
-import { randomBytes } from 'node:crypto';
 import { createServer } from 'node:http';
 import { Session } from 'node:inspector';
 import type { AddressInfo } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import Fastify from 'fastify';
-import { refreshCredential, sha256 } from '../src/clients/credentials.js';
 import { refreshLeadSeconds } from '../src/due.js';
 import { ADMIN_TOKEN, createTestApp, type TestApp } from '../test/helpers/app.js';
+import { bulkInsert } from '../test/helpers/bulk-clients.js';
 import { FakeUpstream } from '../test/helpers/fake-upstream.js';
 import { CLIENTS, CREDENTIALS, LOADED_CLIENTS } from './fleet.js';
 
@@ -164,27 +163,9 @@ async function serve(url: string): Promise<void> {
   const afterStart = memory(true);
 
   // 10,000 clients in one statement, in the shape createClient writes.
-  const tokens: string[] = [];
-  const names: string[] = [];
-  const workspaces: string[] = [];
-  const shas: Buffer[] = [];
-  const prefixes: string[] = [];
-  const credShas: Buffer[] = [];
-  for (let i = 0; i < CLIENTS; i++) {
-    const token = randomBytes(32).toString('base64url');
-    const sha = sha256(token);
-    tokens.push(token);
-    names.push(`bench-${i}`);
-    workspaces.push(workspaceId(i));
-    shas.push(sha);
-    prefixes.push(token.slice(0, 8));
-    credShas.push(sha256(refreshCredential(t.core.credentialSecret, sha)));
-  }
-  await t.core.pool.query(
-    `INSERT INTO broker_clients (name, workspace_id, token_sha256, token_prefix, refresh_credential_sha256)
-     SELECT * FROM unnest($1::text[], $2::uuid[], $3::bytea[], $4::text[], $5::bytea[])`,
-    [names, workspaces, shas, prefixes, credShas],
-  );
+  const bulk = bulkInsert(t.core.credentialSecret, CLIENTS, { prefix: 'bench', workspaceId });
+  const { tokens } = bulk;
+  await t.core.pool.query(bulk.text, bulk.values);
   await t.core.clients.reload();
   // Store every client's assignment (as the first replica to see them does), then reload them.
   await t.core.assignments.rebalance();

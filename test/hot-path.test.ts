@@ -4,7 +4,7 @@ import { createTestApp, ADMIN_TOKEN, type TestApp } from './helpers/app.js';
 import { FakeUpstream } from './helpers/fake-upstream.js';
 import { startTestPostgres, type TestPostgres } from './helpers/pg.js';
 import { settledCount } from './helpers/wait.js';
-import { newToken, refreshCredential, sha256 } from '../src/clients/credentials.js';
+import { bulkInsert } from './helpers/bulk-clients.js';
 
 let pg: TestPostgres;
 let upstream: FakeUpstream;
@@ -75,20 +75,10 @@ test('3 credentials and 10,000 clients: each client is served its assigned crede
     assert.equal(r.statusCode, 200, r.body);
   }
   // 10,000 clients in one statement, as a bulk import would land them; one reload.
-  const tokens: string[] = [];
-  const rows: { name: string; workspaceId: string; tokenSha: Buffer; credentialSha: Buffer }[] = [];
   const workspaceId = (i: number) => `00000000-0000-4000-9000-${String(i).padStart(12, '0')}`;
-  for (let i = 0; i < 10_000; i++) {
-    const token = newToken();
-    const tokenSha = sha256(token);
-    tokens.push(token);
-    rows.push({ name: `bulk-${i}`, workspaceId: workspaceId(i), tokenSha, credentialSha: sha256(refreshCredential(t.core.credentialSecret, tokenSha)) });
-  }
-  await t.core.pool.query(
-    `INSERT INTO broker_clients (name, workspace_id, token_sha256, token_prefix, refresh_credential_sha256)
-     SELECT * FROM unnest($1::text[], $2::uuid[], $3::bytea[], $4::text[], $5::bytea[])`,
-    [rows.map((r) => r.name), rows.map((r) => r.workspaceId), rows.map((r) => r.tokenSha), rows.map(() => ''), rows.map((r) => r.credentialSha)],
-  );
+  const bulk = bulkInsert(t.core.credentialSecret, 10_000, { prefix: 'bulk', workspaceId });
+  const { tokens } = bulk;
+  await t.core.pool.query(bulk.text, bulk.values);
   await t.core.clients.reload();
   // The first replica to see them stores an assignment for each (one statement).
   await t.core.assignments.rebalance();

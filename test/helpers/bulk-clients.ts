@@ -7,21 +7,46 @@ export interface BulkClient {
   token: string;
 }
 
+/** One INSERT of many clients, and their bearer tokens in the same order (`<prefix>-<i>`). */
+export interface BulkInsert {
+  tokens: string[];
+  text: string;
+  values: unknown[];
+}
+
 /**
- * `n` clients of one pool in a single statement, as a bulk import would land them (no
- * assignment yet: the first replica to see them assigns them). Then reload `core`.
+ * The one statement that lands `n` clients of one pool at once, in the shape createClient
+ * writes (token hash, no part of the token in clear, refresh-credential hash), as a bulk
+ * import would: no assignment yet, so the first replica to see them assigns them. Shared by
+ * the tests and the bench.
  */
-export async function insertClients(core: BrokerCore, n: number, prefix: string, pool = 'default'): Promise<BulkClient[]> {
-  const made = Array.from({ length: n }, (_, i) => {
+export function bulkInsert(credentialSecret: Buffer, n: number, o: { prefix: string; pool?: string; workspaceId?: (i: number) => string }): BulkInsert {
+  const tokens: string[] = [];
+  const names: string[] = [];
+  const workspaces: Array<string | null> = [];
+  const tokenShas: Buffer[] = [];
+  const credentialShas: Buffer[] = [];
+  for (let i = 0; i < n; i++) {
     const token = newToken();
     const tokenSha = sha256(token);
-    return { name: `${prefix}-${i}`, token, tokenSha, credentialSha: sha256(refreshCredential(core.credentialSecret, tokenSha)) };
-  });
-  await core.pool.query(
-    `INSERT INTO broker_clients (name, token_sha256, token_prefix, refresh_credential_sha256, pool)
-     SELECT n, t, '', c, $4 FROM unnest($1::text[], $2::bytea[], $3::bytea[]) AS x(n, t, c)`,
-    [made.map((c) => c.name), made.map((c) => c.tokenSha), made.map((c) => c.credentialSha), pool],
-  );
+    tokens.push(token);
+    names.push(`${o.prefix}-${i}`);
+    workspaces.push(o.workspaceId ? o.workspaceId(i) : null);
+    tokenShas.push(tokenSha);
+    credentialShas.push(sha256(refreshCredential(credentialSecret, tokenSha)));
+  }
+  return {
+    tokens,
+    text: `INSERT INTO broker_clients (name, workspace_id, token_sha256, token_prefix, refresh_credential_sha256, pool)
+           SELECT n, w, t, '', c, $5 FROM unnest($1::text[], $2::uuid[], $3::bytea[], $4::bytea[]) AS x(n, w, t, c)`,
+    values: [names, workspaces, tokenShas, credentialShas, o.pool ?? 'default'],
+  };
+}
+
+/** `n` clients of one pool in a single statement (bulkInsert), then `core` reloaded. */
+export async function insertClients(core: BrokerCore, n: number, prefix: string, pool = 'default'): Promise<BulkClient[]> {
+  const bulk = bulkInsert(core.credentialSecret, n, { prefix, pool });
+  await core.pool.query(bulk.text, bulk.values);
   await core.clients.reload();
-  return made.map(({ name, token }) => ({ name, token }));
+  return bulk.tokens.map((token, i) => ({ name: `${prefix}-${i}`, token }));
 }
