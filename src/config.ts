@@ -1,8 +1,17 @@
+import { createRequire } from 'node:module';
 import { hostname } from 'node:os';
-import { Type, type Static, type TSchema } from '@sinclair/typebox';
-import { Value } from '@sinclair/typebox/value';
+import type * as TypeBox from '@sinclair/typebox';
+import type { Static, TSchema } from '@sinclair/typebox';
+import type * as TypeBoxValue from '@sinclair/typebox/value';
 import { ConfigError, BrokerError } from './errors.js';
 import { parseEncryptionKey } from './lib/secret-crypto.js';
+
+// TypeBox's CommonJS build, not its ES modules: node's ESM loader opens all 247 of those at
+// once, which under a low `ulimit -n` (160) failed with EMFILE before the broker could start
+// (and say how many descriptors it has); require() reads one file at a time.
+const require = createRequire(import.meta.url);
+const { Type } = require('@sinclair/typebox') as typeof TypeBox;
+const { Value } = require('@sinclair/typebox/value') as typeof TypeBoxValue;
 
 const Seconds = (dflt: number, description: string) =>
   Type.Number({ exclusiveMinimum: 0, maximum: 31_536_000, default: dflt, description: `${description} (seconds, > 0)` });
