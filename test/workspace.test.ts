@@ -339,8 +339,7 @@ describe('authentication', () => {
     const t = await setup();
     await seedAdmin(t, t.upstream.seed());
     const c = await addClient(t, 'flooded');
-    // Every reload empties the remembered matches: wait for the last one this setup causes
-    // (the NOTIFY of the client's assignment in its pool).
+    // Let the setup's reloads (the NOTIFY of the client's assignment in its pool) settle first.
     await waitFor('the client loaded with its assignment', () => [...t.core.clients.all()].some((x) => x.name === 'flooded' && x.assigned !== undefined), 3_000);
     assert.equal((await get(t, '/codex-auth', c.token)).statusCode, 200);
     assert.equal((await call(t, { method: 'POST', url: '/oauth/token', payload: { grant_type: 'refresh_token', refresh_token: `${c.refreshCredential}.old` } })).statusCode, 200);

@@ -219,7 +219,14 @@ export class ClientRegistry {
     const known = seen.get(secret);
     if (known !== undefined) return known;
     const c = byHash.get(hash('sha256', secret, 'hex'));
-    if (c !== undefined) seen.set(secret, c);
+    if (c !== undefined) {
+      // Kept as a string of its own: the presented one is usually a slice of a larger string
+      // (the shim's refresh_token with whatever the caller appended after the dot, up to the
+      // 1 MB body limit), which would otherwise stay in memory with it. A matched secret is
+      // base64url, so the copy is always equal; anything else is simply not remembered.
+      const own = Buffer.from(secret, 'utf8').toString('utf8');
+      if (own === secret) seen.set(own, c);
+    }
     return c;
   }
 
