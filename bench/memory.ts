@@ -36,6 +36,7 @@ async function main(): Promise<void> {
   process.env['BENCH_NODE_OPTIONS'] = `${imageNodeOptions()}${extra}`.trim();
   const pg = await startTestPostgres();
   const rows: string[][] = [];
+  const spaceLines: string[] = [];
   try {
     const prod = await startProduction(await pg.newDatabase(), CLIENTS, LOADED_CLIENTS);
     try {
@@ -55,6 +56,14 @@ async function main(): Promise<void> {
           mb(metric(text, 'codex_broker_nodejs_heap_space_size_total_bytes', 'space="new"')),
           mb(metric(text, 'codex_broker_nodejs_external_memory_bytes')),
         ]);
+        const spaces = [...text.matchAll(/^codex_broker_nodejs_heap_space_size_(total|used)_bytes\{space="(\w+)"\} (\S+)$/gm)];
+        const bySpace = new Map<string, { total: number; used: number }>();
+        for (const [, kind, space, value] of spaces) {
+          const e = bySpace.get(space ?? '') ?? { total: 0, used: 0 };
+          e[kind as 'total' | 'used'] = Number(value);
+          bySpace.set(space ?? '', e);
+        }
+        spaceLines.push(`${label}: ${[...bySpace].map(([k, v]) => `${k} ${mb(v.used)}/${mb(v.total)}`).join(', ')} (used/total MB)`);
         if (SNAPSHOTS) {
           const before = new Set(fs.readdirSync(SNAPSHOTS));
           process.kill(prod.pid, 'SIGUSR2');
@@ -80,6 +89,9 @@ async function main(): Promise<void> {
           '| point | RSS | anonymous | file-backed | V8 heap total | V8 heap used | old space used | new space total | external |',
           '|---|---:|---:|---:|---:|---:|---:|---:|---:|',
           ...rows.map((x) => `| ${x.join(' | ')} |`),
+          '',
+          'V8 heap spaces:',
+          ...spaceLines.map((l) => `- ${l}`),
         ].join('\n'),
       );
     } finally {

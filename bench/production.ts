@@ -143,6 +143,12 @@ export async function startProduction(databaseUrl: string, clientCount: number, 
     DATA_DIR: dataDir,
     LOG_LEVEL: 'warn',
   };
+  // BENCH_SERVER_ENV='K=V K2=V2': more environment for the production process (e.g. MALLOC_ARENA_MAX=2).
+  for (const kv of (process.env['BENCH_SERVER_ENV'] ?? '').split(' ').filter(Boolean)) {
+    const i = kv.indexOf('=');
+    if (i <= 0) throw new Error(`BENCH_SERVER_ENV: ${kv} is not K=V`);
+    env[kv.slice(0, i)] = kv.slice(i + 1);
+  }
   // The bare route inside this process (a bench-only preload; the image never loads it).
   const bareFile = path.join(dataDir, 'in-process-bare-port');
   const preload = o.inProcessBare ? ['--import', path.join(root, 'bench/in-process-bare.mjs')] : [];

@@ -1,4 +1,4 @@
-import { decodeJwt } from 'jose';
+import { decodeJwt } from 'jose/jwt/decode';
 import { AuthJsonError } from './errors.js';
 import { isEpochSeconds, MAX_EPOCH_SECONDS } from './lib/time.js';
 

@@ -1,5 +1,6 @@
 import { readFileSync } from 'node:fs';
-import { EnvHttpProxyAgent, type Dispatcher } from 'undici';
+import type { Dispatcher } from 'undici';
+import { EnvHttpProxyAgent } from './lib/http-client.js';
 import { ChangeListener } from './change-listener.js';
 import { CLIENTS_CHANNEL, loadCredentialSecret } from './clients/credentials.js';
 import { ClientRegistry } from './clients/registry.js';

@@ -1,4 +1,4 @@
-import { decodeJwt } from 'jose';
+import { decodeJwt } from 'jose/jwt/decode';
 import { isEpochSeconds } from './lib/time.js';
 
 export interface AccessClaims {

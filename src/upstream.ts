@@ -1,4 +1,5 @@
-import { request, type Dispatcher } from 'undici';
+import type { Dispatcher } from 'undici';
+import { request } from './lib/http-client.js';
 import { UpstreamError } from './errors.js';
 import { describeNetworkError } from './lib/net-error.js';
 import type { RotationResponse } from './auth-json.js';

@@ -1,5 +1,5 @@
 import { createInterface } from 'node:readline';
-import { EnvHttpProxyAgent } from 'undici';
+import { EnvHttpProxyAgent } from '../lib/http-client.js';
 import type { Config } from '../config.js';
 import { registerCredential } from '../credential/catalog.js';
 import { badNameFlag, DEFAULT_CREDENTIAL, secretKeyOf } from '../credential/names.js';

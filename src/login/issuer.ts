@@ -1,4 +1,5 @@
-import { request, type Dispatcher } from 'undici';
+import type { Dispatcher } from 'undici';
+import { request } from '../lib/http-client.js';
 import { MAX_RESPONSE_BYTES, readCapped } from '../upstream.js';
 import { LoginError } from './errors.js';
 

@@ -1,4 +1,5 @@
-import { request, type Dispatcher } from 'undici';
+import type { Dispatcher } from 'undici';
+import { request } from '../lib/http-client.js';
 import { describeNetworkError } from '../lib/net-error.js';
 import { readCapped } from '../upstream.js';
 import { parseUsage, type UsageSnapshot } from './parse.js';
