@@ -220,6 +220,21 @@ describe('config: bad values fail fast naming the variable', () => {
     for (const bad of ['0', '101', '90.5', 'ninety', '-5']) rejects({ POOL_SWITCH_PERCENT: bad }, 'POOL_SWITCH_PERCENT');
   });
 
+  test("a number in hex, words or Infinity is refused naming the variable (USAGE_POLL_INTERVAL_SECONDS '0x10' is not read as 0, which would turn polling off)", () => {
+    for (const bad of ['0x10', 'Infinity', 'true', '5s', '1,5', '--1']) rejects({ USAGE_POLL_INTERVAL_SECONDS: bad }, 'USAGE_POLL_INTERVAL_SECONDS');
+    for (const bad of ['0x10', 'NaN', '1e999']) rejects({ UPSTREAM_TIMEOUT_SECONDS: bad }, 'UPSTREAM_TIMEOUT_SECONDS');
+  });
+
+  test("seconds are read in decimal or exponent form ('1e3', '.5', '+2'); booleans as true/false/1/0 in any case", () => {
+    const c = loadConfig({ UPSTREAM_TIMEOUT_SECONDS: '1e3', REFRESH_CHECK_INTERVAL_SECONDS: '.5', TRANSIENT_BACKOFF_BASE_SECONDS: '+2' });
+    assert.equal(c.UPSTREAM_TIMEOUT_SECONDS, 1000);
+    assert.equal(c.REFRESH_CHECK_INTERVAL_SECONDS, 0.5);
+    assert.equal(c.TRANSIENT_BACKOFF_BASE_SECONDS, 2);
+    for (const [raw, want] of [['TRUE', true], ['1', true], ['False', false], ['0', false]] as const) {
+      assert.equal(loadConfig({ PLATFORM_WORKSPACE_TOKENS: raw }).PLATFORM_WORKSPACE_TOKENS, want, raw);
+    }
+  });
+
   test('a bad LOG_LEVEL is rejected', () => {
     rejects({ LOG_LEVEL: 'verbose' }, 'LOG_LEVEL');
   });

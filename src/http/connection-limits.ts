@@ -1,5 +1,5 @@
 import type { Server } from 'node:http';
-import { EnvSchema, type Config } from '../config.js';
+import { ENV_VARIABLES, type Config } from '../config.js';
 import { connectionCap, isFdExhaustion, openFileLimit } from '../lib/fd-limit.js';
 import type { Logger } from '../logger.js';
 
@@ -10,7 +10,7 @@ export type HttpLimitsConfig = Pick<
 
 /** A value from the config, or the schema's default for an app built without it (tests). */
 function setting<K extends keyof HttpLimitsConfig>(c: Partial<HttpLimitsConfig>, name: K): number {
-  return c[name] ?? (EnvSchema.properties[name].default as number);
+  return c[name] ?? ENV_VARIABLES[name].default;
 }
 
 const ms = (seconds: number) => Math.round(seconds * 1000);

@@ -36,9 +36,9 @@ after(() => {
  * under `ulimit -n` (bash execs node, so the pid is the broker's).
  */
 export function spawnServe(env: Record<string, string>, o: { openFiles?: number } = {}): Serve {
-  // Under `ulimit -n` too, what npm test built (dist/) runs, as in the image: it starts under
-  // 160 descriptors since config.ts loads TypeBox's CommonJS build (its 247 ES modules, opened
-  // at once by node's loader, failed with EMFILE there).
+  // Under `ulimit -n` too, what npm test built (dist/) runs, as in the image. (The broker
+  // starts under 160 descriptors; TypeBox's 247 ES modules, opened at once by node's loader,
+  // once failed it there with EMFILE. config.ts no longer uses TypeBox.)
   const node = [process.execPath, ...cliArgs(['serve'])];
   const [cmd, args] = o.openFiles === undefined ? [node[0] ?? '', node.slice(1)] : ['bash', ['-c', `ulimit -n ${o.openFiles} && exec "$@"`, 'bash', ...node]];
   const child = spawn(cmd, args, { cwd: ROOT, env: cleanEnv({ LOG_LEVEL: 'info', LOG_FORMAT: 'json', HOST: '127.0.0.1', ...env }), stdio: ['ignore', 'pipe', 'pipe'] });
