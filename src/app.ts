@@ -33,6 +33,10 @@ export interface AppOptions {
   pressureSampleIntervalMs?: number;
 }
 
+function refuseSchemas(): never {
+  throw new Error('route schemas are not compiled here: check the input in the handler (see app.ts, schemaController)');
+}
+
 /**
  * The HTTP app, composed explicitly. It never listens: the entry point owns the
  * socket, signals and the database lifecycle.
@@ -49,6 +53,10 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     return503OnClosing: true,
     ...serverTimeouts(o.config),
     frameworkErrors: frameworkErrorHandler,
+    // No route declares a JSON schema: handlers parse and check their own input. Fastify's
+    // default compilers (Ajv and fast-json-stringify, about 100 modules) would only sit in
+    // memory; these take their place and refuse a schema at start if one is ever added.
+    schemaController: { compilersFactory: { buildValidator: refuseSchemas, buildSerializer: refuseSchemas } },
   });
   guardConnections(app.server, o.config, o.logger);
   app.setErrorHandler(errorHandler);

@@ -5,28 +5,53 @@
  * session 10) has the figures.
  */
 import { strict as assert } from 'node:assert';
-import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, test } from 'node:test';
-import { cliArgs } from './helpers/cli.js';
+import { freePort } from './helpers/pg.js';
+import { spawnServe, statusOf } from './helpers/serve.js';
+import { useSuite } from './helpers/suite.js';
+import { tempDirs } from './helpers/tmp.js';
+import { waitFor } from './helpers/wait.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
+const suite = useSuite();
+const tmp = tempDirs('cab-footprint-');
 
-/** The CommonJS files the CLI's whole static import graph loads (`--help`: every import, then exit). */
-function loadedFiles(): string[] {
-  const preload = [
-    "import { createRequire } from 'node:module';",
-    "const cache = createRequire(process.cwd() + '/').cache;",
-    "process.on('exit', () => process.stderr.write('\\nLOADED ' + JSON.stringify(Object.keys(cache)) + '\\n'));",
-  ].join('\n');
-  const r = spawnSync(process.execPath, ['--import', `data:text/javascript,${encodeURIComponent(preload)}`, ...cliArgs(['--help'])], {
-    cwd: ROOT,
-    encoding: 'utf8',
-    timeout: 60_000,
+// Loaded into the broker with NODE_OPTIONS=--import: at exit, every CommonJS file the process loaded.
+const PRELOAD = [
+  "import { createRequire } from 'node:module';",
+  "const cache = createRequire(process.cwd() + '/').cache;",
+  "process.on('exit', () => process.stderr.write('\\nLOADED ' + JSON.stringify(Object.keys(cache)) + '\\n'));",
+].join('\n');
+
+/**
+ * The CommonJS files a serving broker (`codex-auth-broker serve` on Postgres, built and
+ * answering /healthz and GET /codex-auth) has loaded by the time it stops on SIGTERM.
+ */
+let loaded: Promise<string[]> | undefined;
+function loadedFiles(): Promise<string[]> {
+  loaded ??= serveAndList();
+  return loaded;
+}
+
+async function serveAndList(): Promise<string[]> {
+  const upstream = await suite.upstream();
+  const port = await freePort();
+  const b = spawnServe({
+    DATABASE_URL: await suite.pg.newDatabase(),
+    DATA_DIR: tmp(),
+    OAUTH_TOKEN_URL: upstream.url,
+    PORT: String(port),
+    MAX_EVENT_LOOP_DELAY_MS: '0',
+    NODE_OPTIONS: `--import=data:text/javascript,${encodeURIComponent(PRELOAD)}`,
   });
-  const line = r.stderr.split('\n').find((l) => l.startsWith('LOADED '));
-  assert.ok(line, `no module list from the CLI (status ${r.status}): ${r.stderr.slice(-2000)}`);
+  await waitFor('the broker answering /healthz', async () => (await statusOf(port)) === 200, 60_000, b.out);
+  assert.equal((await fetch(`http://127.0.0.1:${port}/codex-auth`)).status, 401);
+  process.kill(b.pid, 'SIGTERM');
+  assert.equal((await b.exited).code, 0, b.out().slice(-2000));
+  const line = b.out().split('\n').find((l) => l.startsWith('LOADED '));
+  assert.ok(line, `no module list from the broker: ${b.out().slice(-2000)}`);
   return (JSON.parse(line.slice('LOADED '.length)) as string[]).map((f) => f.split(path.sep).join('/'));
 }
 
@@ -38,8 +63,8 @@ function sourceFiles(dir: string): string[] {
 }
 
 describe('what the broker loads', () => {
-  test("the broker process loads undici's client and proxy agent, not the rest of undici (no fetch, WebSocket, EventSource, mock agents or cache stores)", () => {
-    const undici = loadedFiles()
+  test("the broker process loads undici's client and proxy agent, not the rest of undici (no fetch, WebSocket, EventSource, mock agents or cache stores)", async () => {
+    const undici = (await loadedFiles())
       .filter((f) => f.includes('/node_modules/undici/'))
       .map((f) => f.slice(f.indexOf('/node_modules/undici/') + '/node_modules/undici/'.length));
     // What the broker does use (the proof that this looked at the right process).
@@ -49,6 +74,14 @@ describe('what the broker loads', () => {
     assert.ok(!undici.includes('index.js'), "undici's index (all of undici) is loaded");
     const unused = undici.filter((f) => /^lib\/(web|mock|cache|interceptor)\//.test(f));
     assert.deepEqual(unused, [], 'parts of undici the broker never uses are loaded');
+  });
+
+  test('the broker process loads no JSON-schema compiler (Ajv, fast-json-stringify): no route declares a schema', async () => {
+    const files = await loadedFiles();
+    assert.ok(files.some((f) => f.includes('/node_modules/fastify/')), 'fastify is not loaded: the test looked at the wrong process');
+    // (fastify's precompiled error serializer needs fast-json-stringify's small runtime, lib/serializer.js: not a compiler.)
+    const compilers = files.filter((f) => /\/node_modules\/(ajv|ajv-formats|@fastify\/ajv-compiler|@fastify\/fast-json-stringify-compiler)\/|\/node_modules\/fast-json-stringify\/index\.js$/.test(f));
+    assert.deepEqual(compilers, []);
   });
 
   test("the broker imports jose's decodeJwt alone (jose/jwt/decode), not jose's index", () => {
