@@ -3,8 +3,9 @@
  * broker as deployed (bench/production.ts: 3 credentials, BENCH_CLIENTS clients), then
  * serves BENCH_MEMORY_REQUESTS GET /codex-auth; at each point it prints RSS split into
  * anonymous and file-backed pages (/proc smaps_rollup) beside V8's heap and external
- * memory (the broker's own /metrics). BENCH_HEAP_SNAPSHOTS=dir also writes a V8 heap
- * snapshot at each point (SIGUSR2, --heapsnapshot-signal) for Chrome DevTools.
+ * memory (the broker's own /metrics), then every V8 heap space (used / committed).
+ * BENCH_HEAP_SNAPSHOTS=dir also writes a V8 heap snapshot at each point (SIGUSR2,
+ * --heapsnapshot-signal) for Chrome DevTools.
  * Prints a table; writes nothing else.
  */
 import * as fs from 'node:fs';
