@@ -8,7 +8,7 @@
  * whole, undici costs a process 4.7 MB of heap and about 20 MB of RSS; the parts below
  * 2.0 MB and 11 MB (measured with `require` after a full GC; BENCHMARKS.md, history,
  * session 10). undici has no `exports` map, so these paths are public to node; the test
- * "the serving process loads undici's client and proxy agent, not the rest of undici"
+ * "the broker process loads undici's client and proxy agent, not the rest of undici …"
  * fails if an upgrade moves them or the index comes back.
  *
  * Semantics are undici's `request(url, opts)`: the URL gives origin and path, the
