@@ -27,6 +27,35 @@ export interface Client {
   lastGeneration: string | undefined;
 }
 
+/**
+ * A client's record, every field named in one literal and one order: both kinds (broker
+ * clients and platform tokens) then share one hidden class, so the serving path's property
+ * reads stay monomorphic, and every field sits inside the object (a spread in the middle of
+ * the literal put the later ones in a separate property array: 38 bytes more per client).
+ */
+function clientRecord(
+  c: Pick<Client, 'id' | 'name' | 'kind' | 'workspaceId' | 'pool' | 'assigned'>,
+  tokenKey: string,
+  d: Pick<Client, 'refreshCredential' | 'refreshCredentialSha' | 'etagTag'>,
+  lastSeenAt: number | undefined,
+  lastGeneration: string | undefined,
+): Client {
+  return {
+    id: c.id,
+    name: c.name,
+    kind: c.kind,
+    workspaceId: c.workspaceId,
+    pool: c.pool,
+    assigned: c.assigned,
+    tokenKey,
+    refreshCredential: d.refreshCredential,
+    refreshCredentialSha: d.refreshCredentialSha,
+    etagTag: d.etagTag,
+    lastSeenAt,
+    lastGeneration,
+  };
+}
+
 export interface ClientCounts {
   active: number;
   stale: number;
@@ -129,24 +158,22 @@ export class ClientRegistry {
     };
     for (const r of rows.rows) {
       const [key, prev] = known(r.token_sha256);
-      add(key, {
-        id: r.id,
-        name: r.name,
-        kind: 'broker',
-        workspaceId: r.workspace_id,
-        pool: intern(r.pool),
-        assigned: intern(r.assigned_credential) ?? undefined,
-        tokenKey: key,
-        ...withCredential(r.token_sha256, prev),
-        // Keep what this replica saw more recently than its last flush.
-        lastSeenAt: Math.max(prev?.lastSeenAt ?? 0, r.last_used_at?.getTime() ?? 0) || undefined,
-        lastGeneration: prev && (prev.lastSeenAt ?? 0) >= (r.last_used_at?.getTime() ?? 0) ? prev.lastGeneration : (intern(r.last_served_generation) ?? undefined),
-      });
+      add(
+        key,
+        clientRecord(
+          { id: r.id, name: r.name, kind: 'broker', workspaceId: r.workspace_id, pool: intern(r.pool), assigned: intern(r.assigned_credential) ?? undefined },
+          key,
+          withCredential(r.token_sha256, prev),
+          // Keep what this replica saw more recently than its last flush.
+          Math.max(prev?.lastSeenAt ?? 0, r.last_used_at?.getTime() ?? 0) || undefined,
+          prev && (prev.lastSeenAt ?? 0) >= (r.last_used_at?.getTime() ?? 0) ? prev.lastGeneration : (intern(r.last_served_generation) ?? undefined),
+        ),
+      );
     }
     if (this.#platformTokens) {
       for (const { tokenSha, ...c } of await this.#loadPlatformTokens()) {
         const [key, prev] = known(tokenSha);
-        add(key, { ...c, tokenKey: key, ...withCredential(tokenSha, prev), lastSeenAt: prev?.lastSeenAt, lastGeneration: prev?.lastGeneration });
+        add(key, clientRecord(c, key, withCredential(tokenSha, prev), prev?.lastSeenAt, prev?.lastGeneration));
       }
     }
     // Apply unless a reload that started later has already been applied: an older read
