@@ -199,7 +199,7 @@ export class ClientRegistry {
     this.#onReload = fn;
   }
 
-  async #loadPlatformTokens(): Promise<Array<Omit<Client, 'refreshCredential' | 'refreshCredentialSha' | 'etagTag' | 'tokenKey'> & { tokenSha: Buffer }>> {
+  async #loadPlatformTokens(): Promise<Array<Pick<Client, 'id' | 'name' | 'kind' | 'workspaceId' | 'pool' | 'assigned'> & { tokenSha: Buffer }>> {
     const exists = await this.#pool.query<{ t: string | null }>("SELECT to_regclass('workspace_auth_tokens')::text AS t");
     if (!exists.rows[0]?.t) {
       if (!this.#platformTableMissingLogged) {
@@ -218,8 +218,6 @@ export class ClientRegistry {
       pool: 'default',
       assigned: undefined,
       tokenSha: row.token_hash,
-      lastSeenAt: undefined,
-      lastGeneration: undefined,
     }));
   }
 

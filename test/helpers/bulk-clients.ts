@@ -10,6 +10,7 @@ export interface BulkClient {
 /** One INSERT of many clients, and their bearer tokens in the same order (`<prefix>-<i>`). */
 export interface BulkInsert {
   tokens: string[];
+  names: string[];
   text: string;
   values: unknown[];
 }
@@ -37,6 +38,7 @@ export function bulkInsert(credentialSecret: Buffer, n: number, o: { prefix: str
   }
   return {
     tokens,
+    names,
     text: `INSERT INTO broker_clients (name, workspace_id, token_sha256, token_prefix, refresh_credential_sha256, pool)
            SELECT n, w, t, '', c, $5 FROM unnest($1::text[], $2::uuid[], $3::bytea[], $4::bytea[]) AS x(n, w, t, c)`,
     values: [names, workspaces, tokenShas, credentialShas, o.pool ?? 'default'],
@@ -48,5 +50,5 @@ export async function insertClients(core: BrokerCore, n: number, prefix: string,
   const bulk = bulkInsert(core.credentialSecret, n, { prefix, pool });
   await core.pool.query(bulk.text, bulk.values);
   await core.clients.reload();
-  return bulk.tokens.map((token, i) => ({ name: `${prefix}-${i}`, token }));
+  return bulk.tokens.map((token, i) => ({ name: bulk.names[i] ?? '', token }));
 }
