@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { hash } from 'node:crypto';
 import { accountInfo, parseCredential, type AccountInfo, type ParsedCredential } from './auth-json.js';
 import { AuthJsonError } from './errors.js';
 import { accessClaims, isDue, isExpired, type AccessClaims } from './due.js';
@@ -19,7 +19,7 @@ export interface Snapshot {
 }
 
 export function sha256Hex(value: string): string {
-  return createHash('sha256').update(value).digest('hex');
+  return hash('sha256', value, 'hex');
 }
 
 /** The 8-hex-character prefix of a SHA-256: enough to correlate, useless to an attacker. */

@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { hash as digest } from 'node:crypto';
 import type { JsonObject } from './auth-json.js';
 import { generationOf } from './clients/credentials.js';
 import type { Client } from './clients/registry.js';
@@ -105,7 +105,7 @@ class SharedDocument implements Rendered {
 }
 
 function etagOf(body: string): string {
-  return `"${createHash('sha256').update(body).digest('base64url').slice(0, 32)}"`;
+  return `"${digest('sha256', body, 'base64url').slice(0, 32)}"`;
 }
 
 /**
@@ -203,7 +203,7 @@ export class DocumentRenderer {
       post = text.slice(at + JSON.stringify(SLOT).length);
       escapedPre = escaped(pre);
       escapedPost = escaped(post);
-      hash = createHash('sha256').update(pre).update('\u0000').update(post).digest('base64url').slice(0, 22);
+      hash = digest('sha256', `${pre}\u0000${post}`, 'base64url').slice(0, 22);
     } else {
       // codex rejects a file whose refresh_token is not a string: omit serves an empty one.
       if (this.#exposure === 'omit') tokens['refresh_token'] = '';

@@ -5,9 +5,13 @@
  * session 10) has the figures.
  */
 import { strict as assert } from 'node:assert';
+import type * as Crypto from 'node:crypto';
 import * as fs from 'node:fs';
+import { createRequire, syncBuiltinESMExports } from 'node:module';
 import * as path from 'node:path';
 import { describe, test } from 'node:test';
+import { ADMIN_TOKEN } from './helpers/app.js';
+import { insertClients } from './helpers/bulk-clients.js';
 import { freePort } from './helpers/pg.js';
 import { spawnServe, statusOf } from './helpers/serve.js';
 import { useSuite } from './helpers/suite.js';
@@ -89,5 +93,43 @@ describe('what the broker loads', () => {
     assert.deepEqual(offenders.map((f) => path.relative(ROOT, f)), []);
     const users = sourceFiles(path.join(ROOT, 'src')).filter((f) => /from ['"]jose\/jwt\/decode['"]/.test(fs.readFileSync(f, 'utf8')));
     assert.ok(users.length > 0, 'no source file imports jose/jwt/decode: the test looked in the wrong place');
+  });
+});
+
+describe('what loading clients allocates', () => {
+  test('loading and assigning 2,000 clients builds no hash object per client: SHA-256 is one-shot (crypto.hash), not createHash', async (t) => {
+    // A createHash object keeps its native digest context (about 300 bytes of malloc) until
+    // a GC collects it: a reload and an assignment of 10,000 clients built 40,000 of them,
+    // and the process's malloc arena kept the peak (BENCHMARKS.md, history, session 11).
+    const upstream = await suite.upstream();
+    const a = await suite.app({ databaseUrl: await suite.pg.newDatabase(), upstreamUrl: upstream.url, clientReloadMs: 3_600_000, clientFlushMs: 3_600_000 });
+    for (const name of ['one', 'two', 'three']) {
+      const res = await a.app.inject({ method: 'PUT', url: `/admin/credentials/${name}`, headers: { authorization: `Bearer ${ADMIN_TOKEN}` }, payload: upstream.seed({ accountId: `acct-${name}` }) });
+      assert.equal(res.statusCode, 200, res.body);
+    }
+    const crypto = createRequire(import.meta.url)('node:crypto') as typeof Crypto;
+    const original = crypto.createHash;
+    let calls = 0;
+    crypto.createHash = function (this: unknown, ...args: Parameters<typeof original>) {
+      calls++;
+      return original.apply(this, args);
+    } as typeof original;
+    syncBuiltinESMExports();
+    t.after(() => {
+      crypto.createHash = original;
+      syncBuiltinESMExports();
+    });
+    // The count sees what an ES module importing node:crypto calls (the proof that it can fail).
+    (await import('node:crypto')).createHash('sha256');
+    assert.equal(calls, 1);
+    calls = 0;
+
+    const clients = await insertClients(a.core, 2_000, 'ws');
+    await a.core.assignments.rebalance();
+    await a.core.clients.reload();
+    const assigned = await a.core.pool.query<{ n: string }>('SELECT count(*) AS n FROM broker_clients WHERE assigned_credential IS NOT NULL');
+    assert.equal(Number(assigned.rows[0]?.n), clients.length, 'the clients were not assigned: the test measured nothing');
+    assert.equal((await a.app.inject({ url: '/codex-auth', headers: { authorization: `Bearer ${clients[0]?.token}` } })).statusCode, 200);
+    assert.ok(calls < 20, `${calls} createHash calls for ${clients.length} clients`);
   });
 });

@@ -1,4 +1,4 @@
-import { createHash, createHmac, hkdfSync, randomBytes } from 'node:crypto';
+import { createHmac, hash, hkdfSync, randomBytes } from 'node:crypto';
 import type { Pool } from '../db.js';
 
 export const CLIENTS_CHANNEL = 'codex_auth_clients_changed';
@@ -10,7 +10,7 @@ export function newToken(): string {
 }
 
 export function sha256(value: string | Buffer): Buffer {
-  return createHash('sha256').update(value).digest();
+  return hash('sha256', value, 'buffer');
 }
 
 /**

@@ -1,4 +1,4 @@
-import { createHash, timingSafeEqual } from 'node:crypto';
+import { hash, timingSafeEqual } from 'node:crypto';
 import { LoginError } from './errors.js';
 import { issuerBase } from './issuer.js';
 
@@ -28,7 +28,7 @@ export function authorizeUrl(o: { issuer: string; clientId: string }, challenge:
   return `${issuerBase(o)}/oauth/authorize?${q.toString().replaceAll('+', '%20')}`;
 }
 
-const sha = (s: string) => createHash('sha256').update(s).digest();
+const sha = (s: string) => hash('sha256', s, 'buffer');
 // What is safe to repeat from an issuer's error callback: a code-shaped identifier, and a
 // short human description without control characters.
 const ERROR_CODE = /^[A-Za-z0-9_.:-]{1,64}$/;

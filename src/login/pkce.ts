@@ -1,4 +1,4 @@
-import { createHash, randomBytes } from 'node:crypto';
+import { hash, randomBytes } from 'node:crypto';
 
 export type RandomBytes = (size: number) => Buffer;
 
@@ -9,7 +9,7 @@ export interface Pkce {
 
 /** RFC 7636 S256: the challenge is base64url(SHA-256(verifier)). */
 export function challengeOf(verifier: string): string {
-  return createHash('sha256').update(verifier).digest('base64url');
+  return hash('sha256', verifier, 'base64url');
 }
 
 /** As codex makes it (pkce.rs): the verifier is base64url of 64 random bytes (86 characters). */

@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { hash } from 'node:crypto';
 import { CLIENTS_CHANNEL } from '../clients/credentials.js';
 import type { Client, ClientRegistry } from '../clients/registry.js';
 import type { CredentialSet, HeldCredential } from '../credential/set.js';
@@ -230,5 +230,5 @@ function before(a: [number, number, string], b: [number, number, string]): boole
 }
 
 function tieBreak(clientId: string, credential: string): string {
-  return createHash('sha256').update(clientId).update('\u0000').update(credential).digest('hex').slice(0, 8);
+  return hash('sha256', `${clientId}\u0000${credential}`, 'hex').slice(0, 8);
 }

@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { hash as digest } from 'node:crypto';
 import { readdir, readFile } from 'node:fs/promises';
 import type { FastifyInstance, FastifyReply } from 'fastify';
 import { notFoundHandler } from '../http/problem.js';
@@ -37,7 +37,7 @@ interface Asset {
   type: string;
 }
 
-const hash = (data: string | Buffer) => createHash('sha256').update(data).digest('hex').slice(0, 16);
+const hash = (data: string | Buffer) => digest('sha256', data, 'hex').slice(0, 16);
 const escapeAttr = (s: string) => s.replace(/&/g, '&amp;').replace(/"/g, '&quot;').replace(/</g, '&lt;');
 
 /**
