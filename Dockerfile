@@ -29,8 +29,12 @@ FROM ${NODE_IMAGE} AS runtime
 # 2 MB more still). --heap-growing-percent=20 (in CMD: NODE_OPTIONS refuses it) collects
 # the old generation before it fills with garbage (about 30 MB less RSS after 1,000,000
 # requests).
+# MALLOC_ARENA_MAX=2: glibc keeps at most 2 malloc arenas instead of 8 per core; the event
+# loop is one thread, and the arenas of V8's helper threads held about 5 MB of RSS
+# (docs/performance.md, "What the process holds").
 ENV NODE_ENV=production \
     NODE_OPTIONS=--max-semi-space-size=8 \
+    MALLOC_ARENA_MAX=2 \
     HOST=0.0.0.0 \
     PORT=8080 \
     DATA_DIR=/app/data

@@ -81,6 +81,17 @@ export function imageNodeOptions(): string {
   return m?.[1]?.replace(/^"|"$/g, '') ?? '';
 }
 
+/**
+ * The glibc malloc settings of the image's ENV (MALLOC_ARENA_MAX), as `K=V` pairs: the
+ * production process runs with them, and BENCH_SERVER_ENV can override them (e.g.
+ * MALLOC_ARENA_MAX=0, glibc's default of 8 arenas per core).
+ */
+export function imageMallocEnv(): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const m of fs.readFileSync(path.join(root, 'Dockerfile'), 'utf8').replace(/^\s*#.*$/gm, '').matchAll(/\b(MALLOC_[A-Z_]+)=(\S+)/g)) out[m[1] ?? ''] = m[2] ?? '';
+  return out;
+}
+
 /** The node flags of the image's CMD (`node <flags> dist/cli.js serve`): V8 flags NODE_OPTIONS refuses. */
 export function imageNodeArgs(): string[] {
   // BENCH_CMD_ARGS: an experiment's node flags instead of the CMD's (e.g. '' for V8's defaults).
@@ -134,6 +145,7 @@ export async function startProduction(databaseUrl: string, clientCount: number, 
     PATH: process.env['PATH'],
     HOME: process.env['HOME'],
     NODE_OPTIONS: nodeOptions,
+    ...imageMallocEnv(),
     DATABASE_URL: databaseUrl,
     SECRETS_ENCRYPTION_KEY: key.toString('base64'),
     ADMIN_TOKEN: admin,
@@ -143,7 +155,7 @@ export async function startProduction(databaseUrl: string, clientCount: number, 
     DATA_DIR: dataDir,
     LOG_LEVEL: 'warn',
   };
-  // BENCH_SERVER_ENV='K=V K2=V2': more environment for the production process (e.g. MALLOC_ARENA_MAX=2).
+  // BENCH_SERVER_ENV='K=V K2=V2': more environment for the production process (e.g. MALLOC_ARENA_MAX=0: glibc's default).
   for (const kv of (process.env['BENCH_SERVER_ENV'] ?? '').split(' ').filter(Boolean)) {
     const i = kv.indexOf('=');
     if (i <= 0) throw new Error(`BENCH_SERVER_ENV: ${kv} is not K=V`);
@@ -236,7 +248,7 @@ export async function startProduction(databaseUrl: string, clientCount: number, 
       if (set.status !== 204) throw new Error(`in-process bare route: PUT /body ${set.status}`);
     }
     return {
-      command: `${nodeOptions ? `NODE_OPTIONS=${nodeOptions} ` : ''}${['node', ...imageNodeArgs(), 'dist/cli.js', 'serve'].join(' ')}`,
+      command: `${Object.entries(env).filter(([k, v]) => k.startsWith('MALLOC_') && v).map(([k, v]) => `${k}=${v} `).join('')}${nodeOptions ? `NODE_OPTIONS=${nodeOptions} ` : ''}${['node', ...imageNodeArgs(), 'dist/cli.js', 'serve'].join(' ')}`,
       pid,
       base,
       port,

@@ -675,6 +675,8 @@ describe('Dockerfile', () => {
     // The heap sizing that BENCHMARKS.md's CPU and RSS figures are measured with (npm run
     // bench runs dist/cli.js with the image's NODE_OPTIONS and the node flags of its CMD).
     assert.equal(final.env['NODE_OPTIONS'], '--max-semi-space-size=8');
+    // glibc malloc arenas, also measured by the bench (it runs the image's MALLOC_ settings too).
+    assert.equal(final.env['MALLOC_ARENA_MAX'], '2');
     assert.deepEqual(final.expose, [8080]);
     assert.ok(final.healthcheck, 'a HEALTHCHECK');
     assert.match(final.healthcheck, /^node -e /, 'the probe runs with node (no curl in the slim image)');
