@@ -31,7 +31,7 @@ FROM ${NODE_IMAGE} AS runtime
 # requests).
 # MALLOC_ARENA_MAX=2: glibc keeps at most 2 malloc arenas instead of 8 per core; the event
 # loop is one thread, and the arenas of V8's helper threads held about 5 MB of RSS
-# (docs/performance.md, "What the process holds").
+# (docs/performance.md, "Heap sizing").
 ENV NODE_ENV=production \
     NODE_OPTIONS=--max-semi-space-size=8 \
     MALLOC_ARENA_MAX=2 \
