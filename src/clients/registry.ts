@@ -246,6 +246,7 @@ export class ClientRegistry {
   static #lookup(secret: string, seen: Map<string, Client>, byHash: Map<string, Client>): Client | undefined {
     const known = seen.get(secret);
     if (known !== undefined) return known;
+    // 'binary' is latin1: the same 32-character key a reload builds from the stored hash.
     const c = byHash.get(hash('sha256', secret, 'binary'));
     if (c !== undefined) {
       // Kept as a string of its own: the presented one is usually a slice of a larger string
