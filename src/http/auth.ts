@@ -1,12 +1,9 @@
-import { hash, timingSafeEqual } from 'node:crypto';
+import { timingSafeEqual } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { FastifyReply, FastifyRequest } from 'fastify';
+import { sha256 } from '../clients/credentials.js';
 import type { Logger } from '../logger.js';
 import { sendProblem, sendUnauthorized } from './problem.js';
-
-export function sha256(value: string): Buffer {
-  return hash('sha256', value, 'buffer');
-}
 
 /** Compare secrets by their hashes in constant time: neither length nor prefix leaks. */
 export function sameSecret(given: string, expectedSha: Buffer): boolean {

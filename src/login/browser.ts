@@ -1,4 +1,5 @@
-import { hash, timingSafeEqual } from 'node:crypto';
+import { timingSafeEqual } from 'node:crypto';
+import { sha256 } from '../clients/credentials.js';
 import { LoginError } from './errors.js';
 import { issuerBase } from './issuer.js';
 
@@ -28,7 +29,6 @@ export function authorizeUrl(o: { issuer: string; clientId: string }, challenge:
   return `${issuerBase(o)}/oauth/authorize?${q.toString().replaceAll('+', '%20')}`;
 }
 
-const sha = (s: string) => hash('sha256', s, 'buffer');
 // What is safe to repeat from an issuer's error callback: a code-shaped identifier, and a
 // short human description without control characters.
 const ERROR_CODE = /^[A-Za-z0-9_.:-]{1,64}$/;
@@ -58,7 +58,7 @@ export function codeFromCallback(pasted: string, expectedState: string): string 
     throw new LoginError('authorization_denied', `the issuer answered ${code}${description ? ` (${description})` : ''}: sign in again with a new login`);
   }
   const state = p.get('state');
-  if (state === null || !timingSafeEqual(sha(state), sha(expectedState))) {
+  if (state === null || !timingSafeEqual(sha256(state), sha256(expectedState))) {
     throw new LoginError('state_mismatch', "the callback's state is not this login's: paste the URL from the sign-in that this login's authorize URL started");
   }
   const code = p.get('code');
