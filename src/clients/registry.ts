@@ -26,7 +26,13 @@ export interface Client {
   refreshCredentialSha: string;
   /** The client's part of a served ETag (a prefix of that hash), computed once. */
   etagTag: string;
-  lastSeenAt: number | undefined;
+  /**
+   * When this replica last served it (ms since the epoch); 0 when never. Always a number, so
+   * V8 keeps the field an unboxed double that markServed overwrites in place: a field that
+   * may hold undefined keeps each request's new timestamp object alive until the client's
+   * next poll, long enough to be promoted into the old generation (BENCHMARKS.md, session 12).
+   */
+  lastSeenAt: number;
   lastGeneration: string | undefined;
 }
 
@@ -40,7 +46,7 @@ function clientRecord(
   c: Pick<Client, 'id' | 'name' | 'kind' | 'workspaceId' | 'pool' | 'assigned'>,
   tokenKey: string,
   d: Pick<Client, 'refreshCredential' | 'refreshCredentialSha' | 'etagTag'>,
-  lastSeenAt: number | undefined,
+  lastSeenAt: number,
   lastGeneration: string | undefined,
 ): Client {
   return {
@@ -168,15 +174,15 @@ export class ClientRegistry {
           key,
           withCredential(r.token_sha256, prev),
           // Keep what this replica saw more recently than its last flush.
-          Math.max(prev?.lastSeenAt ?? 0, r.last_used_at?.getTime() ?? 0) || undefined,
-          prev && (prev.lastSeenAt ?? 0) >= (r.last_used_at?.getTime() ?? 0) ? prev.lastGeneration : (intern(r.last_served_generation) ?? undefined),
+          Math.max(prev?.lastSeenAt ?? 0, r.last_used_at?.getTime() ?? 0),
+          prev && prev.lastSeenAt >= (r.last_used_at?.getTime() ?? 0) ? prev.lastGeneration : (intern(r.last_served_generation) ?? undefined),
         ),
       );
     }
     if (this.#platformTokens) {
       for (const { tokenSha, ...c } of await this.#loadPlatformTokens()) {
         const [key, prev] = known(tokenSha);
-        add(key, clientRecord(c, key, withCredential(tokenSha, prev), prev?.lastSeenAt, prev?.lastGeneration));
+        add(key, clientRecord(c, key, withCredential(tokenSha, prev), prev?.lastSeenAt ?? 0, prev?.lastGeneration));
       }
     }
     // Apply unless a reload that started later has already been applied: an older read
@@ -270,7 +276,7 @@ export class ClientRegistry {
     const out: ClientCounts = { active: 0, stale: 0, never_seen: 0 };
     for (const c of this.#byToken.values()) {
       const current = currentGeneration(c);
-      if (c.lastSeenAt === undefined) out.never_seen += 1;
+      if (c.lastSeenAt === 0) out.never_seen += 1;
       else if (current !== undefined && c.lastGeneration === current) out.active += 1;
       else out.stale += 1;
     }
@@ -289,7 +295,7 @@ export class ClientRegistry {
            last_served_generation = CASE WHEN c.last_used_at IS NULL OR v.seen >= c.last_used_at THEN v.gen ELSE c.last_served_generation END
          FROM unnest($1::uuid[], $2::timestamptz[], $3::text[]) AS v(id, seen, gen)
          WHERE c.id = v.id`,
-        [batch.map((c) => c.id), batch.map((c) => new Date(c.lastSeenAt ?? 0)), batch.map((c) => c.lastGeneration ?? null)],
+        [batch.map((c) => c.id), batch.map((c) => new Date(c.lastSeenAt)), batch.map((c) => c.lastGeneration ?? null)],
       );
     } catch (err) {
       for (const c of batch) this.#dirty.add(c);
