@@ -5,6 +5,7 @@ import type { Config } from './config.js';
 import { guardConnections, serverTimeouts, type HttpLimitsConfig } from './http/connection-limits.js';
 import { AuthFailures } from './http/auth.js';
 import { errorHandler, frameworkErrorHandler, notFoundHandler, sendProblem } from './http/problem.js';
+import { FastLane } from './http/lane.js';
 import { lazyChildLoggerFactory, requestIdGenerator } from './http/request-logger.js';
 import type { Logger } from './logger.js';
 import { labelled, type BrokerMetrics } from './metrics.js';
@@ -31,6 +32,8 @@ export interface AppOptions {
   now?: () => number;
   /** How often @fastify/under-pressure samples event-loop delay and memory (default 1000 ms, minimum 10). */
   pressureSampleIntervalMs?: number;
+  /** The fast lane in front of Fastify (a seam for tests; default a new one). */
+  lane?: FastLane;
 }
 
 function refuseSchemas(): never {
@@ -42,13 +45,16 @@ function refuseSchemas(): never {
  * socket, signals and the database lifecycle.
  */
 export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
+  const genReqId = requestIdGenerator();
+  const lane = o.lane ?? new FastLane();
   const app = Fastify({
+    serverFactory: lane.serverFactory,
     loggerInstance: o.logger as FastifyBaseLogger,
     // Per-request lines would drown the domain events at fleet scale; metrics count requests.
     logController: new LogController({ disableRequestLogging: true }),
     bodyLimit: 1024 * 1024,
     requestIdHeader: 'x-request-id',
-    genReqId: requestIdGenerator(),
+    genReqId,
     childLoggerFactory: lazyChildLoggerFactory,
     return503OnClosing: true,
     ...serverTimeouts(o.config),
@@ -94,6 +100,11 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     };
     route.onResponse = route.onResponse === undefined ? [observe] : [...(Array.isArray(route.onResponse) ? route.onResponse : [route.onResponse]), observe];
   });
+  lane.attach({ genReqId, underPressure: isUnderPressure, observe: (route, status, seconds) => httpDuration('GET', route, status).observe(seconds) });
+  app.addHook('preClose', (done) => {
+    lane.close();
+    done();
+  });
   app.setNotFoundHandler((req, reply) => {
     reply.raw.once('finish', () => httpDuration(req.method, 'unmatched', reply.statusCode).observe(reply.elapsedTime / 1000));
     return notFoundHandler(req, reply);
@@ -114,6 +125,7 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
   const authFailures = new AuthFailures({ logger: o.logger });
   app.addHook('onClose', async () => authFailures.flush());
   await app.register(opsRoutes, {
+    lane,
     core,
     metrics,
     adminToken: o.config.ADMIN_TOKEN,
@@ -133,7 +145,7 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
       for (const a of core.assignments.assigned()) metrics.poolAssignedClients.set({ pool: a.pool, credential: a.credential }, a.clients);
     },
   });
-  await app.register(workspaceRoutes, { clients: core.clients, served: renderers, metrics, now, platformTokens: o.config.PLATFORM_WORKSPACE_TOKENS === true });
+  await app.register(workspaceRoutes, { lane, clients: core.clients, served: renderers, metrics, now, platformTokens: o.config.PLATFORM_WORKSPACE_TOKENS === true });
   await app.register(shimRoutes, {
     clients: core.clients,
     served: renderers,

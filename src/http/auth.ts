@@ -11,7 +11,11 @@ export function sameSecret(given: string, expectedSha: Buffer): boolean {
 }
 
 export function bearerToken(req: FastifyRequest): string | undefined {
-  const h = req.headers.authorization;
+  return bearerOf(req.headers.authorization);
+}
+
+/** The token of an `Authorization: Bearer` header. */
+export function bearerOf(h: string | undefined): string | undefined {
   if (typeof h !== 'string') return undefined;
   const m = /^Bearer\s+(\S+)\s*$/i.exec(h);
   return m?.[1];

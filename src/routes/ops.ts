@@ -5,11 +5,14 @@ import type { Client } from '../clients/registry.js';
 import { unusable } from '../credential.js';
 import { sha256 } from '../clients/credentials.js';
 import { AuthFailures, bearerToken, sameSecret } from '../http/auth.js';
+import type { FastLane } from '../http/lane.js';
 import { sendProblem, sendUnauthorized } from '../http/problem.js';
 import { isoFromSeconds } from '../lib/time.js';
 import type { BrokerMetrics } from '../metrics.js';
 
 export interface OpsRoutesOptions {
+  /** Serves /healthz in front of Fastify (see http/lane.ts). */
+  lane?: FastLane;
   core: BrokerCore;
   metrics: BrokerMetrics;
   adminToken: string | undefined;
@@ -50,7 +53,7 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
   // the replica id is a fixed word, a boolean or an integer), in a synchronous handler.
   let replicaId = '';
   let replicaJson = '""';
-  app.get('/healthz', (_req, reply) => {
+  const health = (): string => {
     const state = refresher.state();
     if (refresher.replicaId !== replicaId) {
       replicaId = refresher.replicaId;
@@ -58,11 +61,17 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
     }
     const status = state === 'fresh' || state === 'due' ? 'ok' : 'degraded';
     const listener = o.core.listener.connected ? 'connected' : 'disconnected';
-    reply
-      .type('application/json; charset=utf-8')
-      .send(
-        `{"status":"${status}","credentialState":"${state}","writebackPending":${refresher.pending !== undefined},"listener":"${listener}","replicaId":${replicaJson},"uptimeSeconds":${Math.round(process.uptime())}}`,
-      );
+    return `{"status":"${status}","credentialState":"${state}","writebackPending":${refresher.pending !== undefined},"listener":"${listener}","replicaId":${replicaJson},"uptimeSeconds":${Math.round(process.uptime())}}`;
+  };
+  app.get('/healthz', (_req, reply) => {
+    reply.type('application/json; charset=utf-8').send(health());
+  });
+  const lane = o.lane;
+  lane?.get('/healthz', (req, res) => {
+    const body = health();
+    res.writeHead(200, { 'x-request-id': lane.requestId(req), 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body) });
+    res.end(body);
+    return 200;
   });
 
   app.get('/readyz', async (_req, reply) => {

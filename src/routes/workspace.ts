@@ -1,12 +1,16 @@
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { UUID } from '../clients/client-store.js';
 import type { Client, ClientRegistry } from '../clients/registry.js';
-import { bearerToken } from '../http/auth.js';
+import { bearerToken, bearerOf } from '../http/auth.js';
+import type { FastLane } from '../http/lane.js';
 import { sendProblem, sendUnauthorized } from '../http/problem.js';
 import { labelled, type BrokerMetrics } from '../metrics.js';
 import type { Rendered, ServedCredentials } from '../serving.js';
 
 export interface WorkspaceRoutesOptions {
+  /** Serves the routes' plain successes in front of Fastify (see http/lane.ts). */
+  lane?: FastLane;
   clients: ClientRegistry;
   /** Which credential each client is served (its assignment in its pool). */
   served: ServedCredentials;
@@ -74,7 +78,49 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
     if (ready) send(req, reply, '/codex-auth', ready.client, ready.doc.etag, ready.doc, false);
   });
 
+  // The plain successes again, in front of Fastify (http/lane.ts): the same checks in the
+  // same order, and the same headers and body as send() above. Anything else declines (0)
+  // and Fastify answers it through the routes below.
+  const lane = o.lane;
+  const answer = (req: IncomingMessage, res: ServerResponse, route: string, allowPlatform: boolean, workspaceId: string | undefined): number => {
+    if (!lane) return 0;
+    const token = bearerOf(req.headers.authorization);
+    const client = token ? o.clients.authenticate(token) : undefined;
+    if (!client || (client.kind === 'platform' && !allowPlatform)) return 0;
+    if (workspaceId !== undefined) {
+      const bound = client.workspaceId;
+      if (bound !== null && bound !== workspaceId && bound.toLowerCase() !== workspaceId.toLowerCase()) return 0;
+    }
+    const credential = o.served.for(client);
+    if (!credential || credential.renderer.unavailable()) return 0;
+    const doc = credential.renderer.render(client);
+    o.clients.markServed(client, doc.generation, o.now());
+    const platformShape = workspaceId !== undefined;
+    const etag = platformShape ? doc.platformEtag : doc.etag;
+    const id = lane.requestId(req);
+    if (matches(req.headers['if-none-match'], etag)) {
+      served(route, 'not_modified');
+      res.writeHead(304, { 'x-request-id': id, 'x-codex-credential': credential.name, etag, 'cache-control': 'no-store' });
+      res.end();
+      return 304;
+    }
+    served(route, 'ok');
+    const body = platformShape ? doc.platformBody : doc.body;
+    res.writeHead(200, {
+      'x-request-id': id,
+      'x-codex-credential': credential.name,
+      etag,
+      'cache-control': 'no-store',
+      'content-type': 'application/json; charset=utf-8',
+      'content-length': Buffer.byteLength(body),
+    });
+    res.end(body);
+    return 200;
+  };
+  lane?.get('/codex-auth', (req, res) => answer(req, res, '/codex-auth', false, undefined));
+
   const dropIn = '/workspaces/:id/secrets/values';
+  lane?.getParam(dropIn, '/workspaces/', '/secrets/values', (req, res, id) => (UUID.test(id) ? answer(req, res, dropIn, o.platformTokens, id) : 0));
   app.get<{ Params: { id: string } }>(dropIn, (req, reply) => {
     if (!UUID.test(req.params.id)) {
       served(dropIn, 'bad_request');

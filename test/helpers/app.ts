@@ -1,7 +1,10 @@
 import { randomBytes } from 'node:crypto';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import inject from 'light-my-request';
 import type { FastifyInstance } from 'fastify';
 import type { Dispatcher } from 'undici';
 import { buildApp } from '../../src/app.js';
+import type { FastLane } from '../../src/http/lane.js';
 import { createBrokerCore, type BrokerCore, type BrokerCoreOptions, type CoreConfig } from '../../src/broker.js';
 import { testCoreConfig } from './config.js';
 import { createMetrics, type BrokerMetrics } from '../../src/metrics.js';
@@ -50,6 +53,8 @@ export interface TestAppOptions {
   /** App-level load-shedding settings passed into buildApp (default: the app's defaults). */
   maxEventLoopDelayMs?: number;
   pressureSampleIntervalMs?: number;
+  /** The fast lane in front of Fastify (default: the app's own), to count what it answers. */
+  lane?: FastLane;
   /** Seams for broker-performed logins (lifetime, lease, poll interval, sweep period). */
   login?: BrokerCoreOptions['login'];
 }
@@ -89,12 +94,18 @@ export async function createTestApp(o: TestAppOptions): Promise<TestApp> {
       ...(o.maxEventLoopDelayMs !== undefined ? { MAX_EVENT_LOOP_DELAY_MS: o.maxEventLoopDelayMs } : {}),
     },
     ...(o.pressureSampleIntervalMs !== undefined ? { pressureSampleIntervalMs: o.pressureSampleIntervalMs } : {}),
+    ...(o.lane ? { lane: o.lane } : {}),
     core,
     metrics,
     logger: logs.logger,
     ...(o.now ? { now: o.now } : {}),
   });
   await app.ready();
+  // Injected requests enter where a socket's requests do, the server's request listener: the
+  // fast lane first, then Fastify (Fastify's own inject would skip the lane). Every test that
+  // injects a plain GET /codex-auth, drop-in or /healthz is then answered as in production.
+  const listener = app.server.listeners('request')[0] as (req: IncomingMessage, res: ServerResponse) => void;
+  (app as { inject: unknown }).inject = (opts: Parameters<typeof inject>[1]) => inject(listener, opts);
   return {
     app,
     core,

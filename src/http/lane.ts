@@ -1,0 +1,132 @@
+import { createServer, type IncomingMessage, type Server, type ServerOptions as HttpServerOptions, type ServerResponse } from 'node:http';
+import { performance } from 'node:perf_hooks';
+
+/**
+ * Answers one request of a hot GET route, or declines with 0 so Fastify answers it. It
+ * writes the response itself and returns its status code.
+ */
+export type LaneRoute = (req: IncomingMessage, res: ServerResponse) => number;
+/** The same, given the one path parameter as it appears in the URL (not decoded: a route declines anything it does not accept verbatim). */
+export type ParamLaneRoute = (req: IncomingMessage, res: ServerResponse, param: string) => number;
+
+interface ServerOptions {
+  http?: HttpServerOptions;
+  keepAliveTimeout?: number;
+  requestTimeout?: number;
+  connectionTimeout?: number;
+  maxRequestsPerSocket?: number;
+}
+
+/**
+ * The hot GET routes' successful answers, served in front of Fastify's router.
+ *
+ * Every workspace polls GET /codex-auth (or the drop-in route) and every probe hits
+ * /healthz; Fastify's per-request machinery (its Request and Reply objects, the request's
+ * logger, hook runners, the 'finish' listener behind onResponse) was a measured part of
+ * what those answers cost (BENCHMARKS.md). The lane answers only the plain success of
+ * such a route: an exact path, GET, not shutting down, not under pressure, and whatever
+ * the route itself accepts (a known client whose credential is servable). Everything
+ * else (a query string, HEAD, a wrong token, a 503, an error) declines and goes through
+ * Fastify unchanged, so every error keeps one implementation. What the lane answers
+ * carries what Fastify's would: the request id (from x-request-id or the same
+ * generator), the same headers and body, and the same request-duration metric.
+ */
+export class FastLane {
+  readonly #routes = new Map<string, LaneRoute>();
+  readonly #params: Array<{ label: string; prefix: string; suffix: string; route: ParamLaneRoute }> = [];
+  #genReqId: () => string = () => {
+    throw new Error('fast lane: not attached');
+  };
+  #open = true;
+  #underPressure: () => boolean = () => true;
+  #observe: (route: string, status: number, seconds: number) => void = () => undefined;
+  /** Requests the lane answered (the rest went to Fastify). */
+  answered = 0;
+
+  /** Fastify's serverFactory: Node's HTTP server with Fastify's settings, the lane first. */
+  readonly serverFactory = (handler: (req: IncomingMessage, res: ServerResponse) => void, o: ServerOptions): Server => {
+    const server = createServer(o.http ?? {}, (req, res) => {
+      if (!this.serve(req, res)) handler(req, res);
+    });
+    // What Fastify sets on the server it builds itself (fastify/lib/server.js).
+    if (o.keepAliveTimeout !== undefined) server.keepAliveTimeout = o.keepAliveTimeout;
+    if (o.requestTimeout !== undefined) server.requestTimeout = o.requestTimeout;
+    if (o.connectionTimeout !== undefined) server.setTimeout(o.connectionTimeout);
+    if (o.maxRequestsPerSocket !== undefined && o.maxRequestsPerSocket > 0) server.maxRequestsPerSocket = o.maxRequestsPerSocket;
+    return server;
+  };
+
+  /**
+   * Wire what the app owns: Fastify's request-id generator, the pressure check and the
+   * request-duration metric. Until then every request goes to Fastify.
+   */
+  attach(o: { genReqId: () => string; underPressure: () => boolean; observe: (route: string, status: number, seconds: number) => void }): void {
+    this.#genReqId = o.genReqId;
+    this.#underPressure = o.underPressure;
+    this.#observe = o.observe;
+  }
+
+  /** A route of one exact path (no query string). */
+  get(path: string, route: LaneRoute): void {
+    if (this.#routes.has(path)) throw new Error(`fast lane: ${path} is already served`);
+    this.#routes.set(path, route);
+  }
+
+  /** A route with one parameter between a fixed prefix and suffix; `label` is its Fastify route (the metric's label). */
+  getParam(label: string, prefix: string, suffix: string, route: ParamLaneRoute): void {
+    this.#params.push({ label, prefix, suffix, route });
+  }
+
+  /** From Fastify's preClose on: Fastify answers every request (its 503 while closing). */
+  close(): void {
+    this.#open = false;
+  }
+
+  /** The request id Fastify would give this request: the caller's x-request-id, else the next generated one. */
+  requestId(req: IncomingMessage): string {
+    return (req.headers['x-request-id'] as string | undefined) || this.#genReqId();
+  }
+
+  /**
+   * Answer the request here, or return false for Fastify to answer it. A fault in a route
+   * before it has written anything also goes to Fastify, whose handler meets it again and
+   * answers it as every fault is answered (problem+json, logged); never a thrown listener.
+   */
+  serve(req: IncomingMessage, res: ServerResponse): boolean {
+    if (!this.#open || req.method !== 'GET') return false;
+    const path = req.url as string;
+    const route = this.#routes.get(path);
+    if (route !== undefined) {
+      if (this.#underPressure()) return false;
+      const t0 = performance.now();
+      return this.#answered(path, this.#run(route, req, res, ''), t0);
+    }
+    for (const p of this.#params) {
+      if (path.length > p.prefix.length + p.suffix.length && path.startsWith(p.prefix) && path.endsWith(p.suffix)) {
+        if (this.#underPressure()) return false;
+        const t0 = performance.now();
+        return this.#answered(p.label, this.#run(p.route, req, res, path.slice(p.prefix.length, path.length - p.suffix.length)), t0);
+      }
+    }
+    return false;
+  }
+
+  #run(route: ParamLaneRoute, req: IncomingMessage, res: ServerResponse, param: string): number {
+    try {
+      return route(req, res, param);
+    } catch (err) {
+      if (!res.headersSent) return 0;
+      // Cannot happen with the routes as written (nothing throws after writeHead); if it
+      // ever does, the response is cut rather than left hanging.
+      res.destroy(err as Error);
+      return 500;
+    }
+  }
+
+  #answered(label: string, status: number, t0: number): boolean {
+    if (status === 0) return false;
+    this.answered++;
+    this.#observe(label, status, (performance.now() - t0) / 1000);
+    return true;
+  }
+}

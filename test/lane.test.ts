@@ -1,0 +1,213 @@
+import { strict as assert } from 'node:assert';
+import { createHash, randomBytes, randomUUID } from 'node:crypto';
+import type { AddressInfo } from 'node:net';
+import { describe, test } from 'node:test';
+import inject, { type InjectOptions, type Response } from 'light-my-request';
+import { FastLane } from '../src/http/lane.js';
+import { ADMIN_TOKEN, type TestApp } from './helpers/app.js';
+import { findLeaks } from './helpers/logs.js';
+import { useSuite } from './helpers/suite.js';
+import { waitFor } from './helpers/wait.js';
+
+const suite = useSuite();
+const secrets: string[] = [];
+const answers: string[] = [];
+
+interface Setup extends TestApp {
+  lane: FastLane;
+  token: string;
+  workspaceId: string;
+  /** A client of another pool, which holds no credential. */
+  orphanToken: string;
+}
+
+async function setup(o: { platformTokens?: boolean } = {}): Promise<Setup> {
+  const upstream = await suite.upstream();
+  const lane = new FastLane();
+  const t = await suite.app({ databaseUrl: await suite.pg.newDatabase(), upstreamUrl: upstream.url, lane, clientReloadMs: 200, ...o });
+  const admin = { authorization: `Bearer ${ADMIN_TOKEN}` };
+  const seeded = await t.app.inject({ method: 'PUT', url: '/admin/credential', headers: admin, payload: upstream.seed() });
+  assert.equal(seeded.statusCode, 200, seeded.body);
+  const workspaceId = randomUUID();
+  const made = await t.app.inject({ method: 'POST', url: '/admin/clients', headers: admin, payload: { name: 'ws-1', workspaceId } });
+  assert.equal(made.statusCode, 201, made.body);
+  const orphan = await t.app.inject({ method: 'POST', url: '/admin/clients', headers: admin, payload: { name: 'ws-2', pool: 'empty' } });
+  assert.equal(orphan.statusCode, 201, orphan.body);
+  const token = made.json<{ token: string }>().token;
+  const orphanToken = orphan.json<{ token: string }>().token;
+  secrets.push(token, orphanToken, made.json<{ refreshCredential: string }>().refreshCredential);
+  return { ...t, lane, token, workspaceId, orphanToken };
+}
+
+/** Through Fastify alone: its own request handler, as if the lane did not exist. */
+const viaFastify = (t: TestApp, o: InjectOptions) => inject(t.app.routing, o);
+/** Through the server's request listener: the lane first (test/helpers/app.ts routes inject there). */
+const viaServer = (t: TestApp, o: InjectOptions) => t.app.inject(o as never) as unknown as Promise<Response>;
+
+/** Counters and histogram counts (not sums or buckets: durations differ) as name{labels} → value. */
+async function counts(t: TestApp): Promise<Map<string, number>> {
+  const out = new Map<string, number>();
+  for (const m of await t.metrics.registry.getMetricsAsJSON()) {
+    for (const v of m.values as Array<{ value: number; labels: Record<string, unknown>; metricName?: string }>) {
+      const name = v.metricName ?? m.name;
+      if (m.type === ('histogram' as never) && !name.endsWith('_count')) continue;
+      out.set(`${name}${JSON.stringify(v.labels)}`, v.value);
+    }
+  }
+  return out;
+}
+
+function delta(before: Map<string, number>, after: Map<string, number>): Record<string, number> {
+  const d: Record<string, number> = {};
+  for (const [k, v] of after) if (v !== (before.get(k) ?? 0)) d[k] = v - (before.get(k) ?? 0);
+  return d;
+}
+
+/** What a client can observe of an answer, less the Date header (and the uptime in /healthz, which may tick). */
+function observable(res: Response) {
+  answers.push(res.body, ...Object.values(res.headers).map(String));
+  const headers = { ...res.headers };
+  delete headers['date'];
+  return { status: res.statusCode, headers, body: res.body.replace(/"uptimeSeconds":\d+/, '"uptimeSeconds":N') };
+}
+
+/** The same request through the lane and through Fastify alone: the same answer and the same metrics. */
+async function sameAnswer(t: Setup, o: InjectOptions, lane: 'answers' | 'declines'): Promise<Response> {
+  // The same id both ways (each path draws its own from the generator otherwise).
+  o = { ...o, headers: { 'x-request-id': 'same-id', ...(o.headers as Record<string, string> | undefined) } };
+  const before = t.lane.answered;
+  const m0 = await counts(t);
+  const a = await viaServer(t, o);
+  assert.equal(t.lane.answered - before, lane === 'answers' ? 1 : 0, `the lane ${lane} ${o.method ?? 'GET'} ${String(o.url)}`);
+  const m1 = await counts(t);
+  const b = await viaFastify(t, o);
+  assert.equal(t.lane.answered - before, lane === 'answers' ? 1 : 0, 'Fastify alone never reaches the lane');
+  const m2 = await counts(t);
+  assert.deepEqual(observable(a), observable(b), `${o.method ?? 'GET'} ${String(o.url)}`);
+  assert.deepEqual(delta(m0, m1), delta(m1, m2), `the same metrics move: ${o.method ?? 'GET'} ${String(o.url)}`);
+  return a;
+}
+
+describe('fast lane', () => {
+  test('the fast lane answers a plain GET /codex-auth, drop-in or /healthz exactly as Fastify would: status, headers, body, request id and metrics', async () => {
+    const t = await setup();
+    const auth = { authorization: `Bearer ${t.token}`, 'x-request-id': 'proxy-id-1' };
+    const ok = await sameAnswer(t, { method: 'GET', url: '/codex-auth', headers: auth }, 'answers');
+    assert.equal(ok.statusCode, 200);
+    assert.equal(ok.headers['x-request-id'], 'proxy-id-1');
+    assert.equal(ok.headers['content-length'], String(Buffer.byteLength(ok.body)));
+    const etag = String(ok.headers['etag']);
+    for (const inm of [etag, `W/${etag}`, `"other", ${etag}`, '*']) {
+      const res = await sameAnswer(t, { method: 'GET', url: '/codex-auth', headers: { ...auth, 'if-none-match': inm } }, 'answers');
+      assert.equal(res.statusCode, 304, inm);
+      assert.equal(res.body, '');
+    }
+    assert.equal((await sameAnswer(t, { method: 'GET', url: '/codex-auth', headers: { ...auth, 'if-none-match': '"stale"' } }, 'answers')).statusCode, 200);
+
+    const dropIn = `/workspaces/${t.workspaceId}/secrets/values`;
+    const platform = await sameAnswer(t, { method: 'GET', url: dropIn, headers: auth }, 'answers');
+    assert.equal(platform.statusCode, 200);
+    assert.deepEqual(Object.keys(platform.json()), ['CODEX_AUTH_JSON']);
+    await sameAnswer(t, { method: 'GET', url: dropIn.toUpperCase().replace('/WORKSPACES/', '/workspaces/').replace('/SECRETS/VALUES', '/secrets/values'), headers: auth }, 'answers');
+    const p304 = await sameAnswer(t, { method: 'GET', url: dropIn, headers: { ...auth, 'if-none-match': String(platform.headers['etag']) } }, 'answers');
+    assert.equal(p304.statusCode, 304);
+
+    const health = await sameAnswer(t, { method: 'GET', url: '/healthz', headers: { 'x-request-id': 'probe-7' } }, 'answers');
+    assert.equal(health.statusCode, 200);
+    assert.equal(health.json<{ status: string }>().status, 'ok');
+
+    // Without a caller's id, the lane draws from the same generator as Fastify: ids stay distinct.
+    const ids = new Set<string>();
+    for (let i = 0; i < 20; i++) {
+      ids.add(String((await viaServer(t, { method: 'GET', url: '/healthz' })).headers['x-request-id']));
+      ids.add(String((await viaFastify(t, { method: 'GET', url: '/healthz' })).headers['x-request-id']));
+    }
+    assert.equal(ids.size, 40);
+  });
+
+  test('the fast lane declines everything but the plain success, and Fastify answers it as before', async () => {
+    const t = await setup();
+    const auth = { authorization: `Bearer ${t.token}` };
+    const dropIn = `/workspaces/${t.workspaceId}/secrets/values`;
+    const declined: Array<[InjectOptions, number]> = [
+      [{ method: 'GET', url: '/codex-auth' }, 401],
+      [{ method: 'GET', url: '/codex-auth', headers: { authorization: `Bearer ${randomBytes(32).toString('base64url')}` } }, 401],
+      [{ method: 'GET', url: '/codex-auth', headers: { authorization: `Basic ${t.token}` } }, 401],
+      [{ method: 'GET', url: '/codex-auth', headers: { authorization: `Bearer ${t.orphanToken}` } }, 503],
+      [{ method: 'GET', url: '/codex-auth?x=1', headers: auth }, 200],
+      [{ method: 'HEAD', url: '/codex-auth', headers: auth }, 200],
+      [{ method: 'POST', url: '/codex-auth', headers: auth }, 404],
+      [{ method: 'GET', url: '/codex-auth/', headers: auth }, 404],
+      [{ method: 'GET', url: '/Codex-Auth', headers: auth }, 404],
+      [{ method: 'GET', url: '/healthz?verbose', headers: {} }, 200],
+      [{ method: 'GET', url: '/workspaces/not-a-uuid/secrets/values', headers: auth }, 400],
+      [{ method: 'GET', url: `/workspaces/${randomUUID()}/secrets/values`, headers: auth }, 404],
+      [{ method: 'GET', url: `/workspaces/${t.workspaceId}%2F/secrets/values`, headers: auth }, 400],
+      [{ method: 'GET', url: `/workspaces/${t.workspaceId}/x/secrets/values`, headers: auth }, 404],
+      [{ method: 'GET', url: '/workspaces//secrets/values', headers: auth }, 400],
+      [{ method: 'GET', url: `${dropIn}?a=b`, headers: auth }, 200],
+      [{ method: 'GET', url: dropIn, headers: { authorization: `Bearer ${t.orphanToken}` } }, 503],
+    ];
+    for (const [o, status] of declined) {
+      const res = await sameAnswer(t, o, 'declines');
+      assert.equal(res.statusCode, status, `${o.method} ${String(o.url)}`);
+    }
+  });
+
+  test('the fast lane does not serve a platform token on GET /codex-auth, and serves it on its own workspace\'s drop-in route', async () => {
+    const t = await setup({ platformTokens: true });
+    await t.core.pool.query(`CREATE TABLE IF NOT EXISTS workspace_auth_tokens (
+      id uuid PRIMARY KEY DEFAULT gen_random_uuid(), workspace_id uuid NOT NULL, token_hash bytea NOT NULL,
+      prefix text, created_at timestamptz DEFAULT now(), last_used_at timestamptz, revoked_at timestamptz)`);
+    const ws = randomUUID();
+    const token = randomBytes(32).toString('base64url');
+    secrets.push(token);
+    await t.core.pool.query('INSERT INTO workspace_auth_tokens (workspace_id, token_hash, prefix) VALUES ($1, $2, $3)', [ws, createHash('sha256').update(token).digest(), token.slice(0, 8)]);
+    const auth = { authorization: `Bearer ${token}` };
+    await waitFor('the platform token to be loaded', async () => (await viaFastify(t, { method: 'GET', url: `/workspaces/${ws}/secrets/values`, headers: auth })).statusCode === 200, 5_000);
+    assert.equal((await sameAnswer(t, { method: 'GET', url: `/workspaces/${ws}/secrets/values`, headers: auth }, 'answers')).statusCode, 200);
+    assert.equal((await sameAnswer(t, { method: 'GET', url: '/codex-auth', headers: auth }, 'declines')).statusCode, 401);
+    assert.equal((await sameAnswer(t, { method: 'GET', url: `/workspaces/${randomUUID()}/secrets/values`, headers: auth }, 'declines')).statusCode, 404);
+  });
+
+  test('the fast lane serves a real socket, and stands aside once the app is closing: Fastify answers its 503', async () => {
+    const t = await setup();
+    await t.app.listen({ port: 0, host: '127.0.0.1' });
+    const port = (t.app.server.address() as AddressInfo).port;
+    const before = t.lane.answered;
+    const res = await fetch(`http://127.0.0.1:${port}/codex-auth`, { headers: { authorization: `Bearer ${t.token}` } });
+    assert.equal(res.status, 200);
+    answers.push(await res.text());
+    assert.equal(t.lane.answered, before + 1, 'served by the lane over a real socket');
+    // A request that reaches the server after close() began (one already on an open
+    // connection): Fastify's closing answer, not the lane's.
+    await t.app.close();
+    const late = await viaServer(t, { method: 'GET', url: '/codex-auth', headers: { authorization: `Bearer ${t.token}` } });
+    assert.equal(late.statusCode, 503);
+    assert.equal(late.headers['connection'], 'close');
+    assert.equal(t.lane.answered, before + 1, "a closing app's lane answers nothing");
+  });
+
+  test('a fault inside the fast lane goes to Fastify, which answers 500 problem+json: the process keeps serving', async () => {
+    const t = await setup();
+    const auth = { authorization: `Bearer ${t.token}` };
+    const markServed = t.core.clients.markServed.bind(t.core.clients);
+    t.core.clients.markServed = () => {
+      throw new Error('a fault for the test');
+    };
+    const before = t.lane.answered;
+    const res = await viaServer(t, { method: 'GET', url: '/codex-auth', headers: auth });
+    assert.equal(res.statusCode, 500);
+    assert.match(String(res.headers['content-type']), /^application\/problem\+json/);
+    assert.equal(t.lane.answered, before);
+    t.core.clients.markServed = markServed;
+    assert.equal((await viaServer(t, { method: 'GET', url: '/codex-auth', headers: auth })).statusCode, 200);
+    assert.equal(t.lane.answered, before + 1);
+  });
+
+  test('the fast lane never puts a token in a log line', async () => {
+    const lines = suite.logLines();
+    assert.ok(secrets.length > 0 && answers.length > 0);
+    assert.deepEqual(findLeaks(lines, [...secrets, ...suite.issuedTokens()]), []);
+  });
+});
