@@ -74,8 +74,10 @@ export async function startTestPostgres(): Promise<TestPostgres> {
   // to reach the data dir and create its unix socket here.
   fs.chmodSync(root, 0o777);
   const dataDir = path.join(root, 'data');
-  const port = await freePort();
+  let port = await freePort();
   const errors: unknown[] = [];
+  // The server's own log, kept short: when it exits before it is ready, this says why.
+  const log: string[] = [];
 
   const EmbeddedPostgres = await loadEmbeddedPostgres();
   // As root, postgres must also reach its binaries: a checkout in a root-only directory
@@ -84,43 +86,63 @@ export async function startTestPostgres(): Promise<TestPostgres> {
     const bin = await embeddedPostgresBinaryDir();
     if (bin) await openForPostgresUser([bin]);
   }
-  const server = new EmbeddedPostgres({
-    databaseDir: dataDir,
-    port,
-    user: USER,
-    password: PASSWORD,
-    authMethod: 'password',
-    persistent: true,
-    createPostgresUser: true,
-    initdbFlags: ['--encoding=UTF8', '--no-sync'],
-    postgresFlags: [
-      '-c', 'listen_addresses=127.0.0.1',
-      '-c', `unix_socket_directories=${root}`,
-      '-c', 'fsync=off',
-      '-c', 'synchronous_commit=off',
-      '-c', 'full_page_writes=off',
-    ],
-    onLog: () => {},
-    onError: (e: unknown) => {
-      errors.push(e);
-    },
-  });
+  const make = (p: number) =>
+    new EmbeddedPostgres({
+      databaseDir: dataDir,
+      port: p,
+      user: USER,
+      password: PASSWORD,
+      authMethod: 'password',
+      persistent: true,
+      createPostgresUser: true,
+      initdbFlags: ['--encoding=UTF8', '--no-sync'],
+      postgresFlags: [
+        '-c', 'listen_addresses=127.0.0.1',
+        '-c', `unix_socket_directories=${root}`,
+        '-c', 'fsync=off',
+        '-c', 'synchronous_commit=off',
+        '-c', 'full_page_writes=off',
+      ],
+      onLog: (m: unknown) => {
+        log.push(...String(m).split('\n').filter(Boolean));
+        log.splice(0, Math.max(0, log.length - 20));
+      },
+      onError: (e: unknown) => {
+        errors.push(e);
+      },
+    });
+  let server = make(port);
 
   let running = false;
+  let everStarted = false;
   let stopped = false;
 
+  /**
+   * Start the server. The first start may move to another free port: the port was free
+   * when picked, but initdb takes a second or two and any socket on this machine (an
+   * outgoing connection's local port included) can take it meanwhile. A restart keeps
+   * its port, since the URLs handed out name it.
+   */
   const startServer = async (): Promise<void> => {
     if (stopped) throw new Error('test postgres already stopped');
     if (running) return;
-    try {
-      await server.start();
-    } catch (e) {
-      throw new Error(
-        `embedded postgres failed to start on port ${port}: ${e instanceof Error ? e.message : String(e)}`,
-        { cause: e },
-      );
+    for (let attempt = 1; ; attempt++) {
+      log.length = 0;
+      try {
+        await server.start();
+        break;
+      } catch (e) {
+        const said = log.slice(-8).join(' | ');
+        if (!everStarted && attempt < 3 && /could not bind|already in use|could not create any TCP/i.test(said)) {
+          port = await freePort();
+          server = make(port);
+          continue;
+        }
+        throw new Error(`embedded postgres failed to start on port ${port} (attempt ${attempt}): ${e instanceof Error ? e.message : 'the server exited before it was ready'}; its log: ${said || '(nothing)'}`, { cause: e });
+      }
     }
     running = true;
+    everStarted = true;
   };
 
   const stopServer = async (): Promise<void> => {
