@@ -2,7 +2,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { UUID } from '../clients/client-store.js';
 import type { Client, ClientRegistry } from '../clients/registry.js';
-import { bearerToken, bearerOf } from '../http/auth.js';
+import { bearerOf } from '../http/auth.js';
 import type { FastLane } from '../http/lane.js';
 import { sendProblem, sendUnauthorized } from '../http/problem.js';
 import { labelled, type BrokerMetrics } from '../metrics.js';
@@ -33,6 +33,18 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
   const tokenServed = labelled(o.metrics.tokenServed);
   const served = (route: string, result: string) => tokenServed(route, result).inc();
 
+  /** The client an Authorization header names, if it may read this route (both paths ask this). */
+  const clientOf = (authorization: string | undefined, allowPlatform: boolean): Client | undefined => {
+    const token = bearerOf(authorization);
+    const client = token ? o.clients.authenticate(token) : undefined;
+    return client && (client.kind !== 'platform' || allowPlatform) ? client : undefined;
+  };
+  /** Whether a client may read this workspace: unbound, or bound to it (UUIDs compare without case). */
+  const mayRead = (client: Client, workspaceId: string): boolean => {
+    const bound = client.workspaceId;
+    return bound === null || bound === workspaceId || bound.toLowerCase() === workspaceId.toLowerCase();
+  };
+
   const unauthorized = (reply: FastifyReply, route: string) => {
     served(route, 'unauthorized');
     return sendUnauthorized(reply, 'a valid client bearer token is required (missing, unknown or revoked)');
@@ -40,9 +52,8 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
 
   /** Authenticate, check availability, render; undefined when a reply was already sent. */
   const prepare = (req: FastifyRequest, reply: FastifyReply, route: string, allowPlatform: boolean): { client: Client; doc: Rendered } | undefined => {
-    const token = bearerToken(req);
-    const client = token ? o.clients.authenticate(token) : undefined;
-    if (!client || (client.kind === 'platform' && !allowPlatform)) {
+    const client = clientOf(req.headers.authorization, allowPlatform);
+    if (!client) {
       unauthorized(reply, route);
       return undefined;
     }
@@ -78,19 +89,33 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
     if (ready) send(req, reply, '/codex-auth', ready.client, ready.doc.etag, ready.doc, false);
   });
 
-  // The plain successes again, in front of Fastify (http/lane.ts): the same checks in the
-  // same order, and the same headers and body as send() above. Anything else declines (0)
-  // and Fastify answers it through the routes below.
-  const lane = o.lane;
-  const answer = (req: IncomingMessage, res: ServerResponse, route: string, allowPlatform: boolean, workspaceId: string | undefined): number => {
-    if (!lane) return 0;
-    const token = bearerOf(req.headers.authorization);
-    const client = token ? o.clients.authenticate(token) : undefined;
-    if (!client || (client.kind === 'platform' && !allowPlatform)) return 0;
-    if (workspaceId !== undefined) {
-      const bound = client.workspaceId;
-      if (bound !== null && bound !== workspaceId && bound.toLowerCase() !== workspaceId.toLowerCase()) return 0;
+  const dropIn = '/workspaces/:id/secrets/values';
+  app.get<{ Params: { id: string } }>(dropIn, (req, reply) => {
+    if (!UUID.test(req.params.id)) {
+      served(dropIn, 'bad_request');
+      sendProblem(reply, { status: 400, code: 'invalid_workspace_id', title: 'Bad Request', detail: 'the workspace id must be a UUID' });
+      return;
     }
+    const ready = prepare(req, reply, dropIn, o.platformTokens);
+    if (!ready) return;
+    if (!mayRead(ready.client, req.params.id)) {
+      served(dropIn, 'not_found');
+      sendProblem(reply, { status: 404, code: 'not_found', title: 'Not Found', detail: 'no such workspace for this token' });
+      return;
+    }
+    // The platform's shape: a flat object whose CODEX_AUTH_JSON member is auth.json as a string.
+    send(req, reply, dropIn, ready.client, ready.doc.platformEtag, ready.doc, true);
+  });
+
+  // The plain successes again, in front of Fastify (http/lane.ts): the same checks
+  // (clientOf, mayRead, a servable credential), and the same headers and body as send()
+  // above. Anything that would not succeed declines (0) and Fastify answers it through the
+  // routes above.
+  const lane = o.lane;
+  if (!lane) return;
+  const answer = (req: IncomingMessage, res: ServerResponse, route: string, allowPlatform: boolean, workspaceId: string | undefined): number => {
+    const client = clientOf(req.headers.authorization, allowPlatform);
+    if (!client || (workspaceId !== undefined && !mayRead(client, workspaceId))) return 0;
     const credential = o.served.for(client);
     if (!credential || credential.renderer.unavailable()) return 0;
     const doc = credential.renderer.render(client);
@@ -117,25 +142,6 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
     res.end(body);
     return 200;
   };
-  lane?.get('/codex-auth', (req, res) => answer(req, res, '/codex-auth', false, undefined));
-
-  const dropIn = '/workspaces/:id/secrets/values';
-  lane?.getParam(dropIn, '/workspaces/', '/secrets/values', (req, res, id) => (UUID.test(id) ? answer(req, res, dropIn, o.platformTokens, id) : 0));
-  app.get<{ Params: { id: string } }>(dropIn, (req, reply) => {
-    if (!UUID.test(req.params.id)) {
-      served(dropIn, 'bad_request');
-      sendProblem(reply, { status: 400, code: 'invalid_workspace_id', title: 'Bad Request', detail: 'the workspace id must be a UUID' });
-      return;
-    }
-    const ready = prepare(req, reply, dropIn, o.platformTokens);
-    if (!ready) return;
-    const bound = ready.client.workspaceId;
-    if (bound !== null && bound !== req.params.id && bound.toLowerCase() !== req.params.id.toLowerCase()) {
-      served(dropIn, 'not_found');
-      sendProblem(reply, { status: 404, code: 'not_found', title: 'Not Found', detail: 'no such workspace for this token' });
-      return;
-    }
-    // The platform's shape: a flat object whose CODEX_AUTH_JSON member is auth.json as a string.
-    send(req, reply, dropIn, ready.client, ready.doc.platformEtag, ready.doc, true);
-  });
+  lane.get('/codex-auth', (req, res) => answer(req, res, '/codex-auth', false, undefined));
+  lane.getParam(dropIn, '/workspaces/', '/secrets/values', (req, res, id) => (UUID.test(id) ? answer(req, res, dropIn, o.platformTokens, id) : 0));
 }
