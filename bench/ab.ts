@@ -27,28 +27,23 @@ import autocannon from 'autocannon';
 import { startTestPostgres } from '../test/helpers/pg.js';
 import { CLIENTS, LOADED_CLIENTS } from './fleet.js';
 import type * as ProductionModule from './production.js';
+import { requestSpecs, type RequestSpec } from './requests.js';
 
 type Production = Awaited<ReturnType<typeof ProductionModule.startProduction>>;
 type Client = Production['clients'][number];
 type Result = Awaited<ReturnType<typeof autocannon>>;
-type RequestSpec = NonNullable<Parameters<typeof autocannon>[0]['requests']>[number];
 
 const PAIRS = Number(process.env['AB_PAIRS'] ?? 3);
 const ROUNDS = Number(process.env['AB_ROUNDS'] ?? 4);
 const SECONDS = Number(process.env['AB_SECONDS'] ?? 3);
 const CASES = ['bare', ...(process.env['AB_CASES'] ?? '200,304,dropin,healthz').split(',').filter((c) => c && c !== 'bare')];
 
-function rotating(clients: Client[], make: (c: Client) => Omit<RequestSpec, 'setupRequest'>): RequestSpec {
-  let i = 0;
-  return { setupRequest: (req) => ({ ...req, ...make(clients[i++ % clients.length] as Client) }) };
-}
-
 const SPECS: Record<string, { bare?: boolean; spec: (c: Client[]) => RequestSpec }> = {
-  '200': { spec: (cl) => rotating(cl, (c) => ({ method: 'GET', path: '/codex-auth', headers: { authorization: `Bearer ${c.token}` } })) },
-  '304': { spec: (cl) => rotating(cl, (c) => ({ method: 'GET', path: '/codex-auth', headers: { authorization: `Bearer ${c.token}`, 'if-none-match': c.etag } })) },
-  dropin: { spec: (cl) => rotating(cl, (c) => ({ method: 'GET', path: `/workspaces/${c.workspaceId}/secrets/values`, headers: { authorization: `Bearer ${c.token}` } })) },
-  healthz: { spec: (cl) => rotating(cl, () => ({ method: 'GET', path: '/healthz' })) },
-  bare: { bare: true, spec: (cl) => rotating(cl, (c) => ({ method: 'GET', path: '/codex-auth', headers: { authorization: `Bearer ${c.token}` } })) },
+  '200': { spec: (cl) => requestSpecs(cl, '').get200() },
+  '304': { spec: (cl) => requestSpecs(cl, '').get304 },
+  dropin: { spec: (cl) => requestSpecs(cl, '').dropIn },
+  healthz: { spec: (cl) => requestSpecs(cl, '').healthz },
+  bare: { bare: true, spec: (cl) => requestSpecs(cl, '').get200() },
 };
 
 function median(xs: number[]): number {

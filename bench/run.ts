@@ -23,12 +23,12 @@ import autocannon from 'autocannon';
 import { startTestPostgres } from '../test/helpers/pg.js';
 import { CLIENTS, CREDENTIALS, LOADED_CLIENTS } from './fleet.js';
 import { CPU_COUNT, PIN, SERVER_CPU, cpuSplitOf, root, rssOf, startProduction, startServer, stopChild } from './production.js';
+import { requestSpecs, type RequestSpec } from './requests.js';
 import type { LimitsInfo, RefreshTrial, ServeInfo } from './server.js';
 
 const HISTORY_MARKER = '<!-- history: everything below is kept by npm run bench -->';
 
 type Result = Awaited<ReturnType<typeof autocannon>>;
-type RequestSpec = NonNullable<Parameters<typeof autocannon>[0]['requests']>[number];
 
 const num = (name: string, d: number) => Number(process.env[name] ?? d);
 const SECONDS = num('BENCH_SECONDS', 10);
@@ -47,41 +47,6 @@ const CONNECTIONS = 50;
 /** One pool, three logins: every serving case goes through each client's stored assignment. */
 const MB = 1024 * 1024;
 
-
-/** A request whose headers or body rotate over the loaded clients, one per request. */
-function rotating(make: (c: ServeInfo['clients'][number]) => Omit<RequestSpec, 'setupRequest'>, clients: ServeInfo['clients']): RequestSpec {
-  let i = 0;
-  return {
-    setupRequest: (req) => {
-      const c = clients[i++ % clients.length];
-      if (!c) return req;
-      return { ...req, ...make(c) };
-    },
-  };
-}
-
-/** Every served request the bench sends, each rotating over the given clients. */
-function requestSpecs(clients: ServeInfo['clients'], staleGeneration: string) {
-  const bearer = (c: ServeInfo['clients'][number]) => ({ authorization: `Bearer ${c.token}` });
-  const get200 = () => rotating((c) => ({ method: 'GET', path: '/codex-auth', headers: bearer(c) }), clients);
-  return {
-    /** A fresh spec per use: each keeps its own rotation counter. */
-    get200,
-    get304: rotating((c) => ({ method: 'GET', path: '/codex-auth', headers: { ...bearer(c), 'if-none-match': c.etag } }), clients),
-    dropIn: rotating((c) => ({ method: 'GET', path: `/workspaces/${c.workspaceId}/secrets/values`, headers: bearer(c) }), clients),
-    shim: rotating(
-      (c) => ({
-        method: 'POST',
-        path: '/oauth/token',
-        headers: { 'content-type': 'application/json' },
-        body: JSON.stringify({ grant_type: 'refresh_token', refresh_token: `${c.refresh}.${staleGeneration}`, client_id: 'app_bench' }),
-      }),
-      clients,
-    ),
-    healthz: rotating(() => ({ method: 'GET', path: '/healthz' }), clients),
-    metrics: rotating(() => ({ method: 'GET', path: '/metrics' }), clients),
-  };
-}
 
 interface Row {
   name: string;

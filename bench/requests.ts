@@ -1,0 +1,40 @@
+/** The requests the benches send: each rotates over the loaded clients, one client per request. */
+import type autocannon from 'autocannon';
+import type { ServeInfo } from './server.js';
+
+export type RequestSpec = NonNullable<Parameters<typeof autocannon>[0]['requests']>[number];
+
+/** A request whose headers or body rotate over the loaded clients, one per request. */
+function rotating(make: (c: ServeInfo['clients'][number]) => Omit<RequestSpec, 'setupRequest'>, clients: ServeInfo['clients']): RequestSpec {
+  let i = 0;
+  return {
+    setupRequest: (req) => {
+      const c = clients[i++ % clients.length];
+      if (!c) return req;
+      return { ...req, ...make(c) };
+    },
+  };
+}
+
+/** Every served request the bench sends, each rotating over the given clients. */
+export function requestSpecs(clients: ServeInfo['clients'], staleGeneration: string) {
+  const bearer = (c: ServeInfo['clients'][number]) => ({ authorization: `Bearer ${c.token}` });
+  const get200 = () => rotating((c) => ({ method: 'GET', path: '/codex-auth', headers: bearer(c) }), clients);
+  return {
+    /** A fresh spec per use: each keeps its own rotation counter. */
+    get200,
+    get304: rotating((c) => ({ method: 'GET', path: '/codex-auth', headers: { ...bearer(c), 'if-none-match': c.etag } }), clients),
+    dropIn: rotating((c) => ({ method: 'GET', path: `/workspaces/${c.workspaceId}/secrets/values`, headers: bearer(c) }), clients),
+    shim: rotating(
+      (c) => ({
+        method: 'POST',
+        path: '/oauth/token',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ grant_type: 'refresh_token', refresh_token: `${c.refresh}.${staleGeneration}`, client_id: 'app_bench' }),
+      }),
+      clients,
+    ),
+    healthz: rotating(() => ({ method: 'GET', path: '/healthz' }), clients),
+    metrics: rotating(() => ({ method: 'GET', path: '/metrics' }), clients),
+  };
+}
