@@ -19,7 +19,7 @@
  * Each checkout needs its node_modules (a symlink to another checkout's will do) and must not
  * be edited while it builds. Env: AB_PAIRS (3 pairs of fresh processes), AB_ROUNDS (4 per
  * pair), AB_SECONDS (3 per window, after 1 s of warm-up), AB_CASES (comma-separated, of
- * 200,304,dropin,healthz; the bare route is always measured).
+ * 200,304,dropin,healthz,shim; the bare route is always measured).
  */
 import * as path from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -27,7 +27,7 @@ import autocannon from 'autocannon';
 import { startTestPostgres } from '../test/helpers/pg.js';
 import { CLIENTS, LOADED_CLIENTS } from './fleet.js';
 import type * as ProductionModule from './production.js';
-import { requestSpecs, type RequestSpec } from './requests.js';
+import { requestSpecs, STALE_GENERATION, type RequestSpec } from './requests.js';
 
 type Production = Awaited<ReturnType<typeof ProductionModule.startProduction>>;
 type Client = Production['clients'][number];
@@ -43,6 +43,7 @@ const SPECS: Record<string, { bare?: boolean; spec: (c: Client[]) => RequestSpec
   '304': { spec: (cl) => requestSpecs(cl, '').get304 },
   dropin: { spec: (cl) => requestSpecs(cl, '').dropIn },
   healthz: { spec: (cl) => requestSpecs(cl, '').healthz },
+  shim: { spec: (cl) => requestSpecs(cl, STALE_GENERATION).shim },
   bare: { bare: true, spec: (cl) => requestSpecs(cl, '').get200() },
 };
 

@@ -4,6 +4,9 @@ import type { ServeInfo } from './server.js';
 
 export type RequestSpec = NonNullable<Parameters<typeof autocannon>[0]['requests']>[number];
 
+/** The generation a stale shim caller presents: never the current one, so the broker answers with its tokens. */
+export const STALE_GENERATION = 'AAAAAAAAAAAA';
+
 /** A request whose headers or body rotate over the loaded clients, one per request. */
 function rotating(make: (c: ServeInfo['clients'][number]) => Omit<RequestSpec, 'setupRequest'>, clients: ServeInfo['clients']): RequestSpec {
   let i = 0;

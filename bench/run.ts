@@ -23,7 +23,7 @@ import autocannon from 'autocannon';
 import { startTestPostgres } from '../test/helpers/pg.js';
 import { CLIENTS, CREDENTIALS, LOADED_CLIENTS } from './fleet.js';
 import { CPU_COUNT, PIN, SERVER_CPU, cpuSplitOf, root, rssOf, startProduction, startServer, stopChild } from './production.js';
-import { requestSpecs, type RequestSpec } from './requests.js';
+import { requestSpecs, type RequestSpec, STALE_GENERATION } from './requests.js';
 import type { LimitsInfo, RefreshTrial, ServeInfo } from './server.js';
 
 const HISTORY_MARKER = '<!-- history: everything below is kept by npm run bench -->';
@@ -200,7 +200,6 @@ async function main(): Promise<void> {
     const plainNode = await oneLine(['--expose-gc', '-e', 'gc(); console.log(JSON.stringify(process.memoryUsage()))']);
     const harness = await oneLine(['--expose-gc', '--import', 'tsx', path.join(root, 'bench/baseline-mem.ts')]);
     const [serveDb, refreshDb, prodDb] = [await pg.newDatabase(), await pg.newDatabase(), await pg.newDatabase()];
-    const STALE_GENERATION = 'AAAAAAAAAAAA';
 
     // ---- the production process: side by side, /metrics, memory
     const prod = await startProduction(prodDb, CLIENTS, LOADED_CLIENTS);

@@ -100,7 +100,7 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     };
     route.onResponse = route.onResponse === undefined ? [observe] : [...(Array.isArray(route.onResponse) ? route.onResponse : [route.onResponse]), observe];
   });
-  lane.attach({ genReqId, underPressure: isUnderPressure, observe: (route, status, seconds) => httpDuration('GET', route, status).observe(seconds) });
+  lane.attach({ genReqId, underPressure: isUnderPressure, observe: (method, route, status, seconds) => httpDuration(method, route, status).observe(seconds) });
   app.addHook('preClose', (done) => {
     lane.close();
     done();
@@ -147,6 +147,7 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
   });
   await app.register(workspaceRoutes, { lane, clients: core.clients, served: renderers, metrics, now, platformTokens: o.config.PLATFORM_WORKSPACE_TOKENS === true });
   await app.register(shimRoutes, {
+    lane,
     clients: core.clients,
     served: renderers,
     verifier: core.tokenVerifier,

@@ -1,9 +1,9 @@
 import { strict as assert } from 'node:assert';
 import { createHash, randomBytes, randomUUID } from 'node:crypto';
-import type { AddressInfo } from 'node:net';
+import { connect, type AddressInfo } from 'node:net';
 import { describe, test } from 'node:test';
 import inject, { type InjectOptions, type Response } from 'light-my-request';
-import { FastLane } from '../src/http/lane.js';
+import { FastLane, LANE_BODY_LIMIT } from '../src/http/lane.js';
 import { ADMIN_TOKEN, type TestApp } from './helpers/app.js';
 import { findLeaks } from './helpers/logs.js';
 import { useSuite } from './helpers/suite.js';
@@ -19,6 +19,9 @@ interface Setup extends TestApp {
   workspaceId: string;
   /** A client of another pool, which holds no credential. */
   orphanToken: string;
+  /** The refresh credentials the shim knows the two clients by. */
+  refreshCredential: string;
+  orphanRefresh: string;
 }
 
 async function setup(o: { platformTokens?: boolean } = {}): Promise<Setup> {
@@ -35,8 +38,10 @@ async function setup(o: { platformTokens?: boolean } = {}): Promise<Setup> {
   assert.equal(orphan.statusCode, 201, orphan.body);
   const token = made.json<{ token: string }>().token;
   const orphanToken = orphan.json<{ token: string }>().token;
-  secrets.push(token, orphanToken, made.json<{ refreshCredential: string }>().refreshCredential);
-  return { ...t, lane, token, workspaceId, orphanToken };
+  const refreshCredential = made.json<{ refreshCredential: string }>().refreshCredential;
+  const orphanRefresh = orphan.json<{ refreshCredential: string }>().refreshCredential;
+  secrets.push(token, orphanToken, refreshCredential, orphanRefresh);
+  return { ...t, lane, token, workspaceId, orphanToken, refreshCredential, orphanRefresh };
 }
 
 /** Through Fastify alone: its own request handler, as if the lane did not exist. */
@@ -162,6 +167,100 @@ describe('fast lane', () => {
     }
   });
 
+  test('the fast lane answers a stale caller of POST /oauth/token exactly as Fastify would, and declines every other shim request to it with the body it read', async () => {
+    const t = await setup();
+    const json = { 'content-type': 'application/json' };
+    const stale = `${t.refreshCredential}.AAAAAAAAAAAA`;
+    const shim = (payload: string | Buffer, headers: Record<string, string> = json, url = '/oauth/token'): InjectOptions => ({ method: 'POST', url, headers, payload });
+    const body = (o: Record<string, unknown>) => JSON.stringify({ grant_type: 'refresh_token', refresh_token: stale, client_id: 'app_test', ...o });
+
+    const ok = await sameAnswer(t, shim(body({})), 'answers');
+    assert.equal(ok.statusCode, 200);
+    assert.equal(ok.headers['x-request-id'], 'same-id');
+    assert.equal(ok.headers['cache-control'], 'no-store');
+    const answer = ok.json<{ access_token: string; refresh_token: string; token_type: string; expires_in: number }>();
+    assert.equal(answer.token_type, 'Bearer');
+    assert.ok(answer.refresh_token.startsWith(`${t.refreshCredential}.`) && answer.refresh_token !== stale);
+    answers.push(answer.access_token);
+    // A stale caller's reason is not a rejection of the current token: the same answer.
+    assert.equal((await sameAnswer(t, shim(body({ refresh_reason: 'unauthorized_recovery' })), 'answers')).statusCode, 200);
+
+    const current = answer.refresh_token;
+    const declined: Array<[InjectOptions, number]> = [
+      // The caller holds the current token (Fastify decides whether to refresh first).
+      [shim(body({ refresh_token: current })), 200],
+      // Not the one content type the lane reads: Fastify reads the body from the socket.
+      [shim(body({}), { 'content-type': 'application/json; charset=utf-8' }), 200],
+      [shim(new URLSearchParams({ grant_type: 'refresh_token', refresh_token: stale }).toString(), { 'content-type': 'application/x-www-form-urlencoded' }), 200],
+      [shim(body({}), { 'content-type': 'text/plain' }), 400],
+      [shim(body({}), json, '/oauth/token?x=1'), 200],
+      // Larger than the lane reads.
+      [shim(body({ padding: 'p'.repeat(LANE_BODY_LIMIT) })), 200],
+      // Read by the lane, declined, parsed by Fastify from the same bytes.
+      [shim(body({}).replace('"grant_type"', '"grant\\u005ftype"')), 200],
+      [shim(Buffer.concat([Buffer.from(body({}).slice(0, -1)), Buffer.from(',"x":"\xff"}', 'latin1')])), 200],
+      [shim('{'), 400],
+      [shim(''), 400],
+      [shim('[]'), 400],
+      [shim('null'), 400],
+      [shim(`{"__proto__":{"polluted":true},"grant_type":"refresh_token","refresh_token":"${stale}"}`), 400],
+      [shim(`{"constructor":{"prototype":{"polluted":true}},"grant_type":"refresh_token","refresh_token":"${stale}"}`), 400],
+      [shim(body({ grant_type: 'authorization_code' })), 400],
+      [shim(body({ refresh_token: '' })), 400],
+      [shim(body({ refresh_token: 42 })), 400],
+      [shim(body({ refresh_token: `cabrt_${randomBytes(24).toString('base64url')}.AAAAAAAAAAAA` })), 401],
+      [shim(body({ refresh_token: `${t.orphanRefresh}.AAAAAAAAAAAA` })), 503],
+    ];
+    for (const [o, status] of declined) {
+      const res = await sameAnswer(t, o, 'declines');
+      assert.equal(res.statusCode, status, `${String(o.url)} ${String(o.payload).slice(0, 80)}`);
+    }
+    assert.equal(({} as Record<string, unknown>)['polluted'], undefined);
+  });
+
+  test('a POST whose body the fast lane is reading: a client that aborts gets what Fastify gives it, and a close that begins meanwhile gets Fastify\'s 503', async () => {
+    const t = await setup();
+    await t.app.listen({ port: 0, host: '127.0.0.1' });
+    const port = (t.app.server.address() as AddressInfo).port;
+    const body = JSON.stringify({ grant_type: 'refresh_token', refresh_token: `${t.refreshCredential}.AAAAAAAAAAAA` });
+    const head = (contentType: string) => `POST /oauth/token HTTP/1.1\r\nhost: x\r\ncontent-type: ${contentType}\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n`;
+    /** Headers and half the body, then the connection drops. */
+    const abort = async (contentType: string) => {
+      const sock = connect(port, '127.0.0.1');
+      await new Promise((r) => sock.once('connect', r));
+      sock.write(head(contentType) + body.slice(0, 20));
+      await new Promise((r) => setTimeout(r, 100));
+      sock.destroy();
+      await new Promise((r) => setTimeout(r, 200));
+    };
+    const before = t.lane.answered;
+    // The lane reads application/json; Fastify alone reads it with a charset.
+    const m0 = await counts(t);
+    await abort('application/json');
+    const m1 = await counts(t);
+    await abort('application/json; charset=utf-8');
+    const m2 = await counts(t);
+    assert.deepEqual(delta(m0, m1), delta(m1, m2), 'the same metrics move either way');
+    assert.equal(t.lane.answered, before);
+
+    // Half a body, then close() begins, then the rest: Fastify's closing 503.
+    const sock = connect(port, '127.0.0.1');
+    await new Promise((r) => sock.once('connect', r));
+    let reply = '';
+    sock.on('data', (d: Buffer) => (reply += d.toString('utf8')));
+    sock.write(head('application/json') + body.slice(0, 20));
+    await new Promise((r) => setTimeout(r, 100));
+    const closing = t.app.close();
+    await new Promise((r) => setTimeout(r, 100));
+    sock.write(body.slice(20));
+    await new Promise((r) => sock.once('close', r));
+    await closing;
+    assert.match(reply, /^HTTP\/1\.1 503 /);
+    assert.match(reply, /\r\nconnection: close\r\n/i);
+    assert.equal(t.lane.answered, before, "a closing app's lane answers nothing");
+    // And the served answer before any of this went through the lane over the same kind of socket.
+  });
+
   test('the fast lane does not serve a platform token on GET /codex-auth, and serves it on its own workspace\'s drop-in route', async () => {
     const t = await setup({ platformTokens: true });
     await t.core.pool.query(`CREATE TABLE IF NOT EXISTS workspace_auth_tokens (
@@ -208,9 +307,17 @@ describe('fast lane', () => {
     assert.equal(res.statusCode, 500);
     assert.match(String(res.headers['content-type']), /^application\/problem\+json/);
     assert.equal(t.lane.answered, before);
+    // The same fault in the shim's lane route: Fastify meets it again (with the body the
+    // lane read) and answers as the shim answers faults.
+    const shim: InjectOptions = { method: 'POST', url: '/oauth/token', headers: { 'content-type': 'application/json' }, payload: JSON.stringify({ grant_type: 'refresh_token', refresh_token: `${t.refreshCredential}.AAAAAAAAAAAA` }) };
+    const failed = await viaServer(t, shim);
+    assert.equal(failed.statusCode, 500);
+    assert.equal(failed.json<{ error: { code: string } }>().error.code, 'server_error');
+    assert.equal(t.lane.answered, before);
     t.core.clients.markServed = markServed;
     assert.equal((await viaServer(t, { method: 'GET', url: '/codex-auth', headers: auth })).statusCode, 200);
-    assert.equal(t.lane.answered, before + 1);
+    assert.equal((await viaServer(t, shim)).statusCode, 200);
+    assert.equal(t.lane.answered, before + 2);
   });
 
   test('the fast lane never puts a token in a log line', async () => {

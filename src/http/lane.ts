@@ -1,5 +1,6 @@
 import { createServer, type IncomingMessage, type Server, type ServerOptions as HttpServerOptions, type ServerResponse } from 'node:http';
 import { performance } from 'node:perf_hooks';
+import { Readable } from 'node:stream';
 
 /**
  * Answers one request of a hot GET route, or declines with 0 so Fastify answers it. It
@@ -8,6 +9,14 @@ import { performance } from 'node:perf_hooks';
 export type LaneRoute = (req: IncomingMessage, res: ServerResponse) => number;
 /** The same, given the one path parameter as it appears in the URL (not decoded: a route declines anything it does not accept verbatim). */
 export type ParamLaneRoute = (req: IncomingMessage, res: ServerResponse, param: string) => number;
+/** The same for a POST route, given the whole body as the client sent it. */
+export type BodyLaneRoute = (req: IncomingMessage, res: ServerResponse, body: Buffer) => number;
+
+/** The largest body a POST route of the lane reads itself; a larger one goes to Fastify unread. */
+export const LANE_BODY_LIMIT = 4096;
+/** What a declined POST request carries to Fastify: its body, already read by the lane. */
+const READ_BODY = Symbol('codex-auth-broker.laneBody');
+type WithBody = IncomingMessage & { [READ_BODY]?: { body: Buffer | undefined; err: Error | undefined } };
 
 interface ServerOptions {
   http?: HttpServerOptions;
@@ -18,33 +27,38 @@ interface ServerOptions {
 }
 
 /**
- * The hot GET routes' successful answers, served in front of Fastify's router.
+ * The hot routes' successful answers, served in front of Fastify's router.
  *
- * Every workspace polls GET /codex-auth (or the drop-in route) and every probe hits
- * /healthz; Fastify's per-request machinery (its Request and Reply objects, the request's
+ * Every workspace polls GET /codex-auth (or the drop-in route), every probe hits
+ * /healthz, and stock codex POSTs its refresh to the shim; Fastify's per-request machinery (its Request and Reply objects, the request's
  * logger, hook runners, the 'finish' listener behind onResponse) was a measured part of
  * what those answers cost (BENCHMARKS.md). The lane answers only the plain success of
- * such a route: an exact path, GET, not shutting down, not under pressure, and whatever
- * the route itself accepts (a known client whose credential is servable). Everything
- * else (a query string, HEAD, a wrong token, a 503, an error) declines and goes through
- * Fastify unchanged, so every error keeps one implementation. What the lane answers
+ * such a route: an exact path, GET (or a POST route's JSON body, see post()), not
+ * shutting down, not under pressure, and whatever the route itself accepts (a known client
+ * whose credential is servable). Everything else (a query string, HEAD, a wrong token, a
+ * 503, an error) declines and goes through Fastify unchanged, so every error keeps one
+ * implementation. What the lane answers
  * carries what Fastify's would: the request id (from x-request-id or the same
  * generator), the same headers and body, and the same request-duration metric.
  */
 export class FastLane {
   readonly #routes = new Map<string, LaneRoute>();
   readonly #params: Array<{ label: string; prefix: string; suffix: string; route: ParamLaneRoute }> = [];
+  readonly #posts = new Map<string, BodyLaneRoute>();
+  /** Fastify's own request handler: where a POST whose body the lane read goes when declined. */
+  #fastify: ((req: IncomingMessage, res: ServerResponse) => void) | undefined;
   #genReqId: () => string = () => {
     throw new Error('fast lane: not attached');
   };
   #open = true;
   #underPressure: () => boolean = () => true;
-  #observe: (route: string, status: number, seconds: number) => void = () => undefined;
+  #observe: (method: string, route: string, status: number, seconds: number) => void = () => undefined;
   /** Requests the lane answered (the rest went to Fastify). */
   answered = 0;
 
   /** Fastify's serverFactory: Node's HTTP server with Fastify's settings, the lane first. */
   readonly serverFactory = (handler: (req: IncomingMessage, res: ServerResponse) => void, o: ServerOptions): Server => {
+    this.#fastify = handler;
     const server = createServer(o.http ?? {}, (req, res) => {
       if (!this.serve(req, res)) handler(req, res);
     });
@@ -60,7 +74,7 @@ export class FastLane {
    * Wire what the app owns: Fastify's request-id generator, the pressure check and the
    * request-duration metric. Until then every request goes to Fastify.
    */
-  attach(o: { genReqId: () => string; underPressure: () => boolean; observe: (route: string, status: number, seconds: number) => void }): void {
+  attach(o: { genReqId: () => string; underPressure: () => boolean; observe: (method: string, route: string, status: number, seconds: number) => void }): void {
     this.#genReqId = o.genReqId;
     this.#underPressure = o.underPressure;
     this.#observe = o.observe;
@@ -76,6 +90,42 @@ export class FastLane {
   getParam(label: string, prefix: string, suffix: string, route: ParamLaneRoute): void {
     this.#params.push({ label, prefix, suffix, route });
   }
+
+  /**
+   * A POST route of one exact path whose JSON body the lane reads first: only a request
+   * with \`content-type: application/json\`, a content-length of at most LANE_BODY_LIMIT and
+   * no transfer-encoding; anything else goes to Fastify unread. A route that declines after
+   * the body was read hands it on: the route's scope must add \`replayBody\` as a preParsing
+   * hook, so Fastify parses the same bytes (or meets the same read error) it would have
+   * read from the socket.
+   */
+  post(path: string, route: BodyLaneRoute): void {
+    if (this.#posts.has(path)) throw new Error(`fast lane: POST ${path} is already served`);
+    this.#posts.set(path, route);
+  }
+
+  /** Fastify preParsing hook for a lane POST route: the body the lane already read, as the payload stream. */
+  readonly replayBody = (request: { raw: IncomingMessage }, _reply: unknown, payload: Readable, done: (err: Error | null, payload: Readable) => void): void => {
+    const read = (request.raw as WithBody)[READ_BODY];
+    if (read === undefined) {
+      done(null, payload);
+      return;
+    }
+    (request.raw as WithBody)[READ_BODY] = undefined;
+    const { body, err } = read;
+    done(
+      null,
+      new Readable({
+        read() {
+          if (err) this.destroy(err);
+          else {
+            if (body !== undefined && body.length > 0) this.push(body);
+            this.push(null);
+          }
+        },
+      }),
+    );
+  };
 
   /** From Fastify's preClose on: Fastify answers every request (its 503 while closing). */
   close(): void {
@@ -93,7 +143,8 @@ export class FastLane {
    * answers it as every fault is answered (problem+json, logged); never a thrown listener.
    */
   serve(req: IncomingMessage, res: ServerResponse): boolean {
-    if (!this.#open || req.method !== 'GET') return false;
+    if (!this.#open) return false;
+    if (req.method !== 'GET') return req.method === 'POST' && this.#posts.size > 0 && this.#takePost(req, res);
     const path = req.url as string;
     const route = this.#routes.get(path);
     if (route !== undefined) {
@@ -111,6 +162,52 @@ export class FastLane {
     return false;
   }
 
+  /** Read a POST route's body, then answer or hand the request (and the body) to Fastify. */
+  #takePost(req: IncomingMessage, res: ServerResponse): boolean {
+    const path = req.url as string;
+    const route = this.#posts.get(path);
+    const fastify = this.#fastify;
+    if (route === undefined || fastify === undefined) return false;
+    const h = req.headers;
+    const length = h['content-length'];
+    if (h['content-type'] !== 'application/json' || h['transfer-encoding'] !== undefined || length === undefined || !/^\d{1,4}$/.test(length) || Number(length) > LANE_BODY_LIMIT) return false;
+    if (this.#underPressure()) return false;
+    const t0 = performance.now();
+    const chunks: Buffer[] = [];
+    const onData = (chunk: Buffer) => {
+      chunks.push(chunk);
+    };
+    const onEnd = (err?: Error) => {
+      req.off('data', onData);
+      req.off('end', onEnd);
+      req.off('error', onEnd);
+      const body = chunks.length === 1 ? chunks[0] : Buffer.concat(chunks);
+      let status = 0;
+      if (err === undefined && this.#open && body !== undefined) {
+        try {
+          status = route(req, res, body);
+        } catch (e) {
+          if (res.headersSent) {
+            res.destroy(e as Error);
+            status = 500;
+          }
+        }
+      }
+      if (status !== 0) {
+        this.answered++;
+        this.#observe('POST', path, status, (performance.now() - t0) / 1000);
+        return;
+      }
+      // Fastify answers it as if it had read the body itself (replayBody).
+      (req as WithBody)[READ_BODY] = { body, err };
+      fastify(req, res);
+    };
+    req.on('data', onData);
+    req.on('end', onEnd);
+    req.on('error', onEnd);
+    return true;
+  }
+
   #run(route: ParamLaneRoute, req: IncomingMessage, res: ServerResponse, param: string): number {
     try {
       return route(req, res, param);
@@ -126,7 +223,7 @@ export class FastLane {
   #answered(label: string, status: number, t0: number): boolean {
     if (status === 0) return false;
     this.answered++;
-    this.#observe(label, status, (performance.now() - t0) / 1000);
+    this.#observe('GET', label, status, (performance.now() - t0) / 1000);
     return true;
   }
 }

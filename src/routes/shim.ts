@@ -1,12 +1,15 @@
 import type { FastifyError, FastifyInstance, FastifyReply } from 'fastify';
 import { splitServedRefreshToken } from '../clients/credentials.js';
 import type { Client, ClientRegistry } from '../clients/registry.js';
+import type { FastLane } from '../http/lane.js';
 import { labelled, type BrokerMetrics } from '../metrics.js';
 import type { Refresher } from '../refresher.js';
 import type { ServedCredential, ServedCredentials, ShimTokens } from '../serving.js';
 import type { TokenVerifier } from '../token-check.js';
 
 export interface ShimRoutesOptions {
+  /** Serves the stale caller's answer in front of Fastify (see http/lane.ts). */
+  lane?: FastLane;
   clients: ClientRegistry;
   /** Which credential each client is served (its assignment in its pool). */
   served: ServedCredentials;
@@ -21,6 +24,24 @@ const ROUTE = '/oauth/token';
 /** Errors shaped like the upstream token endpoint's, which is what codex parses. */
 function oauthError(reply: FastifyReply, status: number, code: string, message: string, type = 'invalid_request_error') {
   return reply.code(status).type('application/json; charset=utf-8').send({ error: { message, type, code } });
+}
+
+/** A request the shim refuses before it looks at the tokens: the answer, and the token_served result. */
+interface Refusal {
+  status: number;
+  result: 'bad_request' | 'unauthorized' | 'unavailable';
+  code: string;
+  message: string;
+  type?: string;
+  retryAfter?: boolean;
+}
+
+/** Whom a body names: its client, the credential the client is served, and the generation it holds. */
+interface Caller {
+  client: Client;
+  assigned: ServedCredential;
+  generation: string | undefined;
+  reason: unknown;
 }
 
 /**
@@ -92,46 +113,90 @@ export async function shimRoutes(app: FastifyInstance, o: ShimRoutesOptions): Pr
     answer(reply, client, refresher, renderer.tokens());
   };
 
-  // Synchronous but for a caller that holds the current token: a stale caller (the usual
-  // one) costs no promise.
-  app.post(ROUTE, (req, reply) => {
-    const body = req.body;
+  /** The caller a parsed body names, or why it is refused (the same for Fastify's route and the lane's). */
+  const callerOf = (body: unknown): Caller | Refusal => {
     if (typeof body !== 'object' || body === null || Array.isArray(body)) {
-      served('bad_request');
-      oauthError(reply, 400, 'invalid_request', 'expected a JSON or form body with grant_type=refresh_token and refresh_token');
-      return;
+      return { status: 400, result: 'bad_request', code: 'invalid_request', message: 'expected a JSON or form body with grant_type=refresh_token and refresh_token' };
     }
     const b = body as Record<string, unknown>;
     if (b['grant_type'] !== 'refresh_token') {
-      served('bad_request');
-      oauthError(reply, 400, 'unsupported_grant_type', 'only grant_type=refresh_token is supported');
-      return;
+      return { status: 400, result: 'bad_request', code: 'unsupported_grant_type', message: 'only grant_type=refresh_token is supported' };
     }
     const presented = b['refresh_token'];
     if (typeof presented !== 'string' || presented === '') {
-      served('bad_request');
-      oauthError(reply, 400, 'invalid_request', 'refresh_token must be a non-empty string');
-      return;
+      return { status: 400, result: 'bad_request', code: 'invalid_request', message: 'refresh_token must be a non-empty string' };
     }
     const { credential, generation } = splitServedRefreshToken(presented);
     const client = o.clients.byRefreshCredential(credential);
     if (!client) {
-      served('unauthorized');
-      oauthError(reply, 401, 'refresh_token_invalidated', 'This refresh token is not a live credential of this broker. Run the workspace sync again or ask an operator for a client.');
-      return;
+      return {
+        status: 401,
+        result: 'unauthorized',
+        code: 'refresh_token_invalidated',
+        message: 'This refresh token is not a live credential of this broker. Run the workspace sync again or ask an operator for a client.',
+      };
     }
     const assigned = o.served.for(client);
     if (!assigned) {
-      served('unavailable');
-      reply.header('retry-after', '30');
-      oauthError(reply, 503, 'temporarily_unavailable', "The client's pool holds no credential right now; retry shortly.", 'server_error');
+      return { status: 503, result: 'unavailable', code: 'temporarily_unavailable', message: "The client's pool holds no credential right now; retry shortly.", type: 'server_error', retryAfter: true };
+    }
+    return { client, assigned, generation, reason: b['refresh_reason'] };
+  };
+
+  // Synchronous but for a caller that holds the current token: a stale caller (the usual
+  // one) costs no promise.
+  app.post(ROUTE, (req, reply) => {
+    const caller = callerOf(req.body);
+    if ('status' in caller) {
+      served(caller.result);
+      if (caller.retryAfter) reply.header('retry-after', '30');
+      oauthError(reply, caller.status, caller.code, caller.message, caller.type);
       return;
     }
+    const { client, assigned, generation } = caller;
     reply.header('x-codex-credential', assigned.name);
     // A caller that held another credential's token (it was switched) just gets this one's.
     const current = assigned.renderer.tokens();
-    if (current && generation === current.generation) return holdsCurrent(reply, client, assigned, current, b['refresh_reason']);
+    if (current && generation === current.generation) return holdsCurrent(reply, client, assigned, current, caller.reason);
     answer(reply, client, assigned.refresher, current);
     return undefined;
+  });
+
+  // The stale caller's answer again, in front of Fastify (http/lane.ts), from the same
+  // callerOf and the same bytes as answer() above. Anything else declines (0) and Fastify
+  // answers it from the body the lane read (replayBody): a body that is not plain JSON
+  // (escapes, __proto__ or constructor, which Fastify's parser checks), a refusal, a
+  // caller that holds the current token (which may refresh), or no unexpired token.
+  const lane = o.lane;
+  if (!lane) return;
+  app.addHook('preParsing', lane.replayBody);
+  lane.post(ROUTE, (req, res, raw) => {
+    const text = raw.toString('utf8');
+    if (text.includes('\\') || text.includes('__proto__') || text.includes('constructor') || text.includes('\ufffd')) return 0;
+    let body: unknown;
+    try {
+      body = JSON.parse(text);
+    } catch {
+      return 0;
+    }
+    const caller = callerOf(body);
+    if ('status' in caller) return 0;
+    const { client, assigned } = caller;
+    const current = assigned.renderer.tokens();
+    const nowMs = o.now();
+    const nowSec = nowMs / 1000;
+    if (!current || caller.generation === current.generation || (current.exp !== undefined && current.exp <= nowSec)) return 0;
+    o.clients.markServed(client, current.generation, nowMs);
+    served('ok');
+    const out = current.answer(client.refreshCredential, current.exp !== undefined ? Math.max(0, Math.floor(current.exp - nowSec)) : 0);
+    res.writeHead(200, {
+      'x-request-id': lane.requestId(req),
+      'x-codex-credential': assigned.name,
+      'cache-control': 'no-store',
+      'content-type': 'application/json; charset=utf-8',
+      'content-length': Buffer.byteLength(out),
+    });
+    res.end(out);
+    return 200;
   });
 }
