@@ -6,7 +6,8 @@
  *     the broker (3 credentials in one pool, 10,000 clients assigned across them), a bare Fastify route and a raw node:http server, all on
  *     127.0.0.1; prints one JSON line (ports, sample tokens, RSS) and runs until SIGTERM.
  *   node --import tsx bench/server.ts limits   <BENCH_BODY in env>
- *     only the limits: a bare Fastify route and a raw node:http server serving BENCH_BODY;
+ *     only the limits: a bare Fastify route and a raw node:http server serving BENCH_BODY
+ *     (and, to a POST, BENCH_POST_BODY);
  *     prints one JSON line ({ pid, fastifyPort, rawPort }) and runs until SIGTERM.
  *   node --import tsx bench/server.ts refresh <DATABASE_URL in env>
  *     three replicas on one database; times a due refresh (upstream answering in 200 ms)
@@ -117,21 +118,49 @@ async function controlServer(): Promise<number> {
   return listen(server);
 }
 
-/** The limits: the same bytes, from a bare Fastify route and from node:http. */
-async function startLimits(body: string) {
+/**
+ * The limits: the same bytes, from a bare Fastify route and from node:http. The same two
+ * also answer a POST /oauth/token with a JSON body (parsed, then `postBody`, the shim's
+ * answer): what any POST route with a body costs, the floor for the shim's ratio.
+ */
+async function startLimits(body: string, postBody: string) {
   const bare = Fastify({ logger: false });
   bare.get('/codex-auth', async (_req, reply) => reply.type('application/json; charset=utf-8').send(body));
+  bare.post('/oauth/token', async (req, reply) => {
+    if (typeof (req.body as { refresh_token?: unknown } | null)?.refresh_token !== 'string') return reply.code(400).send();
+    return reply.header('cache-control', 'no-store').type('application/json; charset=utf-8').send(postBody);
+  });
   await bare.listen({ port: 0, host: '127.0.0.1' });
-  const raw = createServer((_req, res) => {
-    res.writeHead(200, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body) });
-    res.end(body);
+  const raw = createServer((req, res) => {
+    if (req.method !== 'POST') {
+      res.writeHead(200, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body) });
+      res.end(body);
+      return;
+    }
+    const chunks: Buffer[] = [];
+    req.on('data', (c: Buffer) => chunks.push(c));
+    req.on('end', () => {
+      let ok: boolean;
+      try {
+        ok = typeof (JSON.parse(Buffer.concat(chunks).toString('utf8')) as { refresh_token?: unknown } | null)?.refresh_token === 'string';
+      } catch {
+        ok = false;
+      }
+      if (!ok) {
+        res.writeHead(400);
+        res.end();
+        return;
+      }
+      res.writeHead(200, { 'cache-control': 'no-store', 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(postBody) });
+      res.end(postBody);
+    });
   });
   const rawPort = await listen(raw);
   return { bare, raw, rawPort };
 }
 
-async function limits(body: string): Promise<void> {
-  const { bare, raw, rawPort } = await startLimits(body);
+async function limits(body: string, postBody: string): Promise<void> {
+  const { bare, raw, rawPort } = await startLimits(body, postBody);
   const info: LimitsInfo = { pid: process.pid, fastifyPort: (bare.server.address() as AddressInfo).port, rawPort };
   process.stdout.write(`${JSON.stringify(info)}\n`);
   process.once('SIGTERM', () => {
@@ -183,7 +212,7 @@ async function serve(url: string): Promise<void> {
     clients.push({ token, etag: String(r.headers.etag), refresh: doc.tokens.refresh_token.split('.')[0] ?? '', workspaceId: workspaceId(i) });
   }
 
-  const { bare, raw, rawPort } = await startLimits(body);
+  const { bare, raw, rawPort } = await startLimits(body, '{}');
   await t.app.listen({ port: 0, host: '127.0.0.1' });
 
   const info: ServeInfo = {
@@ -284,7 +313,7 @@ async function refresh(url: string, trials: number): Promise<void> {
 
 const mode = process.argv[2] ?? 'serve';
 if (mode !== 'limits' && !databaseUrl) throw new Error('DATABASE_URL is required');
-if (mode === 'limits') await limits(process.env['BENCH_BODY'] ?? '');
+if (mode === 'limits') await limits(process.env['BENCH_BODY'] ?? '', process.env['BENCH_POST_BODY'] ?? '{}');
 else if (mode === 'serve') await serve(databaseUrl);
 else if (mode === 'refresh') await refresh(databaseUrl, Number(process.env['BENCH_REFRESH_TRIALS'] ?? 5));
 else throw new Error(`unknown mode ${mode}`);
