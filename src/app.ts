@@ -1,3 +1,4 @@
+import { performance } from 'node:perf_hooks';
 import underPressure from '@fastify/under-pressure';
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type onResponseHookHandler, type RouteHandlerMethod } from 'fastify';
 import type { BrokerCore } from './broker.js';
@@ -54,7 +55,8 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     logController: new LogController({ disableRequestLogging: true }),
     bodyLimit: 1024 * 1024,
     requestIdHeader: 'x-request-id',
-    genReqId,
+    // A POST the lane took and declined keeps the id it was given when it arrived.
+    genReqId: (raw) => lane.arrivalId(raw) ?? genReqId(),
     childLoggerFactory: lazyChildLoggerFactory,
     return503OnClosing: true,
     ...serverTimeouts(o.config),
@@ -84,7 +86,8 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
   app.decorate('memoryUsage', memoryUsage);
   app.addHook('onRequest', (req, reply, done) => {
     reply.header('x-request-id', req.id);
-    if (isUnderPressure()) shed(reply, limits, memoryUsage());
+    // A POST the lane took was checked when it arrived, as Fastify checks every request on arrival.
+    if (isUnderPressure() && !lane.admitted(req.raw)) shed(reply, limits, memoryUsage());
     done();
   });
 
@@ -95,7 +98,9 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
   app.addHook('onRoute', (route) => {
     const url = route.url;
     const observe: onResponseHookHandler = (req, reply, done) => {
-      httpDuration(req.method, url, reply.statusCode).observe(reply.elapsedTime / 1000);
+      // From arrival: a POST the lane took reached Fastify only after its body.
+      const arrived = lane.arrivedAt(req.raw);
+      httpDuration(req.method, url, reply.statusCode).observe(arrived === undefined ? reply.elapsedTime / 1000 : (performance.now() - arrived) / 1000);
       done();
     };
     route.onResponse = route.onResponse === undefined ? [observe] : [...(Array.isArray(route.onResponse) ? route.onResponse : [route.onResponse]), observe];

@@ -4,6 +4,7 @@ import { connect, type AddressInfo } from 'node:net';
 import { describe, test } from 'node:test';
 import inject, { type InjectOptions, type Response } from 'light-my-request';
 import { FastLane, LANE_BODY_LIMIT } from '../src/http/lane.js';
+import { ShimTokens } from '../src/serving.js';
 import { ADMIN_TOKEN, type TestApp } from './helpers/app.js';
 import { findLeaks } from './helpers/logs.js';
 import { useSuite } from './helpers/suite.js';
@@ -24,7 +25,7 @@ interface Setup extends TestApp {
   orphanRefresh: string;
 }
 
-async function setup(o: { platformTokens?: boolean } = {}): Promise<Setup> {
+async function setup(o: { platformTokens?: boolean; maxEventLoopDelayMs?: number; pressureSampleIntervalMs?: number } = {}): Promise<Setup> {
   const upstream = await suite.upstream();
   const lane = new FastLane();
   const t = await suite.app({ databaseUrl: await suite.pg.newDatabase(), upstreamUrl: upstream.url, lane, clientReloadMs: 200, ...o });
@@ -218,7 +219,7 @@ describe('fast lane', () => {
     assert.equal(({} as Record<string, unknown>)['polluted'], undefined);
   });
 
-  test('a POST whose body the fast lane is reading: a client that aborts gets what Fastify gives it, and a close that begins meanwhile gets Fastify\'s 503', async () => {
+  test('a POST whose body the fast lane is reading: a client that aborts gets what Fastify gives it, and a close that begins meanwhile still answers the stale caller', async () => {
     const t = await setup();
     await t.app.listen({ port: 0, host: '127.0.0.1' });
     const port = (t.app.server.address() as AddressInfo).port;
@@ -243,22 +244,110 @@ describe('fast lane', () => {
     assert.deepEqual(delta(m0, m1), delta(m1, m2), 'the same metrics move either way');
     assert.equal(t.lane.answered, before);
 
-    // Half a body, then close() begins, then the rest: Fastify's closing 503.
-    const sock = connect(port, '127.0.0.1');
-    await new Promise((r) => sock.once('connect', r));
-    let reply = '';
-    sock.on('data', (d: Buffer) => (reply += d.toString('utf8')));
-    sock.write(head('application/json') + body.slice(0, 20));
+    // Half a body each, then close() begins, then the rest. Fastify, reading a body itself,
+    // answers a request that arrived before close began; so does the lane, for what it
+    // answers (a stale caller). One it declines after close began meets Fastify's closing
+    // 503: Fastify decides that when it gets the request, and it gets it after the body.
+    const half = async (contentType: string, payload: string) => {
+      const sock = connect(port, '127.0.0.1');
+      await new Promise((r) => sock.once('connect', r));
+      let reply = '';
+      sock.on('data', (d: Buffer) => (reply += d.toString('utf8')));
+      const closed = new Promise((r) => sock.once('close', r));
+      const head2 = `POST /oauth/token HTTP/1.1\r\nhost: x\r\ncontent-type: ${contentType}\r\ncontent-length: ${Buffer.byteLength(payload)}\r\n\r\n`;
+      sock.write(head2 + payload.slice(0, 20));
+      return { rest: () => sock.write(payload.slice(20)), closed, reply: () => reply };
+    };
+    const viaLane = await half('application/json', body);
+    const alone = await half('application/json; charset=utf-8', body);
+    const declined = await half('application/json', JSON.stringify({ grant_type: 'password', refresh_token: 'x' }));
     await new Promise((r) => setTimeout(r, 100));
     const closing = t.app.close();
     await new Promise((r) => setTimeout(r, 100));
-    sock.write(body.slice(20));
-    await new Promise((r) => sock.once('close', r));
+    for (const c of [viaLane, alone, declined]) c.rest();
+    await Promise.race([
+      Promise.all([viaLane.closed, alone.closed, declined.closed]),
+      new Promise((_, reject) => setTimeout(() => reject(new Error(`a connection stayed open after close(): ${[viaLane, alone, declined].map((c) => c.reply().split('\r\n')[0]).join(' / ')}`)), 10_000)),
+    ]);
     await closing;
-    assert.match(reply, /^HTTP\/1\.1 503 /);
-    assert.match(reply, /\r\nconnection: close\r\n/i);
-    assert.equal(t.lane.answered, before, "a closing app's lane answers nothing");
+    const shape = (raw: string) =>
+      raw
+        .split('\r\n\r\n')[0]
+        ?.split('\r\n')
+        .filter((l) => !/^(date|x-request-id):/i.test(l))
+        .sort();
+    assert.match(alone.reply(), /^HTTP\/1\.1 200 /);
+    assert.deepEqual(shape(viaLane.reply()), shape(alone.reply()), 'the stale caller whose body was in flight is answered as Fastify alone answers it');
+    answers.push(viaLane.reply(), alone.reply());
+    assert.equal(t.lane.answered, before + 1, 'the lane answered the stale caller');
+    assert.match(declined.reply(), /^HTTP\/1\.1 503 /);
+    assert.match(declined.reply(), /\r\nconnection: close\r\n/i);
     // And the served answer before any of this went through the lane over the same kind of socket.
+  });
+
+  test('a POST the fast lane declines after its body keeps its arrival: the request id in arrival order, the duration from arrival, and no shedding for pressure that began during the body', async () => {
+    const t = await setup({ maxEventLoopDelayMs: 100, pressureSampleIntervalMs: 50 });
+    await t.app.listen({ port: 0, host: '127.0.0.1' });
+    const port = (t.app.server.address() as AddressInfo).port;
+    const payload = JSON.stringify({ grant_type: 'password', refresh_token: 'x' });
+    const durations = async () => (await counts(t)).get('codex_broker_http_request_duration_seconds_count{"method":"POST","route":"/oauth/token","status_code":"400"}') ?? 0;
+    const sums = async () => {
+      for (const m of await t.metrics.registry.getMetricsAsJSON()) {
+        if (m.name !== 'codex_broker_http_request_duration_seconds') continue;
+        const v = (m.values as Array<{ value: number; labels: Record<string, unknown>; metricName?: string }>).find((x) => x.metricName?.endsWith('_sum') && x.labels['method'] === 'POST' && String(x.labels['status_code']) === '400');
+        return v?.value ?? 0;
+      }
+      return 0;
+    };
+    for (const contentType of ['application/json', 'application/json; charset=utf-8']) {
+      // Wait for a calm loop (start-up work can exceed 100 ms).
+      await waitFor('a calm event loop', async () => !(t.app as unknown as { isUnderPressure: () => boolean }).isUnderPressure(), 5_000);
+      const sock = connect(port, '127.0.0.1');
+      await new Promise((r) => sock.once('connect', r));
+      let reply = '';
+      sock.on('data', (d: Buffer) => (reply += d.toString('utf8')));
+      const n0 = await durations();
+      const s0 = await sums();
+      sock.write(`POST /oauth/token HTTP/1.1\r\nhost: x\r\ncontent-type: ${contentType}\r\ncontent-length: ${Buffer.byteLength(payload)}\r\n\r\n${payload.slice(0, 5)}`);
+      await new Promise((r) => setTimeout(r, 50));
+      // A request that arrives later, while the first one's body is still coming.
+      const later = await viaServer(t, { method: 'GET', url: '/healthz' });
+      // Block the loop past the limit, wait until under-pressure says so, then finish the body.
+      const end = performance.now() + 400;
+      while (performance.now() < end) {
+        // spin
+      }
+      await waitFor('pressure', async () => (t.app as unknown as { isUnderPressure: () => boolean }).isUnderPressure(), 2_000);
+      sock.write(payload.slice(5));
+      await waitFor('the answer', async () => reply.includes('\r\n\r\n') && reply.endsWith('}'), 5_000);
+      sock.destroy();
+      answers.push(reply);
+      assert.match(reply, /^HTTP\/1\.1 400 /, `${contentType}: checked for pressure when it arrived, as Fastify alone does: ${reply.split('\r\n')[0]}`);
+      const postId = /\r\nx-request-id: ([^\r]+)/i.exec(reply)?.[1] ?? '';
+      const getId = String(later.headers['x-request-id']);
+      const seq = (id: string) => Number(id.slice(id.lastIndexOf('-') + 1));
+      assert.ok(seq(postId) < seq(getId), `${contentType}: ids in arrival order (${postId}, then ${getId})`);
+      assert.equal((await durations()) - n0, 1);
+      assert.ok((await sums()) - s0 >= 0.4, `${contentType}: the duration runs from arrival (${((await sums()) - s0).toFixed(3)} s)`);
+    }
+  });
+
+  test('a fault in the fast lane\'s shim route before it answers counts nothing twice: the same metrics move as through Fastify alone', async () => {
+    const t = await setup();
+    const original = Object.getOwnPropertyDescriptor(ShimTokens.prototype, 'answer') as PropertyDescriptor;
+    ShimTokens.prototype.answer = () => {
+      throw new Error('a fault for the test');
+    };
+    try {
+      const res = await sameAnswer(
+        t,
+        { method: 'POST', url: '/oauth/token', headers: { 'content-type': 'application/json' }, payload: JSON.stringify({ grant_type: 'refresh_token', refresh_token: `${t.refreshCredential}.AAAAAAAAAAAA` }) },
+        'declines',
+      );
+      assert.equal(res.statusCode, 500);
+    } finally {
+      Object.defineProperty(ShimTokens.prototype, 'answer', original);
+    }
   });
 
   test('the fast lane does not serve a platform token on GET /codex-auth, and serves it on its own workspace\'s drop-in route', async () => {

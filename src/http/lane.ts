@@ -14,9 +14,21 @@ export type BodyLaneRoute = (req: IncomingMessage, res: ServerResponse, body: Bu
 
 /** The largest body a POST route of the lane reads itself; a larger one goes to Fastify unread. */
 export const LANE_BODY_LIMIT = 4096;
-/** What a declined POST request carries to Fastify: its body, already read by the lane. */
-const READ_BODY = Symbol('codex-auth-broker.laneBody');
-type WithBody = IncomingMessage & { [READ_BODY]?: { body: Buffer | undefined; err: Error | undefined } };
+/**
+ * What the lane notes on a POST request it takes, when it arrives: Fastify, if the request
+ * is declined after the body was read, uses the same arrival (its request id, its start
+ * time, its pressure check) and the body the lane read.
+ */
+const ARRIVAL = Symbol('codex-auth-broker.laneArrival');
+interface Arrival {
+  /** performance.now() when the request arrived. */
+  t0: number;
+  /** The request id, drawn when the request arrived (the caller's x-request-id, else the generator's). */
+  id: string;
+  /** Set once the body was read: the bytes, or the error that ended the read. */
+  read?: { body: Buffer | undefined; err: Error | undefined };
+}
+type WithArrival = IncomingMessage & { [ARRIVAL]?: Arrival };
 
 interface ServerOptions {
   http?: HttpServerOptions;
@@ -93,11 +105,15 @@ export class FastLane {
 
   /**
    * A POST route of one exact path whose JSON body the lane reads first: only a request
-   * with \`content-type: application/json\`, a content-length of at most LANE_BODY_LIMIT and
+   * with `content-type: application/json`, a content-length of at most LANE_BODY_LIMIT and
    * no transfer-encoding; anything else goes to Fastify unread. A route that declines after
-   * the body was read hands it on: the route's scope must add \`replayBody\` as a preParsing
+   * the body was read hands it on: the route's scope must add `replayBody` as a preParsing
    * hook, so Fastify parses the same bytes (or meets the same read error) it would have
-   * read from the socket.
+   * read from the socket. What Fastify decides when a request arrives is kept from the
+   * arrival: the request id (Fastify's genReqId returns arrivalId), the start of the
+   * request-duration metric (arrivedAt) and the pressure check (admitted). One thing is
+   * not: a request declined after close() began meets Fastify's closing 503, where Fastify
+   * alone, having taken it before, would have answered it.
    */
   post(path: string, route: BodyLaneRoute): void {
     if (this.#posts.has(path)) throw new Error(`fast lane: POST ${path} is already served`);
@@ -106,12 +122,13 @@ export class FastLane {
 
   /** Fastify preParsing hook for a lane POST route: the body the lane already read, as the payload stream. */
   readonly replayBody = (request: { raw: IncomingMessage }, _reply: unknown, payload: Readable, done: (err: Error | null, payload: Readable) => void): void => {
-    const read = (request.raw as WithBody)[READ_BODY];
-    if (read === undefined) {
+    const arrival = (request.raw as WithArrival)[ARRIVAL];
+    const read = arrival?.read;
+    if (arrival === undefined || read === undefined) {
       done(null, payload);
       return;
     }
-    (request.raw as WithBody)[READ_BODY] = undefined;
+    arrival.read = undefined;
     const { body, err } = read;
     done(
       null,
@@ -132,9 +149,27 @@ export class FastLane {
     this.#open = false;
   }
 
-  /** The request id Fastify would give this request: the caller's x-request-id, else the next generated one. */
+  /** The request id Fastify would give this request: the caller's x-request-id, else the next generated one (a POST's, drawn when it arrived). */
   requestId(req: IncomingMessage): string {
-    return (req.headers['x-request-id'] as string | undefined) || this.#genReqId();
+    return (req as WithArrival)[ARRIVAL]?.id ?? ((req.headers['x-request-id'] as string | undefined) || this.#genReqId());
+  }
+
+  /**
+   * For Fastify, of a POST request the lane took and then declined: its request id, drawn
+   * when it arrived (Fastify's genReqId returns it), so ids keep the order requests arrive in.
+   */
+  arrivalId(req: IncomingMessage): string | undefined {
+    return (req as WithArrival)[ARRIVAL]?.id;
+  }
+
+  /** For Fastify's request-duration metric: when a POST request the lane took arrived (Fastify's own clock starts at hand-off, after the body). */
+  arrivedAt(req: IncomingMessage): number | undefined {
+    return (req as WithArrival)[ARRIVAL]?.t0;
+  }
+
+  /** Whether the lane took this request: it was not under pressure when it arrived, so Fastify does not shed it at hand-off either. */
+  admitted(req: IncomingMessage): boolean {
+    return (req as WithArrival)[ARRIVAL] !== undefined;
   }
 
   /**
@@ -172,7 +207,8 @@ export class FastLane {
     const length = h['content-length'];
     if (h['content-type'] !== 'application/json' || h['transfer-encoding'] !== undefined || length === undefined || !/^\d{1,4}$/.test(length) || Number(length) > LANE_BODY_LIMIT) return false;
     if (this.#underPressure()) return false;
-    const t0 = performance.now();
+    const arrival: Arrival = { t0: performance.now(), id: this.requestId(req) };
+    (req as WithArrival)[ARRIVAL] = arrival;
     const chunks: Buffer[] = [];
     const onData = (chunk: Buffer) => {
       chunks.push(chunk);
@@ -183,7 +219,10 @@ export class FastLane {
       req.off('error', onEnd);
       const body = chunks.length === 1 ? chunks[0] : Buffer.concat(chunks);
       let status = 0;
-      if (err === undefined && this.#open && body !== undefined) {
+      // A close that began during the read does not stop the answer: Fastify, reading the
+      // body itself, would also answer a request that arrived before close began. (One it
+      // declines does meet Fastify's closing 503 now: Fastify decides that at hand-off.)
+      if (err === undefined && body !== undefined) {
         try {
           status = route(req, res, body);
         } catch (e) {
@@ -195,11 +234,11 @@ export class FastLane {
       }
       if (status !== 0) {
         this.answered++;
-        this.#observe('POST', path, status, (performance.now() - t0) / 1000);
+        this.#observe('POST', path, status, (performance.now() - arrival.t0) / 1000);
         return;
       }
       // Fastify answers it as if it had read the body itself (replayBody).
-      (req as WithBody)[READ_BODY] = { body, err };
+      arrival.read = { body, err };
       fastify(req, res);
     };
     req.on('data', onData);

@@ -186,16 +186,19 @@ export async function shimRoutes(app: FastifyInstance, o: ShimRoutesOptions): Pr
     const nowMs = o.now();
     const nowSec = nowMs / 1000;
     if (!current || caller.generation === current.generation || (current.exp !== undefined && current.exp <= nowSec)) return 0;
-    o.clients.markServed(client, current.generation, nowMs);
-    served('ok');
+    // Everything that could throw comes before the first side effect: a fault declines to
+    // Fastify with nothing yet counted or marked.
     const out = current.answer(client.refreshCredential, current.exp !== undefined ? Math.max(0, Math.floor(current.exp - nowSec)) : 0);
-    res.writeHead(200, {
+    const headers = {
       'x-request-id': lane.requestId(req),
       'x-codex-credential': assigned.name,
       'cache-control': 'no-store',
       'content-type': 'application/json; charset=utf-8',
       'content-length': Buffer.byteLength(out),
-    });
+    };
+    o.clients.markServed(client, current.generation, nowMs);
+    served('ok');
+    res.writeHead(200, headers);
     res.end(out);
     return 200;
   });

@@ -118,27 +118,32 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
     if (!client || (workspaceId !== undefined && !mayRead(client, workspaceId))) return 0;
     const credential = o.served.for(client);
     if (!credential || credential.renderer.unavailable()) return 0;
+    // Everything that could throw comes before the first side effect (markServed, the
+    // count): a fault declines to Fastify with nothing yet counted or marked.
     const doc = credential.renderer.render(client);
-    o.clients.markServed(client, doc.generation, o.now());
     const platformShape = workspaceId !== undefined;
     const etag = platformShape ? doc.platformEtag : doc.etag;
     const id = lane.requestId(req);
     if (matches(req.headers['if-none-match'], etag)) {
+      const headers = { 'x-request-id': id, 'x-codex-credential': credential.name, etag, 'cache-control': 'no-store' };
+      o.clients.markServed(client, doc.generation, o.now());
       served(route, 'not_modified');
-      res.writeHead(304, { 'x-request-id': id, 'x-codex-credential': credential.name, etag, 'cache-control': 'no-store' });
+      res.writeHead(304, headers);
       res.end();
       return 304;
     }
-    served(route, 'ok');
     const body = platformShape ? doc.platformBody : doc.body;
-    res.writeHead(200, {
+    const headers = {
       'x-request-id': id,
       'x-codex-credential': credential.name,
       etag,
       'cache-control': 'no-store',
       'content-type': 'application/json; charset=utf-8',
       'content-length': Buffer.byteLength(body),
-    });
+    };
+    o.clients.markServed(client, doc.generation, o.now());
+    served(route, 'ok');
+    res.writeHead(200, headers);
     res.end(body);
     return 200;
   };
