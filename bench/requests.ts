@@ -7,6 +7,11 @@ export type RequestSpec = NonNullable<Parameters<typeof autocannon>[0]['requests
 /** The generation a stale shim caller presents: never the current one, so the broker answers with its tokens. */
 export const STALE_GENERATION = 'AAAAAAAAAAAA';
 
+/** A stale caller's refresh request to the shim, as codex sends it. */
+export function shimBody(refresh: string, staleGeneration: string): string {
+  return JSON.stringify({ grant_type: 'refresh_token', refresh_token: `${refresh}.${staleGeneration}`, client_id: 'app_bench' });
+}
+
 /** A request whose headers or body rotate over the loaded clients, one per request. */
 function rotating(make: (c: ServeInfo['clients'][number]) => Omit<RequestSpec, 'setupRequest'>, clients: ServeInfo['clients']): RequestSpec {
   let i = 0;
@@ -33,7 +38,7 @@ export function requestSpecs(clients: ServeInfo['clients'], staleGeneration: str
         method: 'POST',
         path: '/oauth/token',
         headers: { 'content-type': 'application/json' },
-        body: JSON.stringify({ grant_type: 'refresh_token', refresh_token: `${c.refresh}.${staleGeneration}`, client_id: 'app_bench' }),
+        body: shimBody(c.refresh, staleGeneration),
       }),
       clients,
     ),

@@ -25,7 +25,7 @@ import autocannon from 'autocannon';
 import { startTestPostgres } from '../test/helpers/pg.js';
 import { CLIENTS, CREDENTIALS, LOADED_CLIENTS } from './fleet.js';
 import { CPU_COUNT, PIN, SERVER_CPU, cpuSplitOf, root, rssOf, startProduction, startServer, stopChild } from './production.js';
-import { requestSpecs, type RequestSpec, STALE_GENERATION } from './requests.js';
+import { requestSpecs, type RequestSpec, shimBody, STALE_GENERATION } from './requests.js';
 import type { LimitsInfo, RefreshTrial, ServeInfo } from './server.js';
 
 const HISTORY_MARKER = '<!-- history: everything below is kept by npm run bench -->';
@@ -293,7 +293,7 @@ async function main(): Promise<void> {
       const shimAnswer = await fetch(`${p.base}/oauth/token`, {
         method: 'POST',
         headers: { 'content-type': 'application/json' },
-        body: JSON.stringify({ grant_type: 'refresh_token', refresh_token: `${c0?.refresh ?? ''}.${STALE_GENERATION}` }),
+        body: shimBody(c0?.refresh ?? '', STALE_GENERATION),
       }).then(async (r) => (r.status === 200 ? r.text() : Promise.reject(new Error(`the shim answered ${r.status}`))));
       const l = startServer('limits', '', limitsArgs, { BENCH_BODY: p.body, BENCH_POST_BODY: shimAnswer });
       const li = await l.firstLine.then((line) => JSON.parse(line) as LimitsInfo).catch(async (err: unknown) => {

@@ -179,7 +179,7 @@ export class FastLane {
    */
   serve(req: IncomingMessage, res: ServerResponse): boolean {
     if (!this.#open) return false;
-    if (req.method !== 'GET') return req.method === 'POST' && this.#posts.size > 0 && this.#takePost(req, res);
+    if (req.method !== 'GET') return req.method === 'POST' && this.#takePost(req, res);
     const path = req.url as string;
     const route = this.#routes.get(path);
     if (route !== undefined) {

@@ -36,6 +36,16 @@ interface Refusal {
   retryAfter?: boolean;
 }
 
+/** Whether the tokens can be handed out now: present, and not expired. */
+function unexpired(current: ShimTokens | undefined, nowSec: number): current is ShimTokens {
+  return current !== undefined && (current.exp === undefined || current.exp > nowSec);
+}
+
+/** The answer's body for a client: the tokens, and the seconds left on the access token. */
+function tokensFor(client: Client, current: ShimTokens, nowSec: number): string {
+  return current.answer(client.refreshCredential, current.exp !== undefined ? Math.max(0, Math.floor(current.exp - nowSec)) : 0);
+}
+
 /** Whom a body names: its client, the credential the client is served, and the generation it holds. */
 interface Caller {
   client: Client;
@@ -77,7 +87,7 @@ export async function shimRoutes(app: FastifyInstance, o: ShimRoutesOptions): Pr
   /** The answer once `current` is what the caller gets: the tokens, or why there are none. */
   const answer = (reply: FastifyReply, client: Client, refresher: Refresher, current: ShimTokens | undefined): void => {
     const nowSec = o.now() / 1000;
-    if (!current || (current.exp !== undefined && current.exp <= nowSec)) {
+    if (!unexpired(current, nowSec)) {
       const latch = refresher.latch;
       if (latch && current) {
         served('unauthorized');
@@ -91,8 +101,7 @@ export async function shimRoutes(app: FastifyInstance, o: ShimRoutesOptions): Pr
     }
     o.clients.markServed(client, current.generation, o.now());
     served('ok');
-    const expiresIn = current.exp !== undefined ? Math.max(0, Math.floor(current.exp - nowSec)) : 0;
-    reply.header('cache-control', 'no-store').type('application/json; charset=utf-8').send(current.answer(client.refreshCredential, expiresIn));
+    reply.header('cache-control', 'no-store').type('application/json; charset=utf-8').send(tokensFor(client, current, nowSec));
   };
 
   /** A caller that holds the current token: refresh first when it is due, or when the backend confirms a reported rejection. */
@@ -185,10 +194,10 @@ export async function shimRoutes(app: FastifyInstance, o: ShimRoutesOptions): Pr
     const current = assigned.renderer.tokens();
     const nowMs = o.now();
     const nowSec = nowMs / 1000;
-    if (!current || caller.generation === current.generation || (current.exp !== undefined && current.exp <= nowSec)) return 0;
+    if (!unexpired(current, nowSec) || caller.generation === current.generation) return 0;
     // Everything that could throw comes before the first side effect: a fault declines to
     // Fastify with nothing yet counted or marked.
-    const out = current.answer(client.refreshCredential, current.exp !== undefined ? Math.max(0, Math.floor(current.exp - nowSec)) : 0);
+    const out = tokensFor(client, current, nowSec);
     const headers = {
       'x-request-id': lane.requestId(req),
       'x-codex-credential': assigned.name,
