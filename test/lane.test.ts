@@ -20,6 +20,8 @@ interface Setup extends TestApp {
   workspaceId: string;
   /** A client of another pool, which holds no credential. */
   orphanToken: string;
+  /** The broker's clock, held still across the two answers of a comparison. */
+  clock: ReturnType<typeof heldClock>;
   /** The refresh credentials the shim knows the two clients by. */
   refreshCredential: string;
   orphanRefresh: string;
@@ -28,7 +30,8 @@ interface Setup extends TestApp {
 async function setup(o: { platformTokens?: boolean; maxEventLoopDelayMs?: number; pressureSampleIntervalMs?: number } = {}): Promise<Setup> {
   const upstream = await suite.upstream();
   const lane = new FastLane();
-  const t = await suite.app({ databaseUrl: await suite.pg.newDatabase(), upstreamUrl: upstream.url, lane, clientReloadMs: 200, ...o });
+  const clock = heldClock();
+  const t = await suite.app({ databaseUrl: await suite.pg.newDatabase(), upstreamUrl: upstream.url, lane, clientReloadMs: 200, now: clock.now, ...o });
   const admin = { authorization: `Bearer ${ADMIN_TOKEN}` };
   const seeded = await t.app.inject({ method: 'PUT', url: '/admin/credential', headers: admin, payload: upstream.seed() });
   assert.equal(seeded.statusCode, 200, seeded.body);
@@ -42,7 +45,21 @@ async function setup(o: { platformTokens?: boolean; maxEventLoopDelayMs?: number
   const refreshCredential = made.json<{ refreshCredential: string }>().refreshCredential;
   const orphanRefresh = orphan.json<{ refreshCredential: string }>().refreshCredential;
   secrets.push(token, orphanToken, refreshCredential, orphanRefresh);
-  return { ...t, lane, token, workspaceId, orphanToken, refreshCredential, orphanRefresh };
+  return { ...t, lane, clock, token, workspaceId, orphanToken, refreshCredential, orphanRefresh };
+}
+
+/**
+ * The broker's clock: the real time, except while a comparison holds it. The shim's answer
+ * carries expires_in, counted from now, so the two answers of one comparison must be made
+ * at the same instant (a second boundary between them would change it).
+ */
+function heldClock() {
+  let held: number | undefined;
+  return {
+    now: () => held ?? Date.now(),
+    hold: () => void (held = Date.now()),
+    release: () => void (held = undefined),
+  };
 }
 
 /** Through Fastify alone: its own request handler, as if the lane did not exist. */
@@ -89,10 +106,16 @@ async function sameAnswer(t: Setup, o: InjectOptions, lane: 'answers' | 'decline
   o = { ...o, headers: { 'x-request-id': 'same-id', ...(o.headers as Record<string, string> | undefined) } };
   const before = t.lane.answered;
   const m0 = await counts(t);
-  const a = await viaServer(t, o);
-  assert.equal(t.lane.answered - before, lane === 'answers' ? 1 : 0, `the lane ${lane} ${o.method ?? 'GET'} ${String(o.url)}`);
-  const m1 = await counts(t);
-  const b = await viaFastify(t, o);
+  t.clock.hold();
+  let a: Response, b: Response, m1: Map<string, number>;
+  try {
+    a = await viaServer(t, o);
+    assert.equal(t.lane.answered - before, lane === 'answers' ? 1 : 0, `the lane ${lane} ${o.method ?? 'GET'} ${String(o.url)}`);
+    m1 = await counts(t);
+    b = await viaFastify(t, o);
+  } finally {
+    t.clock.release();
+  }
   assert.equal(t.lane.answered - before, lane === 'answers' ? 1 : 0, 'Fastify alone never reaches the lane');
   const m2 = await counts(t);
   assert.deepEqual(observable(a), observable(b), `${o.method ?? 'GET'} ${String(o.url)}`);
