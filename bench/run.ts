@@ -13,7 +13,9 @@
  * BENCH_FRESH (1: each round on a fresh production and limits process; 0: every round on one pair),
  * BENCH_CASES (a regular expression: only the side-by-side cases whose name matches, beside
  * the bare route; for experiments with BENCH_QUICK), BENCH_LIMITS_ARGS (node flags for the
- * limits process, e.g. --cpu-prof --cpu-prof-dir=DIR; BENCH_NODE_ARGS is the production's).
+ * limits process, e.g. --cpu-prof --cpu-prof-dir=DIR; BENCH_NODE_ARGS is the production's),
+ * BENCH_PAIRED_SECONDS (5: each pinned round ends with every broker case loaded at the same
+ * moments as the standalone bare route, half the connections each, for this long).
  * Each case prints the server's CPU per request split into user and system time.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
@@ -46,9 +48,12 @@ const IN_PROCESS_BARE = "bare Fastify route in the broker's process";
 const BARE_POST = 'bare Fastify POST route with a JSON body (limit)';
 const RAW_POST = 'raw node:http POST with a JSON body';
 const SHIM = 'POST /oauth/token (stale caller)';
+/** The broker's cases the pinned rounds also measure paired with the bare route, then the bare route inside the broker's process. */
+const PAIRED = ['GET /codex-auth 200', 'GET /codex-auth 304', 'GET drop-in /workspaces/:id/secrets/values', SHIM, 'GET /healthz', IN_PROCESS_BARE];
 /** BENCH_FRESH=0: every round on one production and limits pair (default: a fresh pair per round). */
 const FRESH = process.env['BENCH_FRESH'] !== '0';
 const CONNECTIONS = 50;
+const PAIRED_SECONDS = Number(process.env['BENCH_PAIRED_SECONDS'] ?? 5);
 /** One pool, three logins: every serving case goes through each client's stored assignment. */
 const MB = 1024 * 1024;
 
@@ -162,6 +167,35 @@ function sideBySideTable(rows: Row[]): string[] {
   ];
 }
 const fmtMb = (b: number) => `${(b / MB).toFixed(1)} MB`;
+
+/** One broker case loaded at the same moments as the standalone bare route: CPU per request of each, per round. */
+interface Paired {
+  name: string;
+  caseUs: number[];
+  bareUs: number[];
+}
+const pairedRatios = (p: Paired) => p.caseUs.map((u, i) => u / (p.bareUs[i] as number));
+
+/**
+ * The cases measured paired with the bare route. Loaded one after the other, a case and the
+ * bare route are 10-60 s apart, and this machine's CPU per request drifts by 20-40 % from
+ * one minute to the next (the same process, the same route); loaded at the same moments, both
+ * servers share the server core and whatever slows it, so each window's ratio is the route's
+ * own cost.
+ */
+function pairedTable(paired: Paired[]): string[] {
+  if (paired.length === 0) return [];
+  return [
+    '## Paired with the bare route',
+    '',
+    `Each pinned round ends with every broker case loaded at the same moments as the standalone bare route: two autocannon runs of ${CONNECTIONS / 2} connections each (the same ${CONNECTIONS} in all), both servers on the server core, 1 s of warm-up then ${PAIRED_SECONDS} s; each server's CPU per request from /proc, and their ratio within the window. Loaded one after the other (the tables above), a case and the bare route are measured up to a minute apart, and on this shared machine the same process serving the same route drifts by 20-40 % from one minute to the next (BENCHMARKS.md history, session 15): a drift the sequential ratio cannot tell from the route's cost, and the paired ratio cancels, since whatever slows the core slows both servers in the same window. Every round's ratio is listed; the median is what the targets read.`,
+    '',
+    '| case | CPU vs bare Fastify, paired (median) | every round | case µs/request (median) | bare route µs/request in the same windows (median) |',
+    '|---|---:|---|---:|---:|',
+    ...paired.map((p) => `| ${p.name} | ${medianOf(pairedRatios(p)).toFixed(2)}× | ${pairedRatios(p).map((x) => x.toFixed(2)).join(' / ')} | ${f1(medianOf(p.caseUs))} | ${f1(medianOf(p.bareUs))} |`),
+    '',
+  ];
+}
 
 /**
  * The broker's CPU per request split in two by the bare route served from inside its own
@@ -310,6 +344,8 @@ async function main(): Promise<void> {
         },
       };
     };
+    /** Filled by the pinned pass: each broker case paired with the bare route, per round. */
+    const paired: Paired[] = [];
     const sideBySide = async (label: string, pinned: boolean): Promise<Row[]> => {
       const byCase: Row[][] = cases.map(() => []);
       let kept: Awaited<ReturnType<typeof freshPair>> | undefined;
@@ -335,6 +371,30 @@ async function main(): Promise<void> {
             byCase[i]?.push(rw);
             console.log(`  ${c.name.padEnd(44)} ${f1(rw.rps).padStart(9)} req/s  p50 ${rw.p50} ms  p99 ${rw.p99} ms  server CPU ${f1(rw.cpuUs)} µs/request ${split}  [${rw.statuses}]`);
           }
+          // The broker's cases again, each loaded at the same moments as the bare route.
+          const bareCase = set.cases[0];
+          if (pinned && PIN && bareCase) {
+            for (const c of set.cases.filter((x) => PAIRED.includes(x.name))) {
+              const both = (seconds: number) => Promise.all([run(c.url, [c.spec], seconds, CONNECTIONS / 2), run(bareCase.url, [bareCase.spec], seconds, CONNECTIONS / 2)]);
+              await both(1);
+              const pids = [c.pid ?? set.pid, bareCase.pid ?? set.pid];
+              const before = pids.map((pid) => cpuSplitOf(pid));
+              const results = await both(PAIRED_SECONDS);
+              const us = pids.map((pid, k) => {
+                const a = cpuSplitOf(pid);
+                const b = before[k] as { user: number; sys: number };
+                return (a.user + a.sys - b.user - b.sys) / Math.max(1, (results[k] as Result).requests.total);
+              });
+              for (const [k, r] of results.entries()) {
+                const expect = k === 0 ? c.expect : bareCase.expect;
+                if (!(expect in r.statusCodeStats) || Object.keys(r.statusCodeStats).length !== 1) console.warn(`  unexpected statuses for ${k === 0 ? c.name : bareCase.name} (paired): ${row('', r).statuses}`);
+              }
+              const entry = paired.find((x) => x.name === c.name) ?? (paired.push({ name: c.name, caseUs: [], bareUs: [] }), paired.at(-1) as Paired);
+              entry.caseUs.push(us[0] as number);
+              entry.bareUs.push(us[1] as number);
+              console.log(`  paired: ${c.name.padEnd(36)} ${f1(us[0] as number)} µs/request, bare ${f1(us[1] as number)} µs/request: ${((us[0] as number) / (us[1] as number)).toFixed(2)}×`);
+            }
+          }
         } finally {
           if (FRESH || round === ROUNDS - 1) await set.stop();
         }
@@ -359,7 +419,7 @@ async function main(): Promise<void> {
       execFileSync('taskset', ['-a', '-p', '-c', '0', String(process.pid)], { stdio: 'ignore' });
     }
     if (QUICK) {
-      console.log(`\n${sideBySideTable(rows).join('\n')}\n\n${processAndRoute(rows).join('\n')}\n(BENCH_QUICK: BENCHMARKS.md left as it is)`);
+      console.log(`\n${sideBySideTable(rows).join('\n')}\n\n${processAndRoute(rows).join('\n')}\n${pairedTable(paired).join('\n')}\n(BENCH_QUICK: BENCHMARKS.md left as it is)`);
       return;
     }
 
@@ -443,6 +503,13 @@ async function main(): Promise<void> {
       ...cpuTargets.map(([i, limit]) => {
         const r = rows[i] as Row;
         return { t: `${r.name}: server CPU per request ≤ ${limit.toFixed(2)}× bare Fastify`, v: `${f1(r.cpuUs ?? NaN)} µs vs ${f1(bare.cpuUs ?? NaN)} µs (${cpu(r).toFixed(2)}×)`, ok: cpu(r) <= limit };
+      }),
+      // The same limits, read from the paired windows (see "Paired with the bare route").
+      ...cpuTargets.flatMap(([i, limit]) => {
+        const p = paired.find((x) => x.name === (rows[i] as Row).name);
+        if (!p) return [];
+        const x = medianOf(pairedRatios(p));
+        return [{ t: `${p.name}: server CPU per request ≤ ${limit.toFixed(2)}× bare Fastify, paired (loaded at the same moments)`, v: `${x.toFixed(2)}× (median of ${p.caseUs.length} windows; ${f1(medianOf(p.caseUs))} µs vs ${f1(medianOf(p.bareUs))} µs)`, ok: x <= limit }];
       }),
       ...cpuTargets.map(([i, , p99]) => {
         const r = rows[i] as Row;
@@ -531,6 +598,7 @@ async function main(): Promise<void> {
           ]
         : []),
       ...processAndRoute(rows),
+      ...pairedTable(paired),
       '## Targets',
       '',
       '| target | measured | met |',
