@@ -26,17 +26,21 @@ const DAY = 86_400;
 const nowSec = () => Math.floor(Date.now() / 1000);
 
 const suite = useSuite();
-const tmp = tempDirs('operator-page-');
 const issuers: FakeIssuer[] = [];
 let browser: BrowserContext | undefined;
+
+// Registered before tempDirs' own after hook, so it runs first: the browser closes (and
+// stops writing to its profile) before its user-data-dir is removed. The other way round,
+// Chromium wrote "Local State" into the removed directory as it closed and left it in /tmp.
+after(async () => {
+  await browser?.close();
+  for (const f of issuers) await f.close();
+});
+const tmp = tempDirs('operator-page-');
 
 before(async () => {
   // A persistent context is how playwright takes a user-data-dir: a new temp one.
   if (CHROMIUM) browser = await chromium.launchPersistentContext(tmp(), { executablePath: CHROMIUM, args: ARGS, viewport: { width: 1280, height: 900 }, timeout: 60_000 });
-});
-after(async () => {
-  await browser?.close();
-  for (const f of issuers) await f.close();
 });
 
 /** The browser, or: under CI a failure, elsewhere a loud skip. */
