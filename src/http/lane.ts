@@ -149,9 +149,9 @@ export class FastLane {
     this.#open = false;
   }
 
-  /** The request id Fastify would give this request: the caller's x-request-id, else the next generated one (a POST's, drawn when it arrived). */
+  /** The request id Fastify would give this request: the caller's x-request-id, else the next generated one. (A POST the lane took has its id from arrivalId.) */
   requestId(req: IncomingMessage): string {
-    return (req as WithArrival)[ARRIVAL]?.id ?? ((req.headers['x-request-id'] as string | undefined) || this.#genReqId());
+    return (req.headers['x-request-id'] as string | undefined) || this.#genReqId();
   }
 
   /**

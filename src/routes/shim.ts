@@ -199,7 +199,8 @@ export async function shimRoutes(app: FastifyInstance, o: ShimRoutesOptions): Pr
     // Fastify with nothing yet counted or marked.
     const out = tokensFor(client, current, nowSec);
     const headers = {
-      'x-request-id': lane.requestId(req),
+      // The id drawn when the request arrived (the lane read its body since).
+      'x-request-id': lane.arrivalId(req) ?? lane.requestId(req),
       'x-codex-credential': assigned.name,
       'cache-control': 'no-store',
       'content-type': 'application/json; charset=utf-8',
