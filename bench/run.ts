@@ -85,6 +85,11 @@ function row(name: string, r: Result): Row {
   return { name, rps: r.requests.average, p50: r.latency.p50, p99: r.latency.p99, total: r.requests.total, statuses, errors: r.errors + r.timeouts };
 }
 
+/** Warn when a run answered anything but the one status its case expects. */
+function warnUnexpected(label: string, expect: string, r: Result): void {
+  if (!(expect in r.statusCodeStats) || Object.keys(r.statusCodeStats).length !== 1) console.warn(`  unexpected statuses for ${label}: ${row('', r).statuses}`);
+}
+
 async function scrape(port: number): Promise<string> {
   const res = await fetch(`http://127.0.0.1:${port}/metrics`);
   return res.text();
@@ -367,7 +372,7 @@ async function main(): Promise<void> {
             const sys = (after.sys - before.sys) / n;
             const rw = { ...row(c.name, r), cpuUs: user + sys };
             const split = `(user ${f1(user)}, system ${f1(sys)})`;
-            if (!(c.expect in r.statusCodeStats) || Object.keys(r.statusCodeStats).length !== 1) console.warn(`  unexpected statuses for ${c.name}: ${rw.statuses}`);
+            warnUnexpected(c.name, c.expect, r);
             byCase[i]?.push(rw);
             console.log(`  ${c.name.padEnd(44)} ${f1(rw.rps).padStart(9)} req/s  p50 ${rw.p50} ms  p99 ${rw.p99} ms  server CPU ${f1(rw.cpuUs)} µs/request ${split}  [${rw.statuses}]`);
           }
@@ -377,22 +382,22 @@ async function main(): Promise<void> {
             for (const c of set.cases.filter((x) => PAIRED.includes(x.name))) {
               const both = (seconds: number) => Promise.all([run(c.url, [c.spec], seconds, CONNECTIONS / 2), run(bareCase.url, [bareCase.spec], seconds, CONNECTIONS / 2)]);
               await both(1);
-              const pids = [c.pid ?? set.pid, bareCase.pid ?? set.pid];
-              const before = pids.map((pid) => cpuSplitOf(pid));
-              const results = await both(PAIRED_SECONDS);
-              const us = pids.map((pid, k) => {
-                const a = cpuSplitOf(pid);
-                const b = before[k] as { user: number; sys: number };
-                return (a.user + a.sys - b.user - b.sys) / Math.max(1, (results[k] as Result).requests.total);
-              });
-              for (const [k, r] of results.entries()) {
-                const expect = k === 0 ? c.expect : bareCase.expect;
-                if (!(expect in r.statusCodeStats) || Object.keys(r.statusCodeStats).length !== 1) console.warn(`  unexpected statuses for ${k === 0 ? c.name : bareCase.name} (paired): ${row('', r).statuses}`);
-              }
-              const entry = paired.find((x) => x.name === c.name) ?? (paired.push({ name: c.name, caseUs: [], bareUs: [] }), paired.at(-1) as Paired);
-              entry.caseUs.push(us[0] as number);
-              entry.bareUs.push(us[1] as number);
-              console.log(`  paired: ${c.name.padEnd(36)} ${f1(us[0] as number)} µs/request, bare ${f1(us[1] as number)} µs/request: ${((us[0] as number) / (us[1] as number)).toFixed(2)}×`);
+              const cpuOf = (pid: number) => {
+                const t = cpuSplitOf(pid);
+                return t.user + t.sys;
+              };
+              const [casePid, barePid] = [c.pid ?? set.pid, bareCase.pid ?? set.pid];
+              const [case0, bare0] = [cpuOf(casePid), cpuOf(barePid)];
+              const [caseRun, bareRun] = await both(PAIRED_SECONDS);
+              const caseUs = (cpuOf(casePid) - case0) / Math.max(1, caseRun.requests.total);
+              const bareUs = (cpuOf(barePid) - bare0) / Math.max(1, bareRun.requests.total);
+              warnUnexpected(`${c.name} (paired)`, c.expect, caseRun);
+              warnUnexpected(`${bareCase.name} (paired)`, bareCase.expect, bareRun);
+              let entry = paired.find((x) => x.name === c.name);
+              if (!entry) paired.push((entry = { name: c.name, caseUs: [], bareUs: [] }));
+              entry.caseUs.push(caseUs);
+              entry.bareUs.push(bareUs);
+              console.log(`  paired: ${c.name.padEnd(36)} ${f1(caseUs)} µs/request, bare ${f1(bareUs)} µs/request: ${(caseUs / bareUs).toFixed(2)}×`);
             }
           }
         } finally {
