@@ -105,7 +105,7 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
     };
     route.onResponse = route.onResponse === undefined ? [observe] : [...(Array.isArray(route.onResponse) ? route.onResponse : [route.onResponse]), observe];
   });
-  lane.attach({ genReqId, underPressure: isUnderPressure, observe: (method, route, status, seconds) => httpDuration(method, route, status).observe(seconds) });
+  lane.attach({ genReqId, underPressure: isUnderPressure, duration: httpDuration });
   app.addHook('preClose', (done) => {
     lane.close();
     done();

@@ -12,6 +12,10 @@ export interface Rendered {
   readonly body: string;
   /** The platform's drop-in shape, `{"CODEX_AUTH_JSON": body as a string}`, built on first read. */
   readonly platformBody: string;
+  /** Buffer.byteLength(body), known without building or measuring the body (the content-length). */
+  readonly bodyBytes: number;
+  /** Buffer.byteLength(platformBody), likewise. */
+  readonly platformBodyBytes: number;
   readonly etag: string;
   /** The drop-in shape's ETag: the same validator with `-v` (another representation). */
   readonly platformEtag: string;
@@ -33,6 +37,9 @@ interface Template {
   /** What follows a client's credential in the slot: `.<generation>"`, and as it appears inside a JSON string. */
   slotEnd: string;
   escapedSlotEnd: string;
+  /** The UTF-8 bytes of each shape's body but the client's credential (which is ASCII: a byte per character). */
+  bytes: number;
+  escapedBytes: number;
   generation: string;
   /** Names the template's bytes; with the client's credential it names the served bytes. */
   hash: string;
@@ -89,10 +96,13 @@ class SharedDocument implements Rendered {
   readonly etag: string;
   readonly platformEtag: string;
   readonly generation: string;
+  readonly bodyBytes: number;
   #platformBody: string | undefined;
+  #platformBodyBytes: number | undefined;
 
   constructor(body: string, generation: string) {
     this.body = body;
+    this.bodyBytes = Buffer.byteLength(body);
     this.etag = etagOf(body);
     this.platformEtag = `${this.etag.slice(0, -1)}-v"`;
     this.generation = generation;
@@ -101,6 +111,11 @@ class SharedDocument implements Rendered {
   get platformBody(): string {
     this.#platformBody ??= JSON.stringify({ CODEX_AUTH_JSON: this.body });
     return this.#platformBody;
+  }
+
+  get platformBodyBytes(): number {
+    this.#platformBodyBytes ??= Buffer.byteLength(this.platformBody);
+    return this.#platformBodyBytes;
   }
 }
 
@@ -140,6 +155,19 @@ class ClientDocument implements Rendered {
     // credential with its cabrt_ prefix), which JSON never escapes, so no stringify here.
     this.#body ??= this.#t.pre + '"' + this.#credential + this.#t.slotEnd + this.#t.post;
     return this.#body;
+  }
+
+  /**
+   * The body's UTF-8 length from the template's and the credential's (base64url: a byte
+   * per character), without building the body: measuring a body flattened it, which was
+   * a measured share of each served request (BENCHMARKS.md, session 16).
+   */
+  get bodyBytes(): number {
+    return this.#t.bytes + this.#credential.length;
+  }
+
+  get platformBodyBytes(): number {
+    return this.#t.escapedBytes + this.#credential.length;
   }
 
   /** Equal to JSON.stringify({ CODEX_AUTH_JSON: body }), without escaping the document per request. */
@@ -210,7 +238,11 @@ export class DocumentRenderer {
       shared = new SharedDocument(JSON.stringify(doc), generation);
     }
     const slotEnd = `.${generation}"`;
-    this.#template = { snap, pre, post, escapedPre, escapedPost, slotEnd, escapedSlotEnd: escaped(slotEnd), generation, hash, shared };
+    const escapedSlotEnd = escaped(slotEnd);
+    // What ClientDocument's body and platformBody add to the credential, in UTF-8 bytes.
+    const bytes = Buffer.byteLength(pre + '"' + slotEnd + post);
+    const escapedBytes = Buffer.byteLength(PLATFORM_OPEN + escapedPre + '\\"' + escapedSlotEnd + escapedPost + PLATFORM_CLOSE);
+    this.#template = { snap, pre, post, escapedPre, escapedPost, slotEnd, escapedSlotEnd, bytes, escapedBytes, generation, hash, shared };
     return this.#template;
   }
 

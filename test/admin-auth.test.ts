@@ -2,7 +2,7 @@ import { strict as assert } from 'node:assert';
 import { randomBytes } from 'node:crypto';
 import { describe, test } from 'node:test';
 import Fastify from 'fastify';
-import { AuthFailures } from '../src/http/auth.js';
+import { AuthFailures, bearerOf } from '../src/http/auth.js';
 import { ADMIN_TOKEN } from './helpers/app.js';
 import { findLeaks, LogCapture } from './helpers/logs.js';
 import { useSuite } from './helpers/suite.js';
@@ -100,5 +100,46 @@ describe('AuthFailures', () => {
     } finally {
       await app.close();
     }
+  });
+});
+
+describe('bearer header', () => {
+  test('a bearer token is read exactly as the regular expression /^Bearer\\s+(\\S+)\\s*$/i reads it, also where the plain form is read without it', () => {
+    const reference = (h: string) => /^Bearer\s+(\S+)\s*$/i.exec(h)?.[1];
+    const token = `cab_${randomBytes(24).toString('base64url')}`;
+    const cases = [
+      `Bearer ${token}`,
+      `bearer ${token}`,
+      `BEARER ${token}`,
+      `Bearer  ${token}`,
+      `Bearer\t${token}`,
+      `Bearer ${token} `,
+      `Bearer ${token}\t `,
+      `Bearer ${token} extra`,
+      `Bearer ${token}\u00a0`,
+      `Bearer \u00a0${token}`,
+      `Bearer ${token.slice(0, 5)}\u00a0${token.slice(5)}`,
+      `Bearer ${token}\u00e9`,
+      `Bearer ${token}\u007f`,
+      `Bearer ${token}\u0000`,
+      'Bearer ',
+      'Bearer',
+      'Bearer x',
+      `Basic ${token}`,
+      `Bearer${token}`,
+      ` Bearer ${token}`,
+      '',
+      `Bearer !#$%&'*+-.^_\`|~"(),/:;<=>?@[\\]{}`,
+    ];
+    // And random ones over the characters that matter: ASCII, whitespace and Latin-1.
+    const alphabet = ['a', 'Z', '0', '-', '_', '.', '~', ' ', '\t', '\u000b', '\u000c', '\u00a0', '\u0085', '\u00ff', '\u007f', '"', '\u0001'];
+    for (let i = 0; i < 2000; i++) {
+      let tail = '';
+      const n = 1 + (i % 12);
+      for (let j = 0; j < n; j++) tail += alphabet[randomBytes(1)[0]! % alphabet.length];
+      cases.push(`Bearer ${tail}`);
+    }
+    for (const h of cases) assert.equal(bearerOf(h), reference(h), JSON.stringify(h));
+    assert.equal(bearerOf(undefined), undefined);
   });
 });

@@ -132,17 +132,22 @@ describe('what loading clients allocates', () => {
     assert.equal((await a.app.inject({ url: '/codex-auth', headers: { authorization: `Bearer ${clients[0]?.token}` } })).statusCode, 200);
     assert.ok(calls < 20, `${calls} createHash calls for ${clients.length} clients`);
   });
+  /** An app (background flushes and reloads slowed right down) serving one credential to three assigned clients. */
+  const servingThree = async (accountId: string, prefix: string) => {
+    const upstream = await suite.upstream();
+    const a = await suite.app({ databaseUrl: await suite.pg.newDatabase(), upstreamUrl: upstream.url, clientReloadMs: 3_600_000, clientFlushMs: 3_600_000 });
+    const seeded = await a.app.inject({ method: 'PUT', url: '/admin/credential', headers: { authorization: `Bearer ${ADMIN_TOKEN}` }, payload: upstream.seed({ accountId }) });
+    assert.equal(seeded.statusCode, 200, seeded.body);
+    const clients = await insertClients(a.core, 3, prefix);
+    await a.core.assignments.rebalance();
+    await a.core.clients.reload();
+    return { a, clients };
+  };
   test("a client's last-seen time is always a number (0 = never seen), so serving overwrites it in place instead of leaving a timestamp object per request to be promoted", async () => {
     // A field that may hold undefined makes V8 box every stored timestamp; the box lives until
     // the client's next poll and is promoted into the old generation (BENCHMARKS.md, history,
     // session 12: promoted bytes per scavenge 10.4 KB -> 4.2 KB for GET /codex-auth 200).
-    const upstream = await suite.upstream();
-    const a = await suite.app({ databaseUrl: await suite.pg.newDatabase(), upstreamUrl: upstream.url, clientReloadMs: 3_600_000, clientFlushMs: 3_600_000 });
-    const seeded = await a.app.inject({ method: 'PUT', url: '/admin/credential', headers: { authorization: `Bearer ${ADMIN_TOKEN}` }, payload: upstream.seed({ accountId: 'acct-seen' }) });
-    assert.equal(seeded.statusCode, 200, seeded.body);
-    const clients = await insertClients(a.core, 3, 'seen');
-    await a.core.assignments.rebalance();
-    await a.core.clients.reload();
+    const { a, clients } = await servingThree('acct-seen', 'seen');
     const all = [...a.core.clients.all()];
     assert.equal(all.length, clients.length);
     for (const c of all) assert.equal(c.lastSeenAt, 0, 'a never-seen client holds 0');
@@ -153,5 +158,35 @@ describe('what loading clients allocates', () => {
     await a.core.clients.reload();
     for (const c of a.core.clients.all()) assert.equal(typeof c.lastSeenAt, 'number', 'after a flush and a reload, too');
     assert.ok([...a.core.clients.all()].some((c) => c.lastSeenAt > 0));
+  });
+  test('a served client is queued for the last-seen write once per flush: served many times, written once; a failed flush queues it again, without doubles', async () => {
+    // A Set's add() on every request was a measured share of serving (BENCHMARKS.md, history,
+    // session 16); a record now carries the flush epoch it was queued in.
+    const { a, clients } = await servingThree('acct-queue', 'queue');
+    const serve = async (token: string | undefined, times: number) => {
+      for (let i = 0; i < times; i++) assert.equal((await a.app.inject({ url: '/codex-auth', headers: { authorization: `Bearer ${token}` } })).statusCode, 200);
+    };
+    await serve(clients[0]?.token, 20);
+    await serve(clients[1]?.token, 5);
+    assert.equal(await a.core.clients.flush(), 2, 'two clients served: two rows, however many requests');
+    assert.equal(await a.core.clients.flush(), 0, 'nothing served since');
+    await serve(clients[0]?.token, 3);
+    // The write fails once: the batch is queued again, and a client served meanwhile is not doubled.
+    const pool = a.core.pool as unknown as { query: (...args: unknown[]) => Promise<unknown> };
+    const real = pool.query;
+    pool.query = function (this: unknown, ...args: unknown[]) {
+      if (String(args[0]).includes('UPDATE broker_clients AS c SET')) {
+        pool.query = real;
+        return serve(clients[0]?.token, 2).then(() => Promise.reject(new Error('database went away')));
+      }
+      return real.apply(this, args);
+    };
+    await assert.rejects(a.core.clients.flush(), /database went away/);
+    assert.equal(await a.core.clients.flush(), 1, 'queued again once, not twice');
+    const rows = await a.core.pool.query<{ name: string; seen: boolean }>('SELECT name, last_used_at IS NOT NULL AS seen FROM broker_clients ORDER BY name');
+    assert.deepEqual(
+      rows.rows.map((r) => [r.name, r.seen]),
+      clients.map((c, i) => [c.name, i < 2]),
+    );
   });
 });

@@ -27,13 +27,16 @@ interface Setup extends TestApp {
   orphanRefresh: string;
 }
 
-async function setup(o: { platformTokens?: boolean; maxEventLoopDelayMs?: number; pressureSampleIntervalMs?: number } = {}): Promise<Setup> {
+async function setup(
+  o: { platformTokens?: boolean; maxEventLoopDelayMs?: number; pressureSampleIntervalMs?: number; exposure?: 'proxy' | 'omit' | 'raw'; extra?: Record<string, unknown> } = {},
+): Promise<Setup> {
   const upstream = await suite.upstream();
   const lane = new FastLane();
   const clock = heldClock();
-  const t = await suite.app({ databaseUrl: await suite.pg.newDatabase(), upstreamUrl: upstream.url, lane, clientReloadMs: 200, now: clock.now, ...o });
+  const { extra, ...options } = o;
+  const t = await suite.app({ databaseUrl: await suite.pg.newDatabase(), upstreamUrl: upstream.url, lane, clientReloadMs: 200, now: clock.now, ...options });
   const admin = { authorization: `Bearer ${ADMIN_TOKEN}` };
-  const seeded = await t.app.inject({ method: 'PUT', url: '/admin/credential', headers: admin, payload: upstream.seed() });
+  const seeded = await t.app.inject({ method: 'PUT', url: '/admin/credential', headers: admin, payload: upstream.seed(extra ? { extra } : {}) });
   assert.equal(seeded.statusCode, 200, seeded.body);
   const workspaceId = randomUUID();
   const made = await t.app.inject({ method: 'POST', url: '/admin/clients', headers: admin, payload: { name: 'ws-1', workspaceId } });
@@ -160,6 +163,31 @@ describe('fast lane', () => {
       ids.add(String((await viaFastify(t, { method: 'GET', url: '/healthz' })).headers['x-request-id']));
     }
     assert.equal(ids.size, 40);
+  });
+
+  test('the fast lane\'s content-length is the body\'s UTF-8 length, counted without measuring the body, for documents with multi-byte characters and escapes under every exposure', async () => {
+    const awkward = 'quote " backslash \\ newline \n nul \u0000 ls \u2028 é ü 🔑 </script>';
+    for (const exposure of ['proxy', 'omit', 'raw'] as const) {
+      const t = await setup({ exposure, extra: { auth_mode: 'chatgpt', note: awkward, nested: { list: [awkward, 'ß'] } } });
+      const auth = { authorization: `Bearer ${t.token}` };
+      for (const url of ['/codex-auth', `/workspaces/${t.workspaceId}/secrets/values`]) {
+        // Twice: the second answer reads what the first one built (a shared document's lengths are kept).
+        for (let i = 0; i < 2; i++) {
+          const res = await sameAnswer(t, { method: 'GET', url, headers: auth }, 'answers');
+          assert.equal(res.statusCode, 200);
+          assert.equal(res.headers['content-length'], String(Buffer.byteLength(res.body)), `${exposure} ${url}`);
+          assert.ok(Buffer.byteLength(res.body) > res.body.length, 'the body has multi-byte characters');
+        }
+      }
+      // Over a real socket, where a wrong content-length would cut the body or hang the connection.
+      await t.app.listen({ port: 0, host: '127.0.0.1' });
+      const port = (t.app.server.address() as AddressInfo).port;
+      const res = await fetch(`http://127.0.0.1:${port}/codex-auth`, { headers: auth });
+      const bytes = Buffer.from(await res.arrayBuffer());
+      assert.equal(res.status, 200);
+      assert.equal(res.headers.get('content-length'), String(bytes.length));
+      assert.equal(JSON.parse(bytes.toString('utf8')).note, awkward);
+    }
   });
 
   test('the fast lane declines everything but the plain success, and Fastify answers it as before', async () => {

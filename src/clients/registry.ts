@@ -34,6 +34,12 @@ export interface Client {
    */
   lastSeenAt: number;
   lastGeneration: string | undefined;
+  /**
+   * The registry's flush epoch in which this record was last queued for the last-seen
+   * write (0: never): a record is queued once per flush by comparing a number, where a
+   * Set's add() on every request was a measured share of serving (BENCHMARKS.md, session 16).
+   */
+  queuedIn: number;
 }
 
 /**
@@ -62,6 +68,7 @@ function clientRecord(
     etagTag: d.etagTag,
     lastSeenAt,
     lastGeneration,
+    queuedIn: 0,
   };
 }
 
@@ -99,7 +106,10 @@ export class ClientRegistry {
   /** Secrets that matched, as presented (each applied reload keeps those still live). */
   #tokenSeen = new Map<string, Client>();
   #credentialSeen = new Map<string, Client>();
-  readonly #dirty = new Set<Client>();
+  /** Broker clients served since the last flush began, each record once (see Client.queuedIn). */
+  #dirty: Client[] = [];
+  /** Starts at 1: a new record (queuedIn 0) is never taken as queued. */
+  #epoch = 1;
   #loadSeq = 0;
   #appliedSeq = 0;
   #platformTableMissingLogged = false;
@@ -268,7 +278,12 @@ export class ClientRegistry {
   markServed(c: Client, generation: string, now: number): void {
     c.lastSeenAt = now;
     c.lastGeneration = generation;
-    if (c.kind === 'broker') this.#dirty.add(c);
+    if (c.kind === 'broker' && c.queuedIn !== this.#epoch) this.#queue(c);
+  }
+
+  #queue(c: Client): void {
+    c.queuedIn = this.#epoch;
+    this.#dirty.push(c);
   }
 
   /** By state; `currentGeneration` says what each client should hold now (its assigned credential's token). */
@@ -285,9 +300,10 @@ export class ClientRegistry {
 
   /** Write last-seen facts in one statement for every client served since the last flush. */
   async flush(): Promise<number> {
-    if (this.#dirty.size === 0) return 0;
-    const batch = [...this.#dirty];
-    this.#dirty.clear();
+    if (this.#dirty.length === 0) return 0;
+    const batch = this.#dirty;
+    this.#dirty = [];
+    this.#epoch++;
     try {
       await this.#pool.query(
         `UPDATE broker_clients AS c SET
@@ -298,7 +314,8 @@ export class ClientRegistry {
         [batch.map((c) => c.id), batch.map((c) => new Date(c.lastSeenAt)), batch.map((c) => c.lastGeneration ?? null)],
       );
     } catch (err) {
-      for (const c of batch) this.#dirty.add(c);
+      // Queued again for the next flush (a record served since is already queued).
+      for (const c of batch) if (c.queuedIn !== this.#epoch) this.#queue(c);
       throw err;
     }
     return batch.length;

@@ -113,7 +113,9 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
   // routes above.
   const lane = o.lane;
   if (!lane) return;
-  const answer = (req: IncomingMessage, res: ServerResponse, route: string, allowPlatform: boolean, workspaceId: string | undefined): number => {
+  /** A lane route's two counts, looked up once instead of by two labels per request. */
+  const counts = (route: string) => ({ ok: tokenServed(route, 'ok'), notModified: tokenServed(route, 'not_modified') });
+  const answer = (req: IncomingMessage, res: ServerResponse, count: ReturnType<typeof counts>, allowPlatform: boolean, workspaceId: string | undefined): number => {
     const client = clientOf(req.headers.authorization, allowPlatform);
     if (!client || (workspaceId !== undefined && !mayRead(client, workspaceId))) return 0;
     const credential = o.served.for(client);
@@ -127,7 +129,7 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
     if (matches(req.headers['if-none-match'], etag)) {
       const headers = { 'x-request-id': id, 'x-codex-credential': credential.name, etag, 'cache-control': 'no-store' };
       o.clients.markServed(client, doc.generation, o.now());
-      served(route, 'not_modified');
+      count.notModified.inc();
       res.writeHead(304, headers);
       res.end();
       return 304;
@@ -139,14 +141,16 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
       etag,
       'cache-control': 'no-store',
       'content-type': 'application/json; charset=utf-8',
-      'content-length': Buffer.byteLength(body),
+      'content-length': platformShape ? doc.platformBodyBytes : doc.bodyBytes,
     };
     o.clients.markServed(client, doc.generation, o.now());
-    served(route, 'ok');
+    count.ok.inc();
     res.writeHead(200, headers);
     res.end(body);
     return 200;
   };
-  lane.get('/codex-auth', (req, res) => answer(req, res, '/codex-auth', false, undefined));
-  lane.getParam(dropIn, '/workspaces/', '/secrets/values', (req, res, id) => (UUID.test(id) ? answer(req, res, dropIn, o.platformTokens, id) : 0));
+  const codexAuthCounts = counts('/codex-auth');
+  const dropInCounts = counts(dropIn);
+  lane.get('/codex-auth', (req, res) => answer(req, res, codexAuthCounts, false, undefined));
+  lane.getParam(dropIn, '/workspaces/', '/secrets/values', (req, res, id) => (UUID.test(id) ? answer(req, res, dropInCounts, o.platformTokens, id) : 0));
 }
