@@ -61,6 +61,8 @@ export class ShimTokens {
   readonly generation: string;
   readonly #head: string;
   readonly #slotEnd: string;
+  /** The UTF-8 bytes of an answer but the client's credential and the seconds (both ASCII: a byte per character). */
+  readonly #bytes: number;
 
   constructor(accessToken: string, idToken: string | undefined, exp: number | undefined, generation: string) {
     this.accessToken = accessToken;
@@ -70,11 +72,17 @@ export class ShimTokens {
     const head = JSON.stringify({ access_token: accessToken, ...(idToken ? { id_token: idToken } : {}) });
     this.#head = `${head.slice(0, -1)},"refresh_token":"`;
     this.#slotEnd = `.${generation}","token_type":"Bearer","expires_in":`;
+    this.#bytes = Buffer.byteLength(this.#head + this.#slotEnd + '}');
   }
 
-  /** The JSON answer for a client (its refresh credential is base64url, which JSON never escapes). */
-  answer(refreshCredential: string, expiresIn: number): string {
-    return this.#head + refreshCredential + this.#slotEnd + String(expiresIn) + '}';
+  /** The JSON answer for a client (its refresh credential is base64url, which JSON never escapes), with the seconds left as digits. */
+  answer(refreshCredential: string, expiresIn: string): string {
+    return this.#head + refreshCredential + this.#slotEnd + expiresIn + '}';
+  }
+
+  /** Buffer.byteLength(answer(refreshCredential, expiresIn)), without building or measuring the answer. */
+  answerBytes(refreshCredential: string, expiresIn: string): number {
+    return this.#bytes + refreshCredential.length + expiresIn.length;
   }
 }
 

@@ -589,7 +589,7 @@ test('the same storm during an upstream outage costs one upstream POST and every
   }
 });
 
-test("the shim's answer is byte for byte JSON.stringify of its fields, with and without an id_token, whatever they hold", () => {
+test("the shim's answer is byte for byte JSON.stringify of its fields, with and without an id_token, whatever they hold; its content-length is counted without measuring it", () => {
   const credential = 'cabrt_AbC-_09xyzAbC-_09xyzAbC-_09xyzAbC-_09xy';
   for (const idToken of [undefined, '', 'eyJ.a.b', 'quote " backslash \\ newline \n tab \t nul \u0000 é 😀 \u2028']) {
     for (const accessToken of ['eyJhbGciOiJIUzI1NiJ9.e30.sig', '"<\\>"\u007f']) {
@@ -602,7 +602,8 @@ test("the shim's answer is byte for byte JSON.stringify of its fields, with and 
           token_type: 'Bearer',
           expires_in: expiresIn,
         });
-        assert.equal(t.answer(credential, expiresIn), expected);
+        assert.equal(t.answer(credential, String(expiresIn)), expected);
+        assert.equal(t.answerBytes(credential, String(expiresIn)), Buffer.byteLength(expected));
       }
     }
   }

@@ -69,7 +69,7 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
   const lane = o.lane;
   lane?.get('/healthz', (req, res) => {
     const body = health();
-    res.writeHead(200, { 'x-request-id': lane.requestId(req), 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body) });
+    res.writeHead(200, ['x-request-id', lane.requestId(req), 'content-type', 'application/json; charset=utf-8', 'content-length', Buffer.byteLength(body)]);
     res.end(body);
     return 200;
   });

@@ -41,9 +41,14 @@ function unexpired(current: ShimTokens | undefined, nowSec: number): current is 
   return current !== undefined && (current.exp === undefined || current.exp > nowSec);
 }
 
+/** The seconds left on the access token, as the answer states them. */
+function expiresIn(current: ShimTokens, nowSec: number): string {
+  return String(current.exp !== undefined ? Math.max(0, Math.floor(current.exp - nowSec)) : 0);
+}
+
 /** The answer's body for a client: the tokens, and the seconds left on the access token. */
-function tokensFor(client: Client, current: ShimTokens, nowSec: number): string {
-  return current.answer(client.refreshCredential, current.exp !== undefined ? Math.max(0, Math.floor(current.exp - nowSec)) : 0);
+function tokensFor(client: Client, current: ShimTokens, seconds: string): string {
+  return current.answer(client.refreshCredential, seconds);
 }
 
 /** Whom a body names: its client, the credential the client is served, and the generation it holds. */
@@ -101,7 +106,7 @@ export async function shimRoutes(app: FastifyInstance, o: ShimRoutesOptions): Pr
     }
     o.clients.markServed(client, current.generation, o.now());
     served('ok');
-    reply.header('cache-control', 'no-store').type('application/json; charset=utf-8').send(tokensFor(client, current, nowSec));
+    reply.header('cache-control', 'no-store').type('application/json; charset=utf-8').send(tokensFor(client, current, expiresIn(current, nowSec)));
   };
 
   /** A caller that holds the current token: refresh first when it is due, or when the backend confirms a reported rejection. */
@@ -197,15 +202,22 @@ export async function shimRoutes(app: FastifyInstance, o: ShimRoutesOptions): Pr
     if (!unexpired(current, nowSec) || caller.generation === current.generation) return 0;
     // Everything that could throw comes before the first side effect: a fault declines to
     // Fastify with nothing yet counted or marked.
-    const out = tokensFor(client, current, nowSec);
-    const headers = {
+    const seconds = expiresIn(current, nowSec);
+    const out = tokensFor(client, current, seconds);
+    // A flat list of names and values: Node writes it as it writes an object's, without a hasOwnProperty per name.
+    const headers = [
       // The id drawn when the request arrived (the lane read its body since).
-      'x-request-id': lane.arrivalId(req) ?? lane.requestId(req),
-      'x-codex-credential': assigned.name,
-      'cache-control': 'no-store',
-      'content-type': 'application/json; charset=utf-8',
-      'content-length': Buffer.byteLength(out),
-    };
+      'x-request-id',
+      lane.arrivalId(req) ?? lane.requestId(req),
+      'x-codex-credential',
+      assigned.name,
+      'cache-control',
+      'no-store',
+      'content-type',
+      'application/json; charset=utf-8',
+      'content-length',
+      current.answerBytes(client.refreshCredential, seconds),
+    ];
     o.clients.markServed(client, current.generation, nowMs);
     served('ok');
     res.writeHead(200, headers);

@@ -126,8 +126,9 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
     const platformShape = workspaceId !== undefined;
     const etag = platformShape ? doc.platformEtag : doc.etag;
     const id = lane.requestId(req);
+    // Flat lists of names and values: Node writes them as it writes an object's, without a hasOwnProperty per name.
     if (matches(req.headers['if-none-match'], etag)) {
-      const headers = { 'x-request-id': id, 'x-codex-credential': credential.name, etag, 'cache-control': 'no-store' };
+      const headers = ['x-request-id', id, 'x-codex-credential', credential.name, 'etag', etag, 'cache-control', 'no-store'];
       o.clients.markServed(client, doc.generation, o.now());
       count.notModified.inc();
       res.writeHead(304, headers);
@@ -135,14 +136,20 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
       return 304;
     }
     const body = platformShape ? doc.platformBody : doc.body;
-    const headers = {
-      'x-request-id': id,
-      'x-codex-credential': credential.name,
+    const headers = [
+      'x-request-id',
+      id,
+      'x-codex-credential',
+      credential.name,
+      'etag',
       etag,
-      'cache-control': 'no-store',
-      'content-type': 'application/json; charset=utf-8',
-      'content-length': platformShape ? doc.platformBodyBytes : doc.bodyBytes,
-    };
+      'cache-control',
+      'no-store',
+      'content-type',
+      'application/json; charset=utf-8',
+      'content-length',
+      platformShape ? doc.platformBodyBytes : doc.bodyBytes,
+    ];
     o.clients.markServed(client, doc.generation, o.now());
     count.ok.inc();
     res.writeHead(200, headers);
