@@ -25,8 +25,8 @@ RUN npm run build
 FROM ${NODE_IMAGE} AS runtime
 # V8's heap, sized for a broker with 10,000 clients (docs/performance.md, "Heap sizing"):
 # --max-semi-space-size=8 bounds the young generation at 8 MB per semi-space (V8's default,
-# 16 MB, adds about 30 MB of RSS under load; 4 MB cost about a fifth more CPU per request,
-# 2 MB more still). --heap-growing-percent=20 (in CMD: NODE_OPTIONS refuses it) collects
+# 16 MB, adds about 30 MB of RSS under load; 4 MB costs 1.4x the CPU per request, measured
+# with two processes loaded at the same moments, 2 MB more still). --heap-growing-percent=20 (in CMD: NODE_OPTIONS refuses it) collects
 # the old generation before it fills with garbage (about 30 MB less RSS after 1,000,000
 # requests).
 # MALLOC_ARENA_MAX=2: glibc keeps at most 2 malloc arenas instead of 8 per core; the event
