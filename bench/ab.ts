@@ -27,25 +27,15 @@ import autocannon from 'autocannon';
 import { startTestPostgres } from '../test/helpers/pg.js';
 import { CLIENTS, LOADED_CLIENTS } from './fleet.js';
 import type * as ProductionModule from './production.js';
-import { requestSpecs, STALE_GENERATION, type RequestSpec } from './requests.js';
+import { NAMED_CASES } from './requests.js';
 
 type Production = Awaited<ReturnType<typeof ProductionModule.startProduction>>;
-type Client = Production['clients'][number];
 type Result = Awaited<ReturnType<typeof autocannon>>;
 
 const PAIRS = Number(process.env['AB_PAIRS'] ?? 3);
 const ROUNDS = Number(process.env['AB_ROUNDS'] ?? 4);
 const SECONDS = Number(process.env['AB_SECONDS'] ?? 3);
 const CASES = ['bare', ...(process.env['AB_CASES'] ?? '200,304,dropin,healthz').split(',').filter((c) => c && c !== 'bare')];
-
-const SPECS: Record<string, { bare?: boolean; spec: (c: Client[]) => RequestSpec }> = {
-  '200': { spec: (cl) => requestSpecs(cl, '').get200() },
-  '304': { spec: (cl) => requestSpecs(cl, '').get304 },
-  dropin: { spec: (cl) => requestSpecs(cl, '').dropIn },
-  healthz: { spec: (cl) => requestSpecs(cl, '').healthz },
-  shim: { spec: (cl) => requestSpecs(cl, STALE_GENERATION).shim },
-  bare: { bare: true, spec: (cl) => requestSpecs(cl, '').get200() },
-};
 
 function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
@@ -56,7 +46,7 @@ function median(xs: number[]): number {
 async function main(): Promise<void> {
   const dirs = process.argv.slice(2);
   if (dirs.length !== 2) throw new Error('usage: npm run bench:ab -- <checkout A> <checkout B>');
-  for (const c of CASES) if (!SPECS[c]) throw new Error(`AB_CASES: unknown case ${c} (known: ${Object.keys(SPECS).join(', ')})`);
+  for (const c of CASES) if (!NAMED_CASES[c]) throw new Error(`AB_CASES: unknown case ${c} (known: ${Object.keys(NAMED_CASES).join(', ')})`);
   const pg = await startTestPostgres();
   const builds: Array<{ name: string; mod: typeof ProductionModule; prod?: Production }> = [];
   try {
@@ -74,7 +64,7 @@ async function main(): Promise<void> {
       for (const b of builds) b.prod = await b.mod.startProduction(await pg.newDatabase(), CLIENTS, LOADED_CLIENTS, { inProcessBare: true, build: pair === 0 });
       for (let r = 0; r < ROUNDS; r++) {
         for (const c of CASES) {
-          const spec = SPECS[c] as (typeof SPECS)[string];
+          const spec = NAMED_CASES[c] as (typeof NAMED_CASES)[string];
           const order = r % 2 ? [1, 0] : [0, 1];
           const load = (i: number, seconds: number) => {
             const p = builds[i]?.prod as Production;

@@ -38,25 +38,15 @@ import autocannon from 'autocannon';
 import { startTestPostgres } from '../test/helpers/pg.js';
 import { CLIENTS, LOADED_CLIENTS } from './fleet.js';
 import type * as ProductionModule from './production.js';
-import { requestSpecs, STALE_GENERATION, type RequestSpec } from './requests.js';
+import { NAMED_CASES } from './requests.js';
 
 type Production = Awaited<ReturnType<typeof ProductionModule.startProduction>>;
-type Client = Production['clients'][number];
 
 const SECONDS = Number(process.env['PROFILE_SECONDS'] ?? 8);
 const TOP = Number(process.env['PROFILE_TOP'] ?? 20);
 const CASES = (process.env['PROFILE_CASES'] ?? 'bare,200,dropin,shim').split(',').filter(Boolean);
 /** perf's sampling rate (Hz): a prime, so sampling does not beat with a periodic timer. */
 const HZ = 4999;
-
-const SPECS: Record<string, (c: Client[]) => RequestSpec> = {
-  bare: (cl) => requestSpecs(cl, '').get200(),
-  '200': (cl) => requestSpecs(cl, '').get200(),
-  '304': (cl) => requestSpecs(cl, '').get304,
-  dropin: (cl) => requestSpecs(cl, '').dropIn,
-  healthz: (cl) => requestSpecs(cl, '').healthz,
-  shim: (cl) => requestSpecs(cl, STALE_GENERATION).shim,
-};
 
 /** µs per request by function ("dso symbol", JavaScript without its line and column, so two builds' functions compare). */
 type Costs = Map<string, number>;
@@ -135,7 +125,7 @@ function compare(labelA: string, a: Costs, labelB: string, b: Costs, top: number
 async function main(): Promise<void> {
   const dirs = process.argv.slice(2);
   if (dirs.length < 1 || dirs.length > 2) throw new Error('usage: npm run bench:profile -- <checkout A> [<checkout B>]');
-  for (const c of CASES) if (!SPECS[c]) throw new Error(`PROFILE_CASES: unknown case ${c} (known: ${Object.keys(SPECS).join(', ')})`);
+  for (const c of CASES) if (!NAMED_CASES[c]) throw new Error(`PROFILE_CASES: unknown case ${c} (known: ${Object.keys(NAMED_CASES).join(', ')})`);
   if (spawnSync('perf', ['--version']).status !== 0) throw new Error('perf is not installed (Debian: apt-get install linux-perf)');
   const out = process.env['PROFILE_DIR'] ?? fs.mkdtempSync(path.join(os.tmpdir(), 'cab-profile-'));
   fs.mkdirSync(out, { recursive: true });
@@ -150,8 +140,8 @@ async function main(): Promise<void> {
     }
     const profiles = new Map<string, Costs[]>();
     for (const c of CASES) {
-      const spec = SPECS[c] as (typeof SPECS)[string];
-      const load = (p: Production, seconds: number) => autocannon({ url: c === 'bare' ? (p.inProcessBare ?? '') : p.base, connections: 25, duration: seconds, requests: [spec(p.clients)] });
+      const spec = NAMED_CASES[c] as (typeof NAMED_CASES)[string];
+      const load = (p: Production, seconds: number) => autocannon({ url: spec.bare ? (p.inProcessBare ?? '') : p.base, connections: 25, duration: seconds, requests: [spec.spec(p.clients)] });
       await Promise.all(builds.map((b) => load(b.prod, 2)));
       const files = builds.map((_, i) => path.join(out, `${c}-${i}.data`));
       const perf = builds.map((b, i) => spawn('perf', ['record', '-e', 'cpu-clock', '-F', String(HZ), '-g', '-o', files[i] as string, '-p', String(b.prod.pid)], { stdio: 'ignore' }));

@@ -46,3 +46,17 @@ export function requestSpecs(clients: ServeInfo['clients'], staleGeneration: str
     metrics: rotating(() => ({ method: 'GET', path: '/metrics' }), clients),
   };
 }
+
+/**
+ * The cases `npm run bench:ab` and `npm run bench:profile` take by name (AB_CASES,
+ * PROFILE_CASES): `bare` is the bare route inside the broker's process, loaded with GET
+ * /codex-auth's requests; the rest are the broker's routes, each with a fresh rotation.
+ */
+export const NAMED_CASES: Record<string, { bare: boolean; spec: (clients: ServeInfo['clients']) => RequestSpec }> = {
+  bare: { bare: true, spec: (cl) => requestSpecs(cl, '').get200() },
+  '200': { bare: false, spec: (cl) => requestSpecs(cl, '').get200() },
+  '304': { bare: false, spec: (cl) => requestSpecs(cl, '').get304 },
+  dropin: { bare: false, spec: (cl) => requestSpecs(cl, '').dropIn },
+  healthz: { bare: false, spec: (cl) => requestSpecs(cl, '').healthz },
+  shim: { bare: false, spec: (cl) => requestSpecs(cl, STALE_GENERATION).shim },
+};

@@ -46,11 +46,6 @@ function expiresIn(current: ShimTokens, nowSec: number): string {
   return String(current.exp !== undefined ? Math.max(0, Math.floor(current.exp - nowSec)) : 0);
 }
 
-/** The answer's body for a client: the tokens, and the seconds left on the access token. */
-function tokensFor(client: Client, current: ShimTokens, seconds: string): string {
-  return current.answer(client.refreshCredential, seconds);
-}
-
 /** Whom a body names: its client, the credential the client is served, and the generation it holds. */
 interface Caller {
   client: Client;
@@ -106,7 +101,7 @@ export async function shimRoutes(app: FastifyInstance, o: ShimRoutesOptions): Pr
     }
     o.clients.markServed(client, current.generation, o.now());
     served('ok');
-    reply.header('cache-control', 'no-store').type('application/json; charset=utf-8').send(tokensFor(client, current, expiresIn(current, nowSec)));
+    reply.header('cache-control', 'no-store').type('application/json; charset=utf-8').send(current.answer(client.refreshCredential, expiresIn(current, nowSec)));
   };
 
   /** A caller that holds the current token: refresh first when it is due, or when the backend confirms a reported rejection. */
@@ -203,7 +198,7 @@ export async function shimRoutes(app: FastifyInstance, o: ShimRoutesOptions): Pr
     // Everything that could throw comes before the first side effect: a fault declines to
     // Fastify with nothing yet counted or marked.
     const seconds = expiresIn(current, nowSec);
-    const out = tokensFor(client, current, seconds);
+    const out = current.answer(client.refreshCredential, seconds);
     // A flat list of names and values: Node writes it as it writes an object's, without a hasOwnProperty per name.
     const headers = [
       // The id drawn when the request arrived (the lane read its body since).
