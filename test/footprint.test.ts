@@ -13,7 +13,7 @@ import { describe, test } from 'node:test';
 import { ADMIN_TOKEN } from './helpers/app.js';
 import { insertClients } from './helpers/bulk-clients.js';
 import { freePort } from './helpers/pg.js';
-import { spawnServe, statusOf } from './helpers/serve.js';
+import { spawnServePreloaded, statusOf, stopAndRead } from './helpers/serve.js';
 import { useSuite } from './helpers/suite.js';
 import { tempDirs } from './helpers/tmp.js';
 import { waitFor } from './helpers/wait.js';
@@ -42,21 +42,10 @@ function loadedFiles(): Promise<string[]> {
 async function serveAndList(): Promise<string[]> {
   const upstream = await suite.upstream();
   const port = await freePort();
-  const b = spawnServe({
-    DATABASE_URL: await suite.pg.newDatabase(),
-    DATA_DIR: tmp(),
-    OAUTH_TOKEN_URL: upstream.url,
-    PORT: String(port),
-    MAX_EVENT_LOOP_DELAY_MS: '0',
-    NODE_OPTIONS: `--import=data:text/javascript,${encodeURIComponent(PRELOAD)}`,
-  });
+  const b = spawnServePreloaded({ DATABASE_URL: await suite.pg.newDatabase(), DATA_DIR: tmp(), OAUTH_TOKEN_URL: upstream.url, PORT: String(port) }, PRELOAD);
   await waitFor('the broker answering /healthz', async () => (await statusOf(port)) === 200, 60_000, b.out);
   assert.equal((await fetch(`http://127.0.0.1:${port}/codex-auth`)).status, 401);
-  process.kill(b.pid, 'SIGTERM');
-  assert.equal((await b.exited).code, 0, b.out().slice(-2000));
-  const line = b.out().split('\n').find((l) => l.startsWith('LOADED '));
-  assert.ok(line, `no module list from the broker: ${b.out().slice(-2000)}`);
-  return (JSON.parse(line.slice('LOADED '.length)) as string[]).map((f) => f.split(path.sep).join('/'));
+  return (await stopAndRead<string[]>(b, 'LOADED')).map((f) => f.split(path.sep).join('/'));
 }
 
 function sourceFiles(dir: string): string[] {

@@ -92,3 +92,22 @@ export function pidAlive(pid: number): boolean {
     return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
+
+/**
+ * `serve` with a module of the test's own run before the broker's (NODE_OPTIONS=--import of
+ * its inline source). Such a module reports by writing `<prefix> <JSON>` to stderr at exit:
+ * stopAndRead reads it.
+ */
+export function spawnServePreloaded(env: Record<string, string>, preload: string): Serve {
+  return spawnServe({ ...env, MAX_EVENT_LOOP_DELAY_MS: '0', NODE_OPTIONS: `--import=data:text/javascript,${encodeURIComponent(preload)}` });
+}
+
+/** SIGTERM, a clean exit, then the JSON its preloaded module wrote after `prefix `. */
+export async function stopAndRead<T>(b: Serve, prefix: string): Promise<T> {
+  process.kill(b.pid, 'SIGTERM');
+  const exited = await b.exited;
+  if (exited.code !== 0) throw new Error(`serve exited with ${exited.code ?? exited.signal}: ${b.out().slice(-2000)}`);
+  const line = b.out().split('\n').find((l) => l.startsWith(`${prefix} `));
+  if (!line) throw new Error(`no ${prefix} line from the broker: ${b.out().slice(-2000)}`);
+  return JSON.parse(line.slice(prefix.length + 1)) as T;
+}

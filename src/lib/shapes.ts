@@ -1,0 +1,44 @@
+import { IncomingMessage, ServerResponse } from 'node:http';
+import { Socket } from 'node:net';
+
+/**
+ * How many of each object `settleRequestShapes` builds: more than V8's slack-tracking
+ * window (it sizes a constructor's objects after its first 7 constructions).
+ */
+export const SETTLE_CONSTRUCTIONS = 16;
+
+/**
+ * Let V8 size Node's per-connection and per-request objects (net.Socket, IncomingMessage,
+ * ServerResponse) from objects that are alive, before the process serves anything.
+ *
+ * V8 gives a constructor's objects room for their properties inside the object ("in-object
+ * slack tracking"): after the first few constructions, or when it optimizes code that
+ * constructs them, it keeps as many in-object slots as the objects built so far used. It
+ * reads that from the hidden classes those objects left behind, and a full GC drops the
+ * hidden classes of objects already collected. So when the moment comes after a GC that
+ * collected every earlier response (a broker answers a few probes, loads 10,000 clients,
+ * and only then takes load), V8 sees nothing used and keeps no in-object slot at all.
+ * Every later ServerResponse and Socket then holds its 40-odd properties outside the
+ * object, and the symbol-keyed ones push it past V8's limit for keyed stores: each one is
+ * turned into a dictionary, property by property. Such a process costs about 1.4x the CPU
+ * per request on every route, for its whole life; about 1 start in 5 on this project's
+ * benchmark (BENCHMARKS.md, history, session 17).
+ *
+ * Building a few of each here, all alive at once, ends the sizing with their hidden
+ * classes in place, so the objects keep their properties in-object, as in a process where
+ * the timing went well. Nothing is listened on, connected or written; the objects are
+ * garbage on return.
+ */
+export function settleRequestShapes(): void {
+  const alive: unknown[] = [];
+  for (let i = 0; i < SETTLE_CONSTRUCTIONS; i++) {
+    const socket = new Socket();
+    const req = new IncomingMessage(socket);
+    // What the HTTP parser sets on a request before the server builds its response.
+    req.method = 'GET';
+    req.httpVersionMajor = 1;
+    req.httpVersionMinor = 1;
+    alive.push(socket, req, new ServerResponse(req));
+  }
+  alive.length = 0;
+}
