@@ -1,4 +1,4 @@
-import pg from 'pg';
+import { pg, type Client } from './lib/pg.js';
 import type { Logger } from './logger.js';
 
 export interface ChangeListenerOptions {
@@ -18,7 +18,7 @@ export interface ChangeListenerOptions {
  */
 export class ChangeListener {
   readonly #o: ChangeListenerOptions;
-  #client: pg.Client | undefined;
+  #client: Client | undefined;
   #closed = false;
   #retry: NodeJS.Timeout | undefined;
   #connected = false;

@@ -1,9 +1,9 @@
 import { readdir, readFile } from 'node:fs/promises';
-import pg from 'pg';
+import { pg, type Pool as PgPool, type PoolClient as PgPoolClient } from './lib/pg.js';
 import type { Logger } from './logger.js';
 
-export type Pool = pg.Pool;
-export type PoolClient = pg.PoolClient;
+export type Pool = PgPool;
+export type PoolClient = PgPoolClient;
 
 const MIGRATIONS_DIR = new URL('../migrations/', import.meta.url);
 // Any fixed number works as long as every replica uses the same one: it serialises

@@ -9,10 +9,12 @@ import type * as Crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import { createRequire, syncBuiltinESMExports } from 'node:module';
 import * as path from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { describe, test } from 'node:test';
 import { ADMIN_TOKEN } from './helpers/app.js';
 import { insertClients } from './helpers/bulk-clients.js';
 import { freePort } from './helpers/pg.js';
+import { runProcess } from './helpers/process.js';
 import { spawnServePreloaded, statusOf, stopAndRead } from './helpers/serve.js';
 import { useSuite } from './helpers/suite.js';
 import { tempDirs } from './helpers/tmp.js';
@@ -22,30 +24,44 @@ const ROOT = path.resolve(import.meta.dirname, '..');
 const suite = useSuite();
 const tmp = tempDirs('cab-footprint-');
 
-// Loaded into the broker with NODE_OPTIONS=--import: at exit, every CommonJS file the process loaded.
+// Loaded into the broker with NODE_OPTIONS=--import: at exit, every CommonJS file and every
+// Node built-in module the process loaded.
 const PRELOAD = [
   "import { createRequire } from 'node:module';",
   "const cache = createRequire(process.cwd() + '/').cache;",
-  "process.on('exit', () => process.stderr.write('\\nLOADED ' + JSON.stringify(Object.keys(cache)) + '\\n'));",
+  "const builtins = () => process.moduleLoadList.filter((m) => m.startsWith('NativeModule ')).map((m) => m.slice('NativeModule '.length));",
+  "process.on('exit', () => process.stderr.write('\\nLOADED ' + JSON.stringify({ files: Object.keys(cache), builtins: builtins() }) + '\\n'));",
 ].join('\n');
 
+interface Loaded {
+  /** CommonJS files, with / separators. */
+  files: string[];
+  /** Node's built-in modules (process.moduleLoadList), internal ones included. */
+  builtins: string[];
+}
+
 /**
- * The CommonJS files a serving broker (`codex-auth-broker serve` on Postgres, built and
- * answering /healthz and GET /codex-auth) has loaded by the time it stops on SIGTERM.
+ * What a serving broker (`codex-auth-broker serve` on Postgres, built and answering
+ * /healthz and GET /codex-auth) has loaded by the time it stops on SIGTERM.
  */
-let loaded: Promise<string[]> | undefined;
-function loadedFiles(): Promise<string[]> {
+let loaded: Promise<Loaded> | undefined;
+function loadedModules(): Promise<Loaded> {
   loaded ??= serveAndList();
   return loaded;
 }
 
-async function serveAndList(): Promise<string[]> {
+async function loadedFiles(): Promise<string[]> {
+  return (await loadedModules()).files;
+}
+
+async function serveAndList(): Promise<Loaded> {
   const upstream = await suite.upstream();
   const port = await freePort();
   const b = spawnServePreloaded({ DATABASE_URL: await suite.pg.newDatabase(), DATA_DIR: tmp(), OAUTH_TOKEN_URL: upstream.url, PORT: String(port) }, PRELOAD);
   await waitFor('the broker answering /healthz', async () => (await statusOf(port)) === 200, 60_000, b.out);
   assert.equal((await fetch(`http://127.0.0.1:${port}/codex-auth`)).status, 401);
-  return (await stopAndRead<string[]>(b, 'LOADED')).map((f) => f.split(path.sep).join('/'));
+  const l = await stopAndRead<Loaded>(b, 'LOADED');
+  return { files: l.files.map((f) => f.split(path.sep).join('/')), builtins: l.builtins };
 }
 
 function sourceFiles(dir: string): string[] {
@@ -75,6 +91,27 @@ describe('what the broker loads', () => {
     // (fastify's precompiled error serializer needs fast-json-stringify's small runtime, lib/serializer.js: not a compiler.)
     const compilers = files.filter((f) => /\/node_modules\/(ajv|ajv-formats|@fastify\/ajv-compiler|@fastify\/fast-json-stringify-compiler)\/|\/node_modules\/fast-json-stringify\/index\.js$/.test(f));
     assert.deepEqual(compilers, []);
+  });
+
+  test("the broker process never loads Node's own fetch implementation (pg's Cloudflare probe is answered without it, src/lib/pg.ts)", async () => {
+    const { builtins } = await loadedModules();
+    // What it does load (the proof that this looked at the right process): pg's sockets.
+    assert.ok(builtins.includes('net'), `net is not loaded; loaded: ${builtins.join(', ')}`);
+    assert.ok(!builtins.includes('internal/deps/undici/undici'), "Node's bundled undici (fetch) is loaded");
+  });
+
+  test('src/lib/pg.ts loads pg without fetch and leaves the global Response as it was: still lazy, and working when asked for', async () => {
+    const script = [
+      `const { pg } = await import(${JSON.stringify(pathToFileURL(path.join(ROOT, 'src', 'lib', 'pg.ts')).href)});`,
+      "const fetchLoaded = () => process.moduleLoadList.includes('NativeModule internal/deps/undici/undici');",
+      'const before = fetchLoaded();',
+      "const descriptor = Object.getOwnPropertyDescriptor(globalThis, 'Response');",
+      "const text = await new Response('works').text();",
+      'console.log(JSON.stringify({ pool: typeof pg.Pool, before, lazy: typeof descriptor.get, text, after: fetchLoaded() }));',
+    ].join('\n');
+    const r = await runProcess(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { cwd: ROOT, env: process.env, input: '', timeoutMs: 60_000 });
+    assert.equal(r.code, 0, r.stderr);
+    assert.deepEqual(JSON.parse(r.stdout.trim().split('\n').at(-1) ?? ''), { pool: 'function', before: false, lazy: 'function', text: 'works', after: true });
   });
 
   test("the broker imports jose's decodeJwt alone (jose/jwt/decode), not jose's index", () => {
