@@ -11,10 +11,10 @@ export type { Client, Pool, PoolClient } from 'pg';
  * `new Response(...)` to look for Cloudflare's `cf` field. On Node 20 that loads Node's
  * bundled undici (fetch, Response, Headers and the web streams), which the broker never
  * uses: 1.8 MB of heap and 6 MB of RSS for the process's whole life (BENCHMARKS.md, history,
- * session 17). So on Node 20 the global `Response` reads as undefined while pg loads (pg
+ * session 17). So the global `Response` reads as undefined while pg loads (pg
  * then takes Node's sockets, the answer it would reach anyway) and is put back, untouched
  * and still lazy, right after. Node 21 and later have `navigator`, and pg never gets to
- * `Response` there.
+ * `Response` there; hiding it costs nothing either way.
  *
  * This module is the only place the broker loads pg from; it must load before anything
  * else loads pg (test/footprint.test.ts checks that the serving process never loads fetch).
@@ -22,7 +22,8 @@ export type { Client, Pool, PoolClient } from 'pg';
 function loadPg(): typeof Pg {
   const require = createRequire(import.meta.url);
   const response = Object.getOwnPropertyDescriptor(globalThis, 'Response');
-  if ('navigator' in globalThis || !response?.configurable) return require('pg') as typeof Pg;
+  // (Not keyed on `navigator`: pg skips the probe only for a navigator with a string userAgent.)
+  if (!response?.configurable) return require('pg') as typeof Pg;
   Object.defineProperty(globalThis, 'Response', { value: undefined, configurable: true, writable: true });
   try {
     return require('pg') as typeof Pg;
