@@ -100,18 +100,56 @@ describe('what the broker loads', () => {
     assert.ok(!builtins.includes('internal/deps/undici/undici'), "Node's bundled undici (fetch) is loaded");
   });
 
-  test('src/lib/pg.ts loads pg without fetch and leaves the global Response as it was: still lazy, and working when asked for', async () => {
+  test("no source imports node:http's values as an ES module (on Node 22, the image, that import reads http.WebSocket, which loads fetch): values come from src/lib/node-http.ts", () => {
+    const valueImport = /^import\s+(?!type\b)[^;]*?from\s+['"](node:)?http['"]/m;
+    const offenders = sourceFiles(path.join(ROOT, 'src')).filter((f) => valueImport.test(fs.readFileSync(f, 'utf8')));
+    assert.deepEqual(offenders.map((f) => path.relative(ROOT, f)), []);
+    // The check itself: it sees a value import, and lets a type-only one through.
+    assert.ok(valueImport.test("import { createServer, type Server } from 'node:http';"));
+    assert.ok(!valueImport.test("import type { IncomingMessage } from 'node:http';"));
+    const users = sourceFiles(path.join(ROOT, 'src')).filter((f) => /from ['"]\.{1,2}\/(lib\/)?node-http\.js['"]/.test(fs.readFileSync(f, 'utf8')));
+    assert.ok(users.length >= 2, 'no source file takes node:http from src/lib/node-http.ts: the test looked in the wrong place');
+  });
+
+  /** A node process (tsx) that runs `before`, imports src/lib/pg.ts, then `after`; its last line of output, parsed. */
+  async function withPgModule(before: string[], after: string[]): Promise<unknown> {
     const script = [
-      `const { pg } = await import(${JSON.stringify(pathToFileURL(path.join(ROOT, 'src', 'lib', 'pg.ts')).href)});`,
       "const fetchLoaded = () => process.moduleLoadList.includes('NativeModule internal/deps/undici/undici');",
-      'const before = fetchLoaded();',
-      "const descriptor = Object.getOwnPropertyDescriptor(globalThis, 'Response');",
-      "const text = await new Response('works').text();",
-      'console.log(JSON.stringify({ pool: typeof pg.Pool, before, lazy: typeof descriptor.get, text, after: fetchLoaded() }));',
+      ...before,
+      `const { pg } = await import(${JSON.stringify(pathToFileURL(path.join(ROOT, 'src', 'lib', 'pg.ts')).href)});`,
+      ...after,
     ].join('\n');
     const r = await runProcess(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { cwd: ROOT, env: process.env, input: '', timeoutMs: 60_000 });
     assert.equal(r.code, 0, r.stderr);
-    assert.deepEqual(JSON.parse(r.stdout.trim().split('\n').at(-1) ?? ''), { pool: 'function', before: false, lazy: 'function', text: 'works', after: true });
+    return JSON.parse(r.stdout.trim().split('\n').at(-1) ?? '');
+  }
+
+  test('src/lib/pg.ts loads pg without fetch and leaves the global Response as it was: still lazy, and working when asked for', async () => {
+    const seen = await withPgModule(
+      [],
+      [
+        'const before = fetchLoaded();',
+        // Node 20's lazy global is an accessor; on Node 22 (a navigator) reading it is what loads fetch.
+        "const lazy = 'navigator' in globalThis ? 'function' : typeof Object.getOwnPropertyDescriptor(globalThis, 'Response').get;",
+        "const text = await new Response('works').text();",
+        'console.log(JSON.stringify({ pool: typeof pg.Pool, before, lazy, text, after: fetchLoaded() }));',
+      ],
+    );
+    assert.deepEqual(seen, { pool: 'function', before: false, lazy: 'function', text: 'works', after: true });
+  });
+
+  test("src/lib/pg.ts leaves Response alone where pg skips its probe (a navigator with a string userAgent, as on Node 21 and later): on Node 22 even reading Response's descriptor loads fetch", async () => {
+    const seen = await withPgModule(
+      [
+        // Node 21 and later have one already (a getter); Node 20 gets one shaped like it.
+        "if (!('navigator' in globalThis)) Object.defineProperty(globalThis, 'navigator', { value: { userAgent: 'Node.js/22' }, configurable: true });",
+        'const getDescriptor = Object.getOwnPropertyDescriptor;',
+        'let read = false;',
+        "Object.getOwnPropertyDescriptor = function (o, k) { if (o === globalThis && k === 'Response') read = true; return getDescriptor.call(this, o, k); };",
+      ],
+      ['Object.getOwnPropertyDescriptor = getDescriptor;', 'console.log(JSON.stringify({ pool: typeof pg.Pool, read, fetch: fetchLoaded() }));'],
+    );
+    assert.deepEqual(seen, { pool: 'function', read: false, fetch: false });
   });
 
   test("the broker imports jose's decodeJwt alone (jose/jwt/decode), not jose's index", () => {

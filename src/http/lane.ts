@@ -1,6 +1,7 @@
-import { createServer, type IncomingMessage, type Server, type ServerOptions as HttpServerOptions, type ServerResponse } from 'node:http';
+import type { IncomingMessage, Server, ServerOptions as HttpServerOptions, ServerResponse } from 'node:http';
 import { performance } from 'node:perf_hooks';
 import { Readable } from 'node:stream';
+import { http } from '../lib/node-http.js';
 
 /**
  * Answers one request of a hot GET route, or declines with 0 so Fastify answers it. It
@@ -92,7 +93,7 @@ export class FastLane {
   /** Fastify's serverFactory: Node's HTTP server with Fastify's settings, the lane first. */
   readonly serverFactory = (handler: (req: IncomingMessage, res: ServerResponse) => void, o: ServerOptions): Server => {
     this.#fastify = handler;
-    const server = createServer(o.http ?? {}, (req, res) => {
+    const server = http.createServer(o.http ?? {}, (req, res) => {
       if (!this.serve(req, res)) handler(req, res);
     });
     // What Fastify sets on the server it builds itself (fastify/lib/server.js).

@@ -1,5 +1,6 @@
-import { IncomingMessage, ServerResponse } from 'node:http';
+import type { ServerResponse } from 'node:http';
 import { Socket } from 'node:net';
+import { http } from './node-http.js';
 
 /**
  * How many of each object `settleRequestShapes` builds: more than V8's slack-tracking
@@ -36,12 +37,12 @@ export function settleRequestShapes(): void {
   const alive: unknown[] = [];
   for (let i = 0; i < SETTLE_CONSTRUCTIONS; i++) {
     const socket = new Socket();
-    const req = new IncomingMessage(socket);
+    const req = new http.IncomingMessage(socket);
     // What the HTTP parser sets on a request before the server builds its response.
     req.method = 'GET';
     req.httpVersionMajor = 1;
     req.httpVersionMinor = 1;
-    const res = new ServerResponse(req);
+    const res = new http.ServerResponse(req);
     // What the server and writeHead set on a response after building it: V8 counts these
     // among the slots used, so they too stay in the object.
     res.shouldKeepAlive = true;
