@@ -6,7 +6,7 @@ import { http } from './node-http.js';
  * How many of each object `settleRequestShapes` builds: more than V8's slack-tracking
  * window (it sizes a constructor's objects after its first 7 constructions).
  */
-export const SETTLE_CONSTRUCTIONS = 16;
+const SETTLE_CONSTRUCTIONS = 16;
 
 /**
  * Let V8 size Node's per-connection and per-request objects (net.Socket, IncomingMessage,
@@ -51,5 +51,4 @@ export function settleRequestShapes(): void {
     res.statusMessage = 'OK';
     alive.push(socket, req, res);
   }
-  alive.length = 0;
 }
