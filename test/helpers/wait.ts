@@ -30,3 +30,24 @@ export async function settledCount(read: () => Promise<number>, timeoutMs = 10_0
   }
   return last;
 }
+
+/**
+ * Hold the event loop synchronously for about totalMs, as a CPU-bound handler or a GC storm
+ * would, so that under-pressure reads it as delay. In two halves with a timer turn between:
+ * Node's event-loop-delay histogram forgets its last tick on reset(), so a block that starts
+ * after under-pressure's sample (which resets it) and before the histogram's next tick is
+ * never recorded. The turn between the halves runs that tick, so the second half always is
+ * (or the sample after it finds no tick since its reset, which reads as infinite delay).
+ */
+export async function blockEventLoop(totalMs: number): Promise<void> {
+  const spin = (ms: number) => {
+    const end = performance.now() + ms;
+    while (performance.now() < end) {
+      // spin
+    }
+  };
+  spin(totalMs / 2);
+  // A timer, not setImmediate: the overdue histogram tick runs in the next timers phase, before it.
+  await sleep(1);
+  spin(totalMs / 2);
+}
