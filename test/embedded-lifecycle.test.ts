@@ -49,6 +49,9 @@ test('a shutdown held past its deadline still stops the embedded Postgres before
   holder.on('error', () => undefined);
   await new Promise((r) => holder.once('connect', r));
   holder.write('GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n');
+  // Give the broker time to read the half request: a connection it has parsed nothing from
+  // yet counts as idle, and close() would drop it instead of waiting on it.
+  await new Promise((r) => setTimeout(r, 300));
   try {
     process.kill(b.pid, 'SIGTERM');
     const ended = await b.exited;

@@ -6,6 +6,7 @@ import pg from 'pg';
 import { request } from 'undici';
 import { DEFAULT_CLIENT_ID, FakeUpstream } from './helpers/fake-upstream.js';
 import { startTestPostgres } from './helpers/pg.js';
+import { waitFor } from './helpers/wait.js';
 
 interface PostResult {
   status: number;
@@ -344,9 +345,11 @@ describe('FakeUpstream', () => {
 
       // Delay: the rotation happens after the delay even when the client gave up.
       const rt = up.currentRefreshToken();
-      up.fault({ kind: 'delay', ms: 150 });
-      await assert.rejects(post(up.url, refreshBody(rt), { signal: AbortSignal.timeout(50) }));
-      await new Promise((r) => setTimeout(r, 250));
+      // The client gives up well before the delay ends, late enough that on a loaded machine
+      // its request (on a new connection: the hang's abort closed the last one) has arrived.
+      up.fault({ kind: 'delay', ms: 1_000 });
+      await assert.rejects(post(up.url, refreshBody(rt), { signal: AbortSignal.timeout(300) }));
+      await waitFor('the delayed rotation', () => up.rotations === 1, 5_000);
       assert.equal(up.rotations, 1);
       assert.notEqual(up.currentRefreshToken(), rt);
 

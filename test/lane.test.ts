@@ -310,16 +310,22 @@ describe('fast lane', () => {
       sock.write(head2 + payload.slice(0, 20));
       return { rest: () => sock.write(payload.slice(20)), closed, reply: () => reply, destroy: () => sock.destroy() };
     };
+    // The three must have arrived (their heads parsed) before close() begins: a connection
+    // with nothing parsed yet is idle, and close() drops idle connections unanswered.
+    let arrived = 0;
+    const onRequest = () => void arrived++;
+    t.app.server.on('request', onRequest);
     const viaLane = await half('application/json', body);
     const alone = await half('application/json; charset=utf-8', body);
     const declined = await half('application/json', JSON.stringify({ grant_type: 'password', refresh_token: 'x' }));
-    await new Promise((r) => setTimeout(r, 100));
+    await waitFor('the three requests to arrive', () => arrived === 3, 5_000);
+    t.app.server.off('request', onRequest);
     const closing = t.app.close();
     await new Promise((r) => setTimeout(r, 100));
     for (const c of [viaLane, alone, declined]) c.rest();
     await Promise.race([
       Promise.all([viaLane.closed, alone.closed, declined.closed]),
-      new Promise((_, reject) => setTimeout(() => reject(new Error(`a connection stayed open after close(): ${[viaLane, alone, declined].map((c) => c.reply().split('\r\n')[0]).join(' / ')}`)), 10_000)),
+      new Promise((_, reject) => setTimeout(() => reject(new Error(`a connection stayed open after close(): ${[viaLane, alone, declined].map((c) => c.reply().split('\r\n')[0]).join(' / ')}`)), 20_000)),
     ]).catch((err: unknown) => {
       // Never leave a socket open: the app's close would wait on it for ever.
       for (const c of [viaLane, alone, declined]) c.destroy();

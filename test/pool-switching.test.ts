@@ -50,7 +50,7 @@ async function fleet(t: TestContext, n: number, replicas = 2): Promise<Fleet> {
   for (let i = 0; i < replicas; i++) apps.push(
       // Background client reloads and last-seen flushes slowed down: the tests reload when they
       // need to, and the query count below sees only what serving does.
-      await suite.app({ databaseUrl, upstreamUrl: upstream.url, config: { ...config, replicaId: `replica-${i}` }, clientReloadMs: 3_600_000, clientFlushMs: 3_600_000 }),
+      await suite.app({ databaseUrl, upstreamUrl: upstream.url, config: { ...config, replicaId: `replica-${i}` }, clientReloadMs: 3_600_000, clientFlushMs: 3_600_000, login: { sweepMs: 0 } }),
     );
   const tokens: Record<string, string> = {};
   for (const [i, name] of LOGINS.entries()) {

@@ -183,8 +183,10 @@ describe('global_secrets', () => {
       assert.equal(await store.compareAndSet('CODEX_AUTH_JSON', Buffer.from('stale'), 'x'), false);
       assert.equal(await store.compareAndSet('CODEX_AUTH_JSON', read.raw, 'b'), true);
       assert.equal(await store.remove('CODEX_AUTH_JSON'), true);
-      await new Promise((r) => setTimeout(r, 200));
     });
+    // A round trip on the listening session: Postgres delivers every notification committed
+    // before it ahead of its answer (a fixed sleep could end first on a loaded machine).
+    await listener.query('SELECT 1');
     await listener.end();
     assert.deepEqual(heard, ['codex_auth_changed:CODEX_AUTH_JSON', 'codex_auth_changed:CODEX_AUTH_JSON', 'codex_auth_changed:CODEX_AUTH_JSON']);
   });

@@ -391,7 +391,7 @@ describe('authentication', () => {
     await waitFor('b to load the seed', () => b.core.refresher.current() !== undefined, 3_000);
     const c = await addClient(a, 'replicated');
     // B learns about the new client by NOTIFY, too.
-    await waitFor('b to learn the new client', async () => (await get(b, '/codex-auth', c.token)).statusCode === 200, 2_000);
+    await waitFor('b to learn the new client', async () => (await get(b, '/codex-auth', c.token)).statusCode === 200, 10_000);
     assert.equal((await call(a, { method: 'DELETE', url: '/admin/clients/replicated', token: ADMIN_TOKEN })).statusCode, 204);
     assert401(await get(a, '/codex-auth', c.token));
     let last: LightMyRequestResponse | undefined;
