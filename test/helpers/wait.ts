@@ -40,14 +40,16 @@ export async function settledCount(read: () => Promise<number>, timeoutMs = 10_0
  * (or the sample after it finds no tick since its reset, which reads as infinite delay).
  */
 export async function blockEventLoop(totalMs: number): Promise<void> {
-  const spin = (ms: number) => {
-    const end = performance.now() + ms;
-    while (performance.now() < end) {
-      // spin
-    }
-  };
-  spin(totalMs / 2);
+  busyWait(totalMs / 2);
   // A timer, not setImmediate: the overdue histogram tick runs in the next timers phase, before it.
   await sleep(1);
-  spin(totalMs / 2);
+  busyWait(totalMs / 2);
+}
+
+/** Hold the event loop synchronously for ms, in one piece (see blockEventLoop for why that can go unseen). */
+export function busyWait(ms: number): void {
+  const end = performance.now() + ms;
+  while (performance.now() < end) {
+    // spin
+  }
 }
