@@ -19,7 +19,7 @@ import type { AddressInfo } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import Fastify from 'fastify';
 import { refreshLeadSeconds } from '../src/due.js';
-import { settleRequestShapes } from '../src/lib/shapes.js';
+import { holdTickObjects, settleRequestShapes } from '../src/lib/shapes.js';
 import { ADMIN_TOKEN, createTestApp, type TestApp } from '../test/helpers/app.js';
 import { bulkInsert } from '../test/helpers/bulk-clients.js';
 import { FakeUpstream } from '../test/helpers/fake-upstream.js';
@@ -314,8 +314,10 @@ async function refresh(url: string, trials: number): Promise<void> {
 
 // As the broker's serve does at start (src/lib/shapes.ts): the bare route is measured as a
 // process that V8 sized well, never as one of the 1 in 5 that turn every response into a
-// dictionary (that would flatter every ratio to it).
+// dictionary (that would flatter every ratio to it), nor one that builds its tick objects
+// in V8's runtime (holdTickObjects, likewise).
 settleRequestShapes();
+await holdTickObjects();
 const mode = process.argv[2] ?? 'serve';
 if (mode !== 'limits' && !databaseUrl) throw new Error('DATABASE_URL is required');
 if (mode === 'limits') await limits(process.env['BENCH_BODY'] ?? '', process.env['BENCH_POST_BODY'] ?? '{}');

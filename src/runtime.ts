@@ -6,7 +6,7 @@ import type { Config } from './config.js';
 import { ConfigError } from './errors.js';
 import { persistentSecret, startEmbeddedPostgres, type EmbeddedDatabase } from './embedded.js';
 import { parseEncryptionKey } from './lib/secret-crypto.js';
-import { settleRequestShapes } from './lib/shapes.js';
+import { holdTickObjects, settleRequestShapes } from './lib/shapes.js';
 import type { Logger } from './logger.js';
 import { createMetrics } from './metrics.js';
 
@@ -57,8 +57,10 @@ export interface RunningBroker {
 }
 
 export async function startBroker(config: Config, logger: Logger): Promise<RunningBroker> {
-  // First, before any socket: V8 sizes Node's request objects from live ones (src/lib/shapes.ts).
+  // First, before any socket: V8 sizes Node's request objects from live ones, and the
+  // hidden classes of Node's tick objects stay alive (src/lib/shapes.ts).
   settleRequestShapes();
+  await holdTickObjects();
   const db = await openDatabase(config, logger);
   const cfg = db.config;
   const metrics = createMetrics();

@@ -5,6 +5,12 @@
  * GC collected them all, every later ServerResponse and Socket becomes a dictionary-mode
  * object and the process pays about 1.4x per request for life.
  *
+ * It also holds one of Node's tick objects for life (session 19): full GCs with no tick
+ * object alive collect their hidden classes, and after a few the caches that build them
+ * give up (megamorphic): every later process.nextTick builds its object in V8's runtime,
+ * several times slower, for the life of the process. Read from V8's own feedback
+ * (%DebugPrint of process.nextTick).
+ *
  * The checks read V8's own answer (%HasFastProperties), in processes of their own: one
  * plain node process that reproduces the condition with and without settleRequestShapes,
  * and a serving broker driven into the same condition (a full GC after every response,
@@ -49,7 +55,57 @@ const PROBE = [
   '  return emit.apply(this, arguments);',
   '};',
   "process.on('exit', () => process.stderr.write('\\nSHAPES ' + JSON.stringify(seen) + '\\n'));",
+  // V8's feedback of process.nextTick, on stdout (V8 writes it there itself, past Node's
+  // stream: the pipe is made blocking first, or a full pipe drops the rest).
+  "const debugPrint = new Function('f', '%DebugPrint(f)');",
+  "process.on('exit', () => { process.stdout._handle?.setBlocking?.(true); debugPrint(process.nextTick); });",
 ].join('\n');
+
+/** Run an ES module script in a plain node process with V8's natives and gc(); its stdout. */
+async function nativesScript(script: string): Promise<string> {
+  const r = await runProcess(process.execPath, ['--import', 'tsx', '--allow-natives-syntax', '--expose-gc', '--input-type=module', '-e', script], {
+    cwd: ROOT,
+    env: process.env,
+    input: '',
+    timeoutMs: 60_000,
+  });
+  assert.equal(r.code, 0, r.stderr);
+  return r.stdout;
+}
+
+/**
+ * The states of the caches that build a tick object (process.nextTick's literal, one per
+ * property), from V8's %DebugPrint of process.nextTick: 4 on Node 20, 5 on Node 22 and 24.
+ */
+function tickLiteralStates(debugPrint: string): string[] {
+  const states = [...debugPrint.matchAll(/DefineKeyedOwnPropertyInLiteral (\w+)/g)].map((m) => m[1] ?? '');
+  assert.ok(states.length >= 4, `no tick-object literal in V8's feedback of process.nextTick (did its %DebugPrint format change?): ${debugPrint.slice(0, 2000)}`);
+  return states;
+}
+
+/**
+ * A plain node process: optionally holdTickObjects, then the condition (ticks, then a full
+ * GC with none alive, ten times), then V8's feedback of process.nextTick.
+ */
+async function tickProcess(hold: boolean): Promise<string[]> {
+  const shapes = pathToFileURL(path.join(ROOT, 'src', 'lib', 'shapes.ts')).href;
+  const script = [
+    `import { holdTickObjects } from ${JSON.stringify(shapes)};`,
+    `if (${hold}) await holdTickObjects();`,
+    'const noop = () => {};',
+    'const turn = () => new Promise((r) => setImmediate(r));',
+    'for (let i = 0; i < 10; i++) {',
+    '  for (let j = 0; j < 50; j++) process.nextTick(noop);',
+    '  await turn();',
+    '  gc();',
+    '  await turn();',
+    '}',
+    // V8 writes past Node's stream: blocking, or a full pipe drops the rest.
+    'process.stdout._handle?.setBlocking?.(true);',
+    '%DebugPrint(process.nextTick);',
+  ].join('\n');
+  return tickLiteralStates(await nativesScript(script));
+}
 
 /** A plain node process: optionally settleRequestShapes, then the condition, then V8's verdict on a new socket, request and response. */
 async function plainProcess(settle: boolean): Promise<{ req: boolean; res: boolean; socket: boolean }> {
@@ -74,17 +130,10 @@ async function plainProcess(settle: boolean): Promise<{ req: boolean; res: boole
     'const res = new ServerResponse(req);',
     'console.log(JSON.stringify({ req: %HasFastProperties(req), res: %HasFastProperties(res), socket: %HasFastProperties(socket) }));',
   ].join('\n');
-  const r = await runProcess(process.execPath, ['--import', 'tsx', '--allow-natives-syntax', '--expose-gc', '--input-type=module', '-e', script], {
-    cwd: ROOT,
-    env: process.env,
-    input: '',
-    timeoutMs: 60_000,
-  });
-  assert.equal(r.code, 0, r.stderr);
-  return JSON.parse(r.stdout.trim().split('\n').at(-1) ?? '') as { req: boolean; res: boolean; socket: boolean };
+  return JSON.parse((await nativesScript(script)).trim().split('\n').at(-1) ?? '') as { req: boolean; res: boolean; socket: boolean };
 }
 
-describe("V8's sizing of Node's request objects (settleRequestShapes)", () => {
+describe("V8's shapes of Node's per-request objects (settleRequestShapes, holdTickObjects)", () => {
   test('without settling, a ServerResponse built after its predecessors were collected is a dictionary-mode object (the condition is real on this Node)', async () => {
     // A Socket goes the same way in a plain node process; under tsx (this script's loader),
     // which opens sockets of its own as it starts, the Socket's sizing is over before the script runs.
@@ -96,7 +145,22 @@ describe("V8's sizing of Node's request objects (settleRequestShapes)", () => {
     assert.deepEqual(await plainProcess(true), { req: true, res: true, socket: true });
   });
 
-  test('a serving broker keeps its responses, requests and sockets in fast mode when a full GC follows every response (serve settles the shapes at start)', async () => {
+  test('without holding one, full GCs with no tick object alive make the caches that build tick objects megamorphic (the condition is real on this Node)', async () => {
+    // If this fails, this V8 keeps those hidden classes (or its caches cope) and holdTickObjects can go.
+    const states = await tickProcess(false);
+    assert.ok(states.slice(1).every((s) => s === 'MEGAMORPHIC'), states.join(' '));
+  });
+
+  test('holdTickObjects keeps the caches that build tick objects monomorphic under the same condition', async () => {
+    const states = await tickProcess(true);
+    assert.deepEqual(
+      states.filter((s) => s !== 'MONOMORPHIC'),
+      [],
+      states.join(' '),
+    );
+  });
+
+  test('a serving broker keeps its responses, requests and sockets in fast mode, and builds its tick objects in compiled code, when a full GC follows every response (serve settles the shapes and holds a tick object at start)', async () => {
     const upstream = await suite.upstream();
     const port = await freePort();
     const b = spawnServePreloaded({ DATABASE_URL: await suite.pg.newDatabase(), DATA_DIR: tmp(), OAUTH_TOKEN_URL: upstream.url, PORT: String(port) }, PROBE);
@@ -114,6 +178,12 @@ describe("V8's sizing of Node's request objects (settleRequestShapes)", () => {
       seen.filter((s) => !(s.req && s.res && s.socket)),
       [],
       'requests whose objects V8 turned into dictionaries',
+    );
+    const states = tickLiteralStates(b.out());
+    assert.deepEqual(
+      states.filter((s) => s === 'MEGAMORPHIC'),
+      [],
+      `the caches that build tick objects: ${states.join(' ')}`,
     );
   });
 });

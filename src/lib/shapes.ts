@@ -1,3 +1,4 @@
+import { createHook } from 'node:async_hooks';
 import type { ServerResponse } from 'node:http';
 import { Socket } from 'node:net';
 import { http } from './node-http.js';
@@ -51,4 +52,60 @@ export function settleRequestShapes(): void {
     res.statusMessage = 'OK';
     alive.push(socket, req, res);
   }
+}
+
+/** The tick object holdTickObjects keeps: alive for the life of the process. */
+let heldTick: object | undefined;
+
+/**
+ * Keep one of Node's tick objects (what `process.nextTick` queues) alive for the life of
+ * the process, so that the hidden classes of every tick object stay alive with it.
+ *
+ * `process.nextTick` builds each tick object with a literal whose keys are computed
+ * (`{ [async_id_symbol]: …, [trigger_async_id_symbol]: …, callback, args }`, and on Node 22
+ * and later an async context frame): V8 adds those properties one by one, each store an
+ * inline cache that follows a hidden-class transition. The hidden classes along that chain
+ * are held only weakly (by the transitions and the caches), so a full GC at a moment when no
+ * tick object is alive (tick objects live for microseconds: an idle process between two
+ * requests) collects them, and the next tick builds new ones. Each time, the caches of the
+ * second and later stores see one more hidden class; past four they give up
+ * (megamorphic) and every later tick object is built by V8's runtime instead of by
+ * compiled code, for the life of the process: about 2.5 µs more per request on every route
+ * (4-5 ticks per request), in about 1 start in 3 on this project's benchmark (BENCHMARKS.md,
+ * history, session 19).
+ *
+ * A held tick object keeps the last hidden class of the chain alive, and with it every
+ * class before it (a hidden class holds its predecessor strongly). Its two async ids are
+ * then set to a fraction: V8 widens those two fields from small integers to numbers once,
+ * here, as it otherwise does at some later moment (it had in every process whose hidden
+ * classes were logged here); widened later, the chain would be replaced by one this object
+ * does not hold. The object is taken from Node itself (an async_hooks init hook around one
+ * nextTick), so it is whatever shape this Node's tick objects have. Resolves once the tick
+ * has run.
+ */
+export function holdTickObjects(): Promise<void> {
+  if (heldTick !== undefined) return Promise.resolve();
+  return new Promise<void>((resolve) => {
+    let tick: Record<symbol, unknown> | undefined;
+    const callback = (): void => {
+      // Run: Node has read the ids it needed (it keeps its own copies until the tick ends).
+      if (tick !== undefined) {
+        const ids = Object.getOwnPropertySymbols(tick).filter((s) => s.description === 'async_id_symbol' || s.description === 'trigger_async_id_symbol');
+        for (const id of ids) tick[id] = 0.5;
+        heldTick = tick;
+      }
+      resolve();
+    };
+    const hook = createHook({
+      init(_id, type, _trigger, resource) {
+        if (type === 'TickObject' && (resource as { callback?: unknown }).callback === callback) tick = resource as Record<symbol, unknown>;
+      },
+    });
+    hook.enable();
+    try {
+      process.nextTick(callback);
+    } finally {
+      hook.disable();
+    }
+  });
 }
