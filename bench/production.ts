@@ -130,7 +130,11 @@ export interface Production {
  * NODE_OPTIONS, on its own database, seeded through the admin API, with clientCount
  * clients inserted in the shape createClient writes and loaded through NOTIFY.
  */
-export async function startProduction(databaseUrl: string, clientCount: number, loaded: number, o: { build?: boolean; inProcessBare?: boolean } = {}): Promise<Production> {
+/**
+ * `cwd`: the production process's working directory (default the checkout): where V8 writes
+ * what it writes there, such as `--perf-prof`'s jit-PID.dump (bench/profile.ts).
+ */
+export async function startProduction(databaseUrl: string, clientCount: number, loaded: number, o: { build?: boolean; inProcessBare?: boolean; cwd?: string } = {}): Promise<Production> {
   if (o.build !== false) {
     const build = spawnSync('npm', ['run', '--silent', 'build'], { cwd: root, stdio: 'inherit' });
     if (build.status !== 0) throw new Error('npm run build failed');
@@ -168,7 +172,7 @@ export async function startProduction(databaseUrl: string, clientCount: number, 
   const [cmd, args] = serverCommand([...nodeArgs(), ...preload, path.join(root, 'dist/cli.js'), 'serve']);
   // BENCH_SERVER_STDOUT=file keeps what the process prints on stdout (e.g. with --trace-gc).
   const stdoutFile = process.env['BENCH_SERVER_STDOUT'];
-  const child = spawn(cmd, args, { cwd: root, env, stdio: ['ignore', stdoutFile ? fs.openSync(stdoutFile, 'w') : 'ignore', 'inherit'] });
+  const child = spawn(cmd, args, { cwd: o.cwd ?? root, env, stdio: ['ignore', stdoutFile ? fs.openSync(stdoutFile, 'w') : 'ignore', 'inherit'] });
   const pool = new pg.Pool({ connectionString: databaseUrl, max: 2 });
   const base = `http://127.0.0.1:${port}`;
   const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));

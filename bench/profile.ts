@@ -7,8 +7,11 @@
  * receive, a third of a request here), V8's builtins (Map lookups, string flattening,
  * regular expressions) and Node's native code land in "(program)" or in whatever JavaScript
  * frame called them, and a change that saves a native call shows nowhere. `perf record -e
- * cpu-clock` samples all of it, and with `--perf-basic-prof-only-functions` perf names the
- * JIT-compiled JavaScript too. Each case runs `PROFILE_SECONDS` (8) after 2 s of warm-up,
+ * cpu-clock` samples all of it, and with V8's `--perf-prof` (a jit-PID.dump of every code
+ * object V8 makes, read back by `perf inject --jit`) perf names the JIT-compiled JavaScript
+ * too, as it was at the moment of each sample. (`--perf-basic-prof`'s /tmp/perf-PID.map,
+ * used until session 19, only grows: code that V8 moves or collects leaves its entry, and a
+ * function compiled later at the same address was reported under the old name.) Each case runs `PROFILE_SECONDS` (8) after 2 s of warm-up,
  * with both checkouts' production processes (each its own bench/production.ts, as
  * `npm run bench:ab` starts them, the bare route inside each) on the server core and loaded
  * at the same moments, 25 connections each; each process is profiled for the same window.
@@ -20,9 +23,11 @@
  * other, so the machine's drift is in that difference). A sampling profile attributes; it does
  * not time: read CPU per request from `npm run bench` or `bench:ab`.
  *
- * With PROFILE_KEEP=1 the data files stay, call graphs included, for `perf report -i FILE -g
- * caller --symbols SYMBOL` (who calls a native function: how BENCHMARKS.md's session 16 found
- * what makes a whole process dearer).
+ * With PROFILE_KEEP=1 the data files stay, call graphs included, for `perf report -i
+ * FILE.jit -g caller --symbols SYMBOL` (who calls a native function: how BENCHMARKS.md's
+ * session 16 found what makes a whole process dearer), with the jitted-*.so files that name
+ * the JavaScript (a checkout from before session 19 runs its process in its own directory,
+ * where they are removed after the run).
  *
  * Needs `perf` (Debian: linux-perf) and the right to profile the processes (root, or
  * kernel.perf_event_paranoid ≤ 1). Env: PROFILE_CASES (comma-separated, of
@@ -77,7 +82,8 @@ function parseReport(text: string, requests: number): Costs {
     // "  2.61%   934  [kernel.kallsyms]  [k] _raw_spin_unlock_irqrestore", "... [JIT] tid 123  [.] JS:*answer file:///x/dist/a.js:9:20"
     const m = /^\s*[\d.]+%\s+(\d+)\s+(\[JIT\] tid \d+|\S+)\s+\[.\]\s+(.*)$/.exec(line);
     if (!m) continue;
-    const dso = (m[2] ?? '').startsWith('[JIT]') ? 'JIT' : (m[2] ?? '');
+    // perf inject --jit names each JIT-compiled function's code jitted-<pid>-<n>.so.
+    const dso = (m[2] ?? '').startsWith('[JIT]') || /^jitted-\d+-\d+\.so$/.test(m[2] ?? '') ? 'JIT' : (m[2] ?? '');
     const sym = (m[3] ?? '')
       .trim()
       .replace(/^(JS:|LazyCompile:)?[*~^]?/, '')
@@ -129,14 +135,19 @@ async function main(): Promise<void> {
   if (spawnSync('perf', ['--version']).status !== 0) throw new Error('perf is not installed (Debian: apt-get install linux-perf)');
   const out = process.env['PROFILE_DIR'] ?? fs.mkdtempSync(path.join(os.tmpdir(), 'cab-profile-'));
   fs.mkdirSync(out, { recursive: true });
-  // JIT-compiled functions by name: node writes /tmp/perf-<pid>.map for perf report.
-  process.env['BENCH_NODE_ARGS'] = `${process.env['BENCH_NODE_ARGS'] ?? ''} --perf-basic-prof-only-functions`.trim();
+  // JIT-compiled functions by name: V8 writes jit-<pid>.dump in the process's working
+  // directory (out), which perf inject --jit turns into jitted-<pid>-<n>.so files there.
+  process.env['BENCH_NODE_ARGS'] = `${process.env['BENCH_NODE_ARGS'] ?? ''} --perf-prof`.trim();
   const pg = await startTestPostgres();
   const builds: Array<{ name: string; prod: Production; mod: typeof ProductionModule }> = [];
+  /** Each production process's working directory: where its jit dump (and what perf inject makes of it) lands. */
+  const cwds = new Map<number, string>();
   try {
     for (const [i, dir] of dirs.entries()) {
       const mod = (await import(pathToFileURL(path.resolve(dir, 'bench/production.ts')).href)) as typeof ProductionModule;
-      builds.push({ name: dirs.length === 1 ? dir : `${'AB'[i]} (${dir})`, mod, prod: await mod.startProduction(await pg.newDatabase(), CLIENTS, LOADED_CLIENTS, { inProcessBare: true }) });
+      builds.push({ name: dirs.length === 1 ? dir : `${'AB'[i]} (${dir})`, mod, prod: await mod.startProduction(await pg.newDatabase(), CLIENTS, LOADED_CLIENTS, { inProcessBare: true, cwd: out }) });
+      const b = builds.at(-1);
+      if (b) cwds.set(b.prod.pid, fs.readlinkSync(`/proc/${b.prod.pid}/cwd`));
     }
     const profiles = new Map<string, Costs[]>();
     for (const c of CASES) {
@@ -144,7 +155,7 @@ async function main(): Promise<void> {
       const load = (p: Production, seconds: number) => autocannon({ url: spec.bare ? (p.inProcessBare ?? '') : p.base, connections: 25, duration: seconds, requests: [spec.spec(p.clients)] });
       await Promise.all(builds.map((b) => load(b.prod, 2)));
       const files = builds.map((_, i) => path.join(out, `${c}-${i}.data`));
-      const perf = builds.map((b, i) => spawn('perf', ['record', '-e', 'cpu-clock', '-F', String(HZ), '-g', '-o', files[i] as string, '-p', String(b.prod.pid)], { stdio: 'ignore' }));
+      const perf = builds.map((b, i) => spawn('perf', ['record', '-k', 'mono', '-e', 'cpu-clock', '-F', String(HZ), '-g', '-o', files[i] as string, '-p', String(b.prod.pid)], { stdio: 'ignore' }));
       // perf attaches within a few ms; the window starts after it has.
       await new Promise((r) => setTimeout(r, 300));
       const results = await Promise.all(builds.map((b) => load(b.prod, SECONDS)));
@@ -154,7 +165,10 @@ async function main(): Promise<void> {
         const res = results[i] as Awaited<ReturnType<typeof autocannon>>;
         const bad = Object.keys(res.statusCodeStats).filter((s) => s !== '200' && s !== '304');
         if (bad.length || res.errors) throw new Error(`case ${c}: ${builds[i]?.name} answered ${bad.join(', ')} (${res.errors} errors)`);
-        const report = spawnSync('perf', ['report', '-i', files[i] as string, '--stdio', '--no-children', '--sort', 'dso,sym', '-g', 'none', '-n', '--percent-limit', '0'], { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 });
+        const jitted = `${files[i] as string}.jit`;
+        const inject = spawnSync('perf', ['inject', '--jit', '-i', files[i] as string, '-o', jitted], { encoding: 'utf8' });
+        if (inject.status !== 0) throw new Error(`perf inject --jit ${files[i]}: ${inject.stderr}`);
+        const report = spawnSync('perf', ['report', '-i', jitted, '--stdio', '--no-children', '--sort', 'dso,sym', '-g', 'none', '-n', '--percent-limit', '0'], { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 });
         if (report.status !== 0) throw new Error(`perf report ${files[i]}: ${report.stderr}`);
         return parseReport(report.stdout, res.requests.total);
       });
@@ -167,7 +181,11 @@ async function main(): Promise<void> {
   } finally {
     for (const b of builds) {
       await b.prod.stop();
-      fs.rmSync(`/tmp/perf-${b.prod.pid}.map`, { force: true });
+      // What V8 and perf inject left in a working directory that is not ours (an older checkout's own).
+      const dir = cwds.get(b.prod.pid);
+      if (dir !== undefined && dir !== out) {
+        for (const f of fs.readdirSync(dir)) if (f === `jit-${b.prod.pid}.dump` || f.startsWith(`jitted-${b.prod.pid}-`) || (f.startsWith('isolate-') && f.includes(`-${b.prod.pid}-`))) fs.rmSync(path.join(dir, f), { force: true });
+      }
     }
     await pg.stop();
     // A directory the caller named is theirs; the one made here goes unless kept.
