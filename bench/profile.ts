@@ -11,10 +11,11 @@
  * object V8 makes, read back by `perf inject --jit`) perf names the JIT-compiled JavaScript
  * too, as it was at the moment of each sample. (`--perf-basic-prof`'s /tmp/perf-PID.map,
  * used until session 19, only grows: code that V8 moves or collects leaves its entry, and a
- * function compiled later at the same address was reported under the old name.) Each case runs `PROFILE_SECONDS` (8) after 2 s of warm-up,
- * with both checkouts' production processes (each its own bench/production.ts, as
- * `npm run bench:ab` starts them, the bare route inside each) on the server core and loaded
- * at the same moments, 25 connections each; each process is profiled for the same window.
+ * function compiled later at the same address was reported under the old name.) Each case
+ * runs `PROFILE_SECONDS` (8) after 2 s of warm-up, with both checkouts' production
+ * processes (each its own bench/production.ts, as `npm run bench:ab` starts them, the bare
+ * route inside each) on the server core and loaded at the same moments, 25 connections
+ * each; each process is profiled for the same window.
  *
  * For each case it prints µs per request by group (the broker's own code, Fastify and other
  * dependencies, Node's JavaScript, V8 builtins, GC, other native code, the kernel), then
