@@ -201,9 +201,9 @@ export class DocumentRenderer {
     this.#now = now;
   }
 
-  /** Why nothing can be served right now, or undefined when a token is usable. */
-  unavailable(): Unavailable | undefined {
-    const why = unusable(this.#refresher.current(), this.#now());
+  /** Why nothing can be served right now (at `now`, by this renderer's clock unless given), or undefined when a token is usable. */
+  unavailable(now: number = this.#now()): Unavailable | undefined {
+    const why = unusable(this.#refresher.current(), now);
     if (why === 'no_credential') {
       return { code: why, detail: 'the broker holds no usable login; an operator must log in (npx codex-auth-broker login) or seed one' };
     }

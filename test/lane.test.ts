@@ -3,7 +3,7 @@ import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import { connect, type AddressInfo } from 'node:net';
 import { describe, test } from 'node:test';
 import inject, { type InjectOptions, type Response } from 'light-my-request';
-import { FastLane, LANE_BODY_LIMIT } from '../src/http/lane.js';
+import { digits, FastLane, LANE_BODY_LIMIT } from '../src/http/lane.js';
 import { ShimTokens } from '../src/serving.js';
 import { ADMIN_TOKEN, injectUnshed, type TestApp } from './helpers/app.js';
 import { findLeaks } from './helpers/logs.js';
@@ -59,11 +59,17 @@ async function setup(
  */
 function heldClock() {
   let held: number | undefined;
-  return {
-    now: () => held ?? Date.now(),
+  const clock = {
+    /** How many times the broker has read this clock. */
+    reads: 0,
+    now: () => {
+      clock.reads++;
+      return held ?? Date.now();
+    },
     hold: () => void (held = Date.now()),
     release: () => void (held = undefined),
   };
+  return clock;
 }
 
 /** Through Fastify alone: its own request handler, as if the lane did not exist. */
@@ -475,6 +481,74 @@ describe('fast lane', () => {
     assert.equal((await viaServer(t, { method: 'GET', url: '/codex-auth', headers: auth })).statusCode, 200);
     assert.equal((await viaServer(t, shim)).statusCode, 200);
     assert.equal(t.lane.answered, before + 2);
+  });
+
+  test('the fast lane finds a token matched before from the header\'s tail, answers every spelling of the Bearer header that Fastify accepts as Fastify does, and refuses a revoked token at once', async () => {
+    const t = await setup();
+    assert.equal(t.core.clients.matchedBefore(t.token), undefined, 'nothing is matched before its first use');
+    const at = (authorization: string): InjectOptions => ({ method: 'GET', url: '/codex-auth', headers: { authorization } });
+    assert.equal((await sameAnswer(t, at(`Bearer ${t.token}`), 'answers')).statusCode, 200);
+    assert.equal(t.core.clients.matchedBefore(t.token)?.name, 'ws-1');
+    // Spellings the header's tail is not the token of: bearerOf reads them, as before.
+    for (const h of [`bearer ${t.token}`, `BEARER ${t.token}`, `Bearer  ${t.token}`, `Bearer\t${t.token}`, `Bearer ${t.token} `]) {
+      assert.equal((await sameAnswer(t, at(h), 'answers')).statusCode, 200, JSON.stringify(h));
+    }
+    for (const h of [`Bearer ${t.token}x`, `Bearer x${t.token}`, `Bearer ${t.token} x`, `Bearer ${t.token.slice(0, -1)}`, `Basic ${t.token}`, t.token]) {
+      assert.equal((await sameAnswer(t, at(h), 'declines')).statusCode, 401, JSON.stringify(h));
+    }
+    const admin = { authorization: `Bearer ${ADMIN_TOKEN}` };
+    assert.equal((await viaFastify(t, { method: 'DELETE', url: '/admin/clients/ws-1', headers: admin })).statusCode, 204);
+    assert.equal(t.core.clients.matchedBefore(t.token), undefined, 'a revocation forgets the match');
+    assert.equal((await sameAnswer(t, at(`Bearer ${t.token}`), 'declines')).statusCode, 401);
+  });
+
+  test('the fast lane reads the broker\'s clock once for the availability check and the last-seen time together', async () => {
+    const t = await setup();
+    const serve = t.lane.serve.bind(t.lane);
+    const reads: number[] = [];
+    t.lane.serve = (req, res) => {
+      const before = t.clock.reads;
+      const taken = serve(req, res);
+      if (taken) reads.push(t.clock.reads - before);
+      return taken;
+    };
+    const auth = { authorization: `Bearer ${t.token}` };
+    const ok = await viaServer(t, { method: 'GET', url: '/codex-auth', headers: auth });
+    assert.equal(ok.statusCode, 200);
+    assert.equal((await viaServer(t, { method: 'GET', url: '/codex-auth', headers: { ...auth, 'if-none-match': String(ok.headers['etag']) } })).statusCode, 304);
+    assert.equal((await viaServer(t, { method: 'GET', url: `/workspaces/${t.workspaceId}/secrets/values`, headers: auth })).statusCode, 200);
+    // One read for the state of the client's credential (whether its assignment keeps it),
+    // one for the availability check and the last-seen time together (they took one each).
+    assert.deepEqual(reads, [2, 2, 2]);
+    const seen = [...t.core.clients.all()].find((c) => c.name === 'ws-1');
+    assert.ok(seen && seen.lastSeenAt > 0);
+  });
+
+  test('/healthz through the fast lane says at once what changed (the listener, the uptime), as Fastify does, with its body\'s length', async () => {
+    const t = await setup();
+    await waitFor('the listener connected', () => t.core.listener.connected);
+    const probe = async (listener: string) => {
+      const res = await sameAnswer(t, { method: 'GET', url: '/healthz' }, 'answers');
+      assert.equal(res.json<{ listener: string }>().listener, listener);
+      assert.equal(res.headers['content-length'], String(Buffer.byteLength(res.body)));
+      assert.equal(res.body, JSON.stringify(res.json()));
+      return res.json<{ uptimeSeconds: number }>().uptimeSeconds;
+    };
+    const first = await probe('connected');
+    await probe('connected');
+    await t.core.listener.close();
+    await probe('disconnected');
+    await new Promise((r) => setTimeout(r, 1_100));
+    assert.ok((await probe('disconnected')) > first, 'the uptime moves on');
+  });
+
+  test('digits() gives a number\'s decimal text, converted again only when the number changes', () => {
+    const d = digits();
+    const out = [1167, 1167, 0, 99999, 1167, 5].map((n) => d(n));
+    assert.deepEqual(out, ['1167', '1167', '0', '99999', '1167', '5']);
+    const e = digits();
+    assert.equal(e(42), '42');
+    assert.equal(d(5), '5', 'each memo keeps its own number');
   });
 
   test('the fast lane never puts a token in a log line', async () => {

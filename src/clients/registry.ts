@@ -240,6 +240,15 @@ export class ClientRegistry {
     }));
   }
 
+  /**
+   * The client of a bearer token already matched since the last reload, found with one
+   * Map lookup and no hash; undefined for any other token (authenticate() then decides).
+   * Every such token came out of bearerOf, so it holds no whitespace or control character.
+   */
+  matchedBefore(token: string): Client | undefined {
+    return this.#tokenSeen.get(token);
+  }
+
   /** The client a bearer token belongs to, if it is live. No database query. */
   authenticate(token: string): Client | undefined {
     return ClientRegistry.#lookup(token, this.#tokenSeen, this.#byToken);

@@ -13,6 +13,23 @@ export type ParamLaneRoute = (req: IncomingMessage, res: ServerResponse, param: 
 /** The same for a POST route, given the whole body as the client sent it. */
 export type BodyLaneRoute = (req: IncomingMessage, res: ServerResponse, body: Buffer) => number;
 
+/**
+ * A number's decimal text, converted again only when the number changes: a header value
+ * that is usually the same number (a content-length) is then a string Node neither
+ * converts for its header check nor again for the header line.
+ */
+export function digits(): (n: number) => string {
+  let last = NaN;
+  let text = '';
+  return (n) => {
+    if (n !== last) {
+      text = String(n);
+      last = n;
+    }
+    return text;
+  };
+}
+
 /** The largest body a POST route of the lane reads itself; a larger one goes to Fastify unread. */
 export const LANE_BODY_LIMIT = 4096;
 /**

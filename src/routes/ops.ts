@@ -50,27 +50,41 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
   };
 
   // Probed often: the body is written as JSON.stringify would write it (every field but
-  // the replica id is a fixed word, a boolean or an integer), in a synchronous handler.
-  let replicaId = '';
-  let replicaJson = '""';
-  const health = (): string => {
+  // the replica id is a fixed word, a boolean or an integer), in a synchronous handler, and
+  // built again only when what it says changed (at most once a second: the uptime), with
+  // its content-length as text.
+  interface Health {
+    state: string;
+    pending: boolean;
+    connected: boolean;
+    replicaId: string;
+    uptime: number;
+    body: string;
+    bytes: string;
+  }
+  let last: Health | undefined;
+  const health = (): Health => {
     const state = refresher.state();
-    if (refresher.replicaId !== replicaId) {
-      replicaId = refresher.replicaId;
-      replicaJson = JSON.stringify(replicaId);
-    }
+    const pending = refresher.pending !== undefined;
+    const connected = o.core.listener.connected;
+    const replicaId = refresher.replicaId;
+    const uptime = Math.round(process.uptime());
+    const l = last;
+    if (l !== undefined && l.state === state && l.pending === pending && l.connected === connected && l.replicaId === replicaId && l.uptime === uptime) return l;
     const status = state === 'fresh' || state === 'due' ? 'ok' : 'degraded';
-    const listener = o.core.listener.connected ? 'connected' : 'disconnected';
-    return `{"status":"${status}","credentialState":"${state}","writebackPending":${refresher.pending !== undefined},"listener":"${listener}","replicaId":${replicaJson},"uptimeSeconds":${Math.round(process.uptime())}}`;
+    const listener = connected ? 'connected' : 'disconnected';
+    const body = `{"status":"${status}","credentialState":"${state}","writebackPending":${pending},"listener":"${listener}","replicaId":${JSON.stringify(replicaId)},"uptimeSeconds":${uptime}}`;
+    last = { state, pending, connected, replicaId, uptime, body, bytes: String(Buffer.byteLength(body)) };
+    return last;
   };
   app.get('/healthz', (_req, reply) => {
-    reply.type('application/json; charset=utf-8').send(health());
+    reply.type('application/json; charset=utf-8').send(health().body);
   });
   const lane = o.lane;
   lane?.get('/healthz', (req, res) => {
-    const body = health();
-    res.writeHead(200, ['x-request-id', lane.requestId(req), 'content-type', 'application/json; charset=utf-8', 'content-length', Buffer.byteLength(body)]);
-    res.end(body);
+    const h = health();
+    res.writeHead(200, ['x-request-id', lane.requestId(req), 'content-type', 'application/json; charset=utf-8', 'content-length', h.bytes]);
+    res.end(h.body);
     return 200;
   });
 

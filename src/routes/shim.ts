@@ -1,7 +1,7 @@
 import type { FastifyError, FastifyInstance, FastifyReply } from 'fastify';
 import { splitServedRefreshToken } from '../clients/credentials.js';
 import type { Client, ClientRegistry } from '../clients/registry.js';
-import type { FastLane } from '../http/lane.js';
+import { digits, type FastLane } from '../http/lane.js';
 import { labelled, type BrokerMetrics } from '../metrics.js';
 import type { Refresher } from '../refresher.js';
 import type { ServedCredential, ServedCredentials, ShimTokens } from '../serving.js';
@@ -179,6 +179,8 @@ export async function shimRoutes(app: FastifyInstance, o: ShimRoutesOptions): Pr
   const lane = o.lane;
   if (!lane) return;
   app.addHook('preParsing', lane.replayBody);
+  /** The answer's content-length as text: the same number until the seconds lose a digit. */
+  const answerLength = digits();
   lane.post(ROUTE, (req, res, raw) => {
     const text = raw.toString('utf8');
     if (text.includes('\\') || text.includes('__proto__') || text.includes('constructor') || text.includes('\ufffd')) return 0;
@@ -211,7 +213,7 @@ export async function shimRoutes(app: FastifyInstance, o: ShimRoutesOptions): Pr
       'content-type',
       'application/json; charset=utf-8',
       'content-length',
-      current.answerBytes(client.refreshCredential, seconds),
+      answerLength(current.answerBytes(client.refreshCredential, seconds)),
     ];
     o.clients.markServed(client, current.generation, nowMs);
     served('ok');

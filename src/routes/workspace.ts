@@ -3,7 +3,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { UUID } from '../clients/client-store.js';
 import type { Client, ClientRegistry } from '../clients/registry.js';
 import { bearerOf } from '../http/auth.js';
-import type { FastLane } from '../http/lane.js';
+import { digits, type FastLane } from '../http/lane.js';
 import { sendProblem, sendUnauthorized } from '../http/problem.js';
 import { labelled, type BrokerMetrics } from '../metrics.js';
 import type { Rendered, ServedCredentials } from '../serving.js';
@@ -35,8 +35,13 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
 
   /** The client an Authorization header names, if it may read this route (both paths ask this). */
   const clientOf = (authorization: string | undefined, allowPlatform: boolean): Client | undefined => {
-    const token = bearerOf(authorization);
-    const client = token ? o.clients.authenticate(token) : undefined;
+    // A token matched before is found as the header's tail, without reading the header
+    // character by character: it came out of bearerOf, so bearerOf would read exactly it.
+    let client = authorization !== undefined && authorization.startsWith('Bearer ') ? o.clients.matchedBefore(authorization.slice(7)) : undefined;
+    if (client === undefined) {
+      const token = bearerOf(authorization);
+      client = token ? o.clients.authenticate(token) : undefined;
+    }
     return client && (client.kind !== 'platform' || allowPlatform) ? client : undefined;
   };
   /** Whether a client may read this workspace: unbound, or bound to it (UUIDs compare without case). */
@@ -113,13 +118,19 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
   // routes above.
   const lane = o.lane;
   if (!lane) return;
-  /** A lane route's two counts, looked up once instead of by two labels per request. */
-  const counts = (route: string) => ({ ok: tokenServed(route, 'ok'), notModified: tokenServed(route, 'not_modified') });
+  /**
+   * A lane route's two counts, looked up once instead of by two labels per request, and
+   * its content-length as text: the same number request after request (every client's
+   * credential has one length), converted once instead of twice per request by Node.
+   */
+  const counts = (route: string) => ({ ok: tokenServed(route, 'ok'), notModified: tokenServed(route, 'not_modified'), length: digits() });
   const answer = (req: IncomingMessage, res: ServerResponse, count: ReturnType<typeof counts>, allowPlatform: boolean, workspaceId: string | undefined): number => {
     const client = clientOf(req.headers.authorization, allowPlatform);
     if (!client || (workspaceId !== undefined && !mayRead(client, workspaceId))) return 0;
     const credential = o.served.for(client);
-    if (!credential || credential.renderer.unavailable()) return 0;
+    // One clock read for the availability check and the last-seen time.
+    const now = o.now();
+    if (!credential || credential.renderer.unavailable(now)) return 0;
     // Everything that could throw comes before the first side effect (markServed, the
     // count): a fault declines to Fastify with nothing yet counted or marked.
     const doc = credential.renderer.render(client);
@@ -129,7 +140,7 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
     // Flat lists of names and values: Node writes them as it writes an object's, without a hasOwnProperty per name.
     if (matches(req.headers['if-none-match'], etag)) {
       const headers = ['x-request-id', id, 'x-codex-credential', credential.name, 'etag', etag, 'cache-control', 'no-store'];
-      o.clients.markServed(client, doc.generation, o.now());
+      o.clients.markServed(client, doc.generation, now);
       count.notModified.inc();
       res.writeHead(304, headers);
       res.end();
@@ -148,9 +159,9 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
       'content-type',
       'application/json; charset=utf-8',
       'content-length',
-      platformShape ? doc.platformBodyBytes : doc.bodyBytes,
+      count.length(platformShape ? doc.platformBodyBytes : doc.bodyBytes),
     ];
-    o.clients.markServed(client, doc.generation, o.now());
+    o.clients.markServed(client, doc.generation, now);
     count.ok.inc();
     res.writeHead(200, headers);
     res.end(body);
