@@ -16,6 +16,11 @@ export interface Rendered {
   readonly bodyBytes: number;
   /** Buffer.byteLength(platformBody), likewise. */
   readonly platformBodyBytes: number;
+  /**
+   * Both bodies are ASCII (a byte per character, as every auth.json of ASCII tokens is):
+   * written as Latin-1, their bytes are their UTF-8 bytes, copied instead of encoded.
+   */
+  readonly ascii: boolean;
   readonly etag: string;
   /** The drop-in shape's ETag: the same validator with `-v` (another representation). */
   readonly platformEtag: string;
@@ -40,6 +45,8 @@ interface Template {
   /** The UTF-8 bytes of each shape's body but the client's credential (which is ASCII: a byte per character). */
   bytes: number;
   escapedBytes: number;
+  /** Every character of both shapes is ASCII (then so is every client's body: its credential is base64url). */
+  ascii: boolean;
   generation: string;
   /** Names the template's bytes; with the client's credential it names the served bytes. */
   hash: string;
@@ -63,6 +70,8 @@ export class ShimTokens {
   readonly #slotEnd: string;
   /** The UTF-8 bytes of an answer but the client's credential and the seconds (both ASCII: a byte per character). */
   readonly #bytes: number;
+  /** Every answer is ASCII (its tokens are): its Latin-1 bytes are its UTF-8 bytes. */
+  readonly ascii: boolean;
 
   constructor(accessToken: string, idToken: string | undefined, exp: number | undefined, generation: string) {
     this.accessToken = accessToken;
@@ -72,7 +81,9 @@ export class ShimTokens {
     const head = JSON.stringify({ access_token: accessToken, ...(idToken ? { id_token: idToken } : {}) });
     this.#head = `${head.slice(0, -1)},"refresh_token":"`;
     this.#slotEnd = `.${generation}","token_type":"Bearer","expires_in":`;
-    this.#bytes = Buffer.byteLength(this.#head + this.#slotEnd + '}');
+    const fixed = this.#head + this.#slotEnd + '}';
+    this.#bytes = Buffer.byteLength(fixed);
+    this.ascii = this.#bytes === fixed.length;
   }
 
   /** The JSON answer for a client (its refresh credential is base64url, which JSON never escapes), with the seconds left as digits. */
@@ -105,12 +116,15 @@ class SharedDocument implements Rendered {
   readonly platformEtag: string;
   readonly generation: string;
   readonly bodyBytes: number;
+  readonly ascii: boolean;
   #platformBody: string | undefined;
   #platformBodyBytes: number | undefined;
 
   constructor(body: string, generation: string) {
     this.body = body;
     this.bodyBytes = Buffer.byteLength(body);
+    // A character outside ASCII takes 2 or more UTF-8 bytes; the drop-in shape's escaping adds none.
+    this.ascii = this.bodyBytes === body.length;
     this.etag = etagOf(body);
     this.platformEtag = `${this.etag.slice(0, -1)}-v"`;
     this.generation = generation;
@@ -176,6 +190,10 @@ class ClientDocument implements Rendered {
 
   get platformBodyBytes(): number {
     return this.#t.escapedBytes + this.#credential.length;
+  }
+
+  get ascii(): boolean {
+    return this.#t.ascii;
   }
 
   /** Equal to JSON.stringify({ CODEX_AUTH_JSON: body }), without escaping the document per request. */
@@ -248,9 +266,13 @@ export class DocumentRenderer {
     const slotEnd = `.${generation}"`;
     const escapedSlotEnd = escaped(slotEnd);
     // What ClientDocument's body and platformBody add to the credential, in UTF-8 bytes.
-    const bytes = Buffer.byteLength(pre + '"' + slotEnd + post);
-    const escapedBytes = Buffer.byteLength(PLATFORM_OPEN + escapedPre + '\\"' + escapedSlotEnd + escapedPost + PLATFORM_CLOSE);
-    this.#template = { snap, pre, post, escapedPre, escapedPost, slotEnd, escapedSlotEnd, bytes, escapedBytes, generation, hash, shared };
+    const fixed = pre + '"' + slotEnd + post;
+    const escapedFixed = PLATFORM_OPEN + escapedPre + '\\"' + escapedSlotEnd + escapedPost + PLATFORM_CLOSE;
+    const bytes = Buffer.byteLength(fixed);
+    const escapedBytes = Buffer.byteLength(escapedFixed);
+    // A character outside ASCII takes 2 or more UTF-8 bytes: equal counts mean none.
+    const ascii = bytes === fixed.length && escapedBytes === escapedFixed.length;
+    this.#template = { snap, pre, post, escapedPre, escapedPost, slotEnd, escapedSlotEnd, bytes, escapedBytes, ascii, generation, hash, shared };
     return this.#template;
   }
 

@@ -197,6 +197,40 @@ describe('fast lane', () => {
     }
   });
 
+  test('the fast lane writes an ASCII body as Latin-1 and any other as UTF-8: over a real socket the bytes are the body\'s UTF-8 bytes either way (documents, drop-in, shim answers)', async () => {
+    assert.equal(new ShimTokens('a.b.c', 'd.e.f', 1, 'gen').ascii, true);
+    assert.equal(new ShimTokens('a.b.c', 'd.é.f', 1, 'gen').ascii, false);
+    for (const note of ['plain ascii', 'é ü 🔑 \u2028']) {
+      const t = await setup({ extra: { note } });
+      await t.app.listen({ port: 0, host: '127.0.0.1' });
+      const base = `http://127.0.0.1:${(t.app.server.address() as AddressInfo).port}`;
+      const auth = { authorization: `Bearer ${t.token}` };
+      for (const url of ['/codex-auth', `/workspaces/${t.workspaceId}/secrets/values`]) {
+        const before = t.lane.answered;
+        const res = await fetch(`${base}${url}`, { headers: auth });
+        const bytes = Buffer.from(await res.arrayBuffer());
+        assert.equal(t.lane.answered, before + 1, 'the lane answered');
+        const expected = await viaFastify(t, { method: 'GET', url, headers: auth });
+        assert.deepEqual(bytes, Buffer.from(expected.body, 'utf8'), `${note}: ${url}`);
+        assert.equal(res.headers.get('content-length'), String(bytes.length));
+        answers.push(expected.body);
+      }
+      const shim = { grant_type: 'refresh_token', refresh_token: `${t.refreshCredential}.AAAAAAAAAAAA` };
+      t.clock.hold();
+      try {
+        const before = t.lane.answered;
+        const res = await fetch(`${base}/oauth/token`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(shim) });
+        const bytes = Buffer.from(await res.arrayBuffer());
+        assert.equal(t.lane.answered, before + 1, 'the lane answered the shim');
+        const expected = await viaFastify(t, { method: 'POST', url: '/oauth/token', headers: { 'content-type': 'application/json' }, payload: JSON.stringify(shim) });
+        assert.deepEqual(bytes, Buffer.from(expected.body, 'utf8'));
+        answers.push(expected.body);
+      } finally {
+        t.clock.release();
+      }
+    }
+  });
+
   test('the fast lane declines everything but the plain success, and Fastify answers it as before', async () => {
     const t = await setup();
     const auth = { authorization: `Bearer ${t.token}` };
@@ -540,6 +574,19 @@ describe('fast lane', () => {
     await probe('disconnected');
     await new Promise((r) => setTimeout(r, 1_100));
     assert.ok((await probe('disconnected')) > first, 'the uptime moves on');
+  });
+
+  test('/healthz through the fast lane writes a replica id outside ASCII as UTF-8, and an ASCII one as Latin-1: the same bytes over a real socket', async () => {
+    for (const replicaId of ['replica-a', 'réplica-ü-🔑']) {
+      const lane = new FastLane();
+      const t = await suite.app({ databaseUrl: await suite.pg.newDatabase(), upstreamUrl: (await suite.upstream()).url, lane, config: { replicaId } });
+      await t.app.listen({ port: 0, host: '127.0.0.1' });
+      const res = await fetch(`http://127.0.0.1:${(t.app.server.address() as AddressInfo).port}/healthz`);
+      const bytes = Buffer.from(await res.arrayBuffer());
+      assert.equal(lane.answered, 1);
+      assert.equal(JSON.parse(bytes.toString('utf8')).replicaId, replicaId);
+      assert.equal(res.headers.get('content-length'), String(bytes.length));
+    }
   });
 
   test('digits() gives a number\'s decimal text, converted again only when the number changes', () => {

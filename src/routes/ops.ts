@@ -61,6 +61,8 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
     uptime: number;
     body: string;
     bytes: string;
+    /** The body is ASCII (unless the replica id is not): written as Latin-1, copied instead of encoded. */
+    encoding: 'latin1' | 'utf8';
   }
   let last: Health | undefined;
   const health = (): Health => {
@@ -74,7 +76,8 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
     const status = state === 'fresh' || state === 'due' ? 'ok' : 'degraded';
     const listener = connected ? 'connected' : 'disconnected';
     const body = `{"status":"${status}","credentialState":"${state}","writebackPending":${pending},"listener":"${listener}","replicaId":${JSON.stringify(replicaId)},"uptimeSeconds":${uptime}}`;
-    last = { state, pending, connected, replicaId, uptime, body, bytes: String(Buffer.byteLength(body)) };
+    const bytes = Buffer.byteLength(body);
+    last = { state, pending, connected, replicaId, uptime, body, bytes: String(bytes), encoding: bytes === body.length ? 'latin1' : 'utf8' };
     return last;
   };
   app.get('/healthz', (_req, reply) => {
@@ -84,7 +87,7 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
   lane?.get('/healthz', (req, res) => {
     const h = health();
     res.writeHead(200, ['x-request-id', lane.requestId(req), 'content-type', 'application/json; charset=utf-8', 'content-length', h.bytes]);
-    res.end(h.body);
+    res.end(h.body, h.encoding);
     return 200;
   });
 

@@ -218,7 +218,7 @@ export async function shimRoutes(app: FastifyInstance, o: ShimRoutesOptions): Pr
     o.clients.markServed(client, current.generation, nowMs);
     served('ok');
     res.writeHead(200, headers);
-    res.end(out);
+    res.end(out, current.ascii ? 'latin1' : 'utf8');
     return 200;
   });
 }

@@ -164,7 +164,9 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
     o.clients.markServed(client, doc.generation, now);
     count.ok.inc();
     res.writeHead(200, headers);
-    res.end(body);
+    // An ASCII body's Latin-1 bytes are its UTF-8 bytes: Node then copies the characters
+    // (as it writes the header lines) instead of encoding them.
+    res.end(body, doc.ascii ? 'latin1' : 'utf8');
     return 200;
   };
   const codexAuthCounts = counts('/codex-auth');
