@@ -124,7 +124,7 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
       "REFRESH_TOKEN_EXPOSURE=raw serves the fleet's real upstream refresh token to every workspace: one workspace's `codex logout` without CODEX_REFRESH_TOKEN_URL_OVERRIDE revokes the shared login upstream, and any workspace can burn it. Use proxy unless you must",
     );
   }
-  const renderers = new ServedCredentials((client) => core.assignments.credentialFor(client), exposure, now);
+  const renderers = new ServedCredentials((client, at) => core.assignments.credentialFor(client, at), exposure, now);
   const renderer = renderers.rendererOf(core.refresher);
   // One count, one cap and one log line for every admin-token check (admin routes and /status).
   const authFailures = new AuthFailures({ logger: o.logger });

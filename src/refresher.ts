@@ -154,8 +154,9 @@ export class Refresher {
     return this.#holder.problems.document;
   }
 
-  state(): CredentialState {
-    return this.#holder.state();
+  /** At `now` when given (a caller that already read the clock), else by this refresher's clock. */
+  state(now?: number): CredentialState {
+    return this.#holder.state(now);
   }
 
   /** What /status, the CLI and the admin API say about this credential. No secret. */

@@ -50,6 +50,8 @@ interface Template {
   generation: string;
   /** Names the template's bytes; with the client's credential it names the served bytes. */
   hash: string;
+  /** `"<hash>-`: what every client's ETag starts with (then its tag, and `"` or `-v"`). */
+  etagOpen: string;
   /** Same bytes for every client (omit, raw): rendered once. */
   shared: Rendered | undefined;
   /** The shim's view of this snapshot, built on first use. */
@@ -165,11 +167,11 @@ class ClientDocument implements Rendered {
   }
 
   get etag(): string {
-    return `"${this.#t.hash}-${this.#tag}"`;
+    return `${this.#t.etagOpen}${this.#tag}"`;
   }
 
   get platformEtag(): string {
-    return `"${this.#t.hash}-${this.#tag}-v"`;
+    return `${this.#t.etagOpen}${this.#tag}-v"`;
   }
 
   get body(): string {
@@ -272,7 +274,7 @@ export class DocumentRenderer {
     const escapedBytes = Buffer.byteLength(escapedFixed);
     // A character outside ASCII takes 2 or more UTF-8 bytes: equal counts mean none.
     const ascii = bytes === fixed.length && escapedBytes === escapedFixed.length;
-    this.#template = { snap, pre, post, escapedPre, escapedPost, slotEnd, escapedSlotEnd, bytes, escapedBytes, ascii, generation, hash, shared };
+    this.#template = { snap, pre, post, escapedPre, escapedPost, slotEnd, escapedSlotEnd, bytes, escapedBytes, ascii, generation, hash, etagOpen: `"${hash}-`, shared };
     return this.#template;
   }
 
@@ -363,14 +365,14 @@ export interface ServedCredential {
  * pools/assignments.ts), rendered by one renderer per credential. Memory only.
  */
 export class ServedCredentials {
-  readonly #pick: (client: Client) => { name: string; refresher: Refresher } | undefined;
+  readonly #pick: (client: Client, now?: number) => { name: string; refresher: Refresher } | undefined;
   readonly #exposure: Exposure;
   readonly #now: () => number;
   readonly #renderers = new WeakMap<Refresher, DocumentRenderer>();
   /** One answer per held credential, so serving allocates none per request. */
   readonly #served = new WeakMap<{ name: string; refresher: Refresher }, ServedCredential>();
 
-  constructor(pick: (client: Client) => { name: string; refresher: Refresher } | undefined, exposure: Exposure, now: () => number = Date.now) {
+  constructor(pick: (client: Client, now?: number) => { name: string; refresher: Refresher } | undefined, exposure: Exposure, now: () => number = Date.now) {
     this.#pick = pick;
     this.#exposure = exposure;
     this.#now = now;
@@ -385,9 +387,9 @@ export class ServedCredentials {
     return r;
   }
 
-  /** Undefined when the client's pool holds no credential at all. */
-  for(client: Client): ServedCredential | undefined {
-    const held = this.#pick(client);
+  /** Undefined when the client's pool holds no credential at all. `now`: the clock already read by the caller, for the credential's state. */
+  for(client: Client, now?: number): ServedCredential | undefined {
+    const held = this.#pick(client, now);
     if (!held) return undefined;
     let served = this.#served.get(held);
     if (served?.name !== held.name || served.refresher !== held.refresher) {

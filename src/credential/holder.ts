@@ -79,9 +79,9 @@ export class CredentialHolder {
   }
 
   /** The one definition of a credential's state. */
-  state(): CredentialState {
+  state(now: number = this.#o.now()): CredentialState {
     if (!this.current() && this.problems.document) return 'invalid';
-    return stateOf(this.current(), this.latched, this.#o.now(), this.#o.marginSeconds);
+    return stateOf(this.current(), this.latched, now, this.#o.marginSeconds);
   }
 
   /** Why nothing can be served, or undefined when the held token is usable. */

@@ -26,8 +26,8 @@ export interface AssignmentsOptions {
 }
 
 /** Serving and assigning only go to a credential whose token is fresh or merely due. */
-function usable(h: HeldCredential): boolean {
-  const s = h.refresher.state();
+function usable(h: HeldCredential, now?: number): boolean {
+  const s = h.refresher.state(now);
   return s === 'fresh' || s === 'due';
 }
 
@@ -55,9 +55,9 @@ export class Assignments {
   }
 
   /** The credential to serve `client`: its assignment while it may keep it, else the pick a rebalance would make. No query. */
-  credentialFor(client: Client): HeldCredential | undefined {
+  credentialFor(client: Client, now?: number): HeldCredential | undefined {
     const current = client.assigned === undefined ? undefined : this.#o.credentials.get(client.assigned);
-    if (current && this.#keeps(client, current)) return current;
+    if (current && this.#keeps(client, current, now)) return current;
     if (client.kind === 'broker') this.schedule();
     return this.#pick(client, current) ?? current;
   }
@@ -73,8 +73,8 @@ export class Assignments {
   }
 
   /** Whether a client stays on its credential: in its pool, usable, and not full while the pool has room elsewhere. */
-  #keeps(client: Client, current: HeldCredential): boolean {
-    if (current.pool !== client.pool || !usable(current)) return false;
+  #keeps(client: Client, current: HeldCredential, now?: number): boolean {
+    if (current.pool !== client.pool || !usable(current, now)) return false;
     return !this.#full(current) || !this.#roomIn(client.pool);
   }
 

@@ -127,9 +127,10 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
   const answer = (req: IncomingMessage, res: ServerResponse, count: ReturnType<typeof counts>, allowPlatform: boolean, workspaceId: string | undefined): number => {
     const client = clientOf(req.headers.authorization, allowPlatform);
     if (!client || (workspaceId !== undefined && !mayRead(client, workspaceId))) return 0;
-    const credential = o.served.for(client);
-    // One clock read for the availability check and the last-seen time.
+    // One clock read for the credential's state (whether the client keeps its assignment),
+    // the availability check and the last-seen time.
     const now = o.now();
+    const credential = o.served.for(client, now);
     if (!credential || credential.renderer.unavailable(now)) return 0;
     // Everything that could throw comes before the first side effect (markServed, the
     // count): a fault declines to Fastify with nothing yet counted or marked.
