@@ -7,6 +7,15 @@ import type { Refresher } from './refresher.js';
 
 export type Exposure = 'proxy' | 'omit' | 'raw';
 
+/**
+ * Whether a string is all ASCII, given its UTF-8 length: a character outside ASCII takes 2
+ * or more UTF-8 bytes, so equal counts mean none. Such a body written as Latin-1 has its
+ * UTF-8 bytes, and Node copies the characters instead of encoding them.
+ */
+export function isAscii(text: string, utf8Bytes: number): boolean {
+  return utf8Bytes === text.length;
+}
+
 export interface Rendered {
   /** Built on first read: a 304 never builds it. */
   readonly body: string;
@@ -85,7 +94,7 @@ export class ShimTokens {
     this.#slotEnd = `.${generation}","token_type":"Bearer","expires_in":`;
     const fixed = this.#head + this.#slotEnd + '}';
     this.#bytes = Buffer.byteLength(fixed);
-    this.ascii = this.#bytes === fixed.length;
+    this.ascii = isAscii(fixed, this.#bytes);
   }
 
   /** The JSON answer for a client (its refresh credential is base64url, which JSON never escapes), with the seconds left as digits. */
@@ -125,8 +134,8 @@ class SharedDocument implements Rendered {
   constructor(body: string, generation: string) {
     this.body = body;
     this.bodyBytes = Buffer.byteLength(body);
-    // A character outside ASCII takes 2 or more UTF-8 bytes; the drop-in shape's escaping adds none.
-    this.ascii = this.bodyBytes === body.length;
+    // The drop-in shape's escaping adds no character outside ASCII.
+    this.ascii = isAscii(body, this.bodyBytes);
     this.etag = etagOf(body);
     this.platformEtag = `${this.etag.slice(0, -1)}-v"`;
     this.generation = generation;
@@ -272,8 +281,7 @@ export class DocumentRenderer {
     const escapedFixed = PLATFORM_OPEN + escapedPre + '\\"' + escapedSlotEnd + escapedPost + PLATFORM_CLOSE;
     const bytes = Buffer.byteLength(fixed);
     const escapedBytes = Buffer.byteLength(escapedFixed);
-    // A character outside ASCII takes 2 or more UTF-8 bytes: equal counts mean none.
-    const ascii = bytes === fixed.length && escapedBytes === escapedFixed.length;
+    const ascii = isAscii(fixed, bytes) && isAscii(escapedFixed, escapedBytes);
     this.#template = { snap, pre, post, escapedPre, escapedPost, slotEnd, escapedSlotEnd, bytes, escapedBytes, ascii, generation, hash, etagOpen: `"${hash}-`, shared };
     return this.#template;
   }

@@ -6,6 +6,7 @@ import { unusable } from '../credential.js';
 import { sha256 } from '../clients/credentials.js';
 import { AuthFailures, bearerToken, sameSecret } from '../http/auth.js';
 import type { FastLane } from '../http/lane.js';
+import { isAscii } from '../serving.js';
 import { sendProblem, sendUnauthorized } from '../http/problem.js';
 import { isoFromSeconds } from '../lib/time.js';
 import type { BrokerMetrics } from '../metrics.js';
@@ -77,7 +78,7 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
     const listener = connected ? 'connected' : 'disconnected';
     const body = `{"status":"${status}","credentialState":"${state}","writebackPending":${pending},"listener":"${listener}","replicaId":${JSON.stringify(replicaId)},"uptimeSeconds":${uptime}}`;
     const bytes = Buffer.byteLength(body);
-    last = { state, pending, connected, replicaId, uptime, body, bytes: String(bytes), encoding: bytes === body.length ? 'latin1' : 'utf8' };
+    last = { state, pending, connected, replicaId, uptime, body, bytes: String(bytes), encoding: isAscii(body, bytes) ? 'latin1' : 'utf8' };
     return last;
   };
   app.get('/healthz', (_req, reply) => {
