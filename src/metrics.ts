@@ -1,4 +1,30 @@
+import { createRequire } from 'node:module';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+
+const requireHere = createRequire(import.meta.url);
+type DefaultCollector = (registry: Registry, config: { prefix: string; eventLoopMonitoringPrecision: number }) => void;
+
+/**
+ * prom-client's default process metrics. With `gcDuration: false` every one of them but
+ * nodejs_gc_duration_seconds: that histogram is fed by a PerformanceObserver on 'gc', and
+ * Node builds each GC's entry with deprecated accessors (new functions, maps and a Map per
+ * collection), about 0.1 ms per collection and a few KB that outlive two scavenges, so
+ * at tens of thousands of requests a second it costs 2-4 % of the CPU and grows the
+ * old generation until a full GC (docs/performance.md, "The GC histogram").
+ * collectDefaultMetrics has no way to leave one out, so the others are registered one by
+ * one, from the list prom-client itself keeps (a collector added upstream comes along).
+ */
+function registerDefaultMetrics(registry: Registry, prefix: string, gcDuration: boolean): void {
+  if (gcDuration) {
+    collectDefaultMetrics({ register: registry, prefix });
+    return;
+  }
+  for (const name of collectDefaultMetrics.metricsList) {
+    if (name === 'gc') continue;
+    // The same configuration collectDefaultMetrics hands each collector.
+    (requireHere(`prom-client/lib/metrics/${name}`) as DefaultCollector)(registry, { prefix, eventLoopMonitoringPrecision: 10 });
+  }
+}
 
 export const CREDENTIAL_STATES = ['absent', 'invalid', 'fresh', 'due', 'expired', 'latched'] as const;
 export type CredentialState = (typeof CREDENTIAL_STATES)[number];
@@ -12,10 +38,10 @@ export type AttemptOutcome = (typeof ATTEMPT_OUTCOMES)[number];
  * process must not share counters). No per-client label: thousands of workspaces would
  * explode the series count.
  */
-export function createMetrics(opts: { defaultMetrics?: boolean } = {}) {
+export function createMetrics(opts: { defaultMetrics?: boolean; gcDuration?: boolean } = {}) {
   const registry = new Registry();
   if (opts.defaultMetrics !== false) {
-    collectDefaultMetrics({ register: registry, prefix: 'codex_broker_' });
+    registerDefaultMetrics(registry, 'codex_broker_', opts.gcDuration !== false);
     // Gauges named *_total break Prometheus conventions (promtool check metrics rejects them).
     for (const name of ['nodejs_active_handles_total', 'nodejs_active_requests_total', 'nodejs_active_resources_total']) registry.removeSingleMetric(`codex_broker_${name}`);
   }

@@ -63,7 +63,7 @@ export async function startBroker(config: Config, logger: Logger): Promise<Runni
   await holdTickObjects();
   const db = await openDatabase(config, logger);
   const cfg = db.config;
-  const metrics = createMetrics();
+  const metrics = createMetrics({ gcDuration: cfg.METRICS_GC_DURATION });
   const built: { core?: BrokerCore; app?: FastifyInstance } = {};
   let started: { core: BrokerCore; app: FastifyInstance; address: string };
   try {

@@ -208,6 +208,14 @@ describe('config: bad values fail fast naming the variable', () => {
     rejects({ PLATFORM_WORKSPACE_TOKENS: 'maybe' }, 'PLATFORM_WORKSPACE_TOKENS');
   });
 
+  test("METRICS_GC_DURATION: true unless set; 'false' and '0' turn the GC histogram off; anything else is rejected naming it", () => {
+    assert.equal(loadConfig({}).METRICS_GC_DURATION, true);
+    assert.equal(loadConfig({ METRICS_GC_DURATION: 'false' }).METRICS_GC_DURATION, false);
+    assert.equal(loadConfig({ METRICS_GC_DURATION: '0' }).METRICS_GC_DURATION, false);
+    assert.equal(loadConfig({ METRICS_GC_DURATION: 'true' }).METRICS_GC_DURATION, true);
+    for (const bad of ['off', 'no', 'yes please']) rejects({ METRICS_GC_DURATION: bad }, 'METRICS_GC_DURATION');
+  });
+
   test('USAGE_POLL_INTERVAL_SECONDS: 0 turns polling off and fractions are accepted; negative, words and over a day are rejected naming it', () => {
     assert.equal(loadConfig({ USAGE_POLL_INTERVAL_SECONDS: '0' }).USAGE_POLL_INTERVAL_SECONDS, 0);
     assert.equal(loadConfig({ USAGE_POLL_INTERVAL_SECONDS: '0.25' }).USAGE_POLL_INTERVAL_SECONDS, 0.25);
