@@ -38,6 +38,40 @@ export function createPool(connectionString: string, logger: Logger, max = 10, o
   return pool;
 }
 
+/**
+ * Every row of one query, handed to `take` as it arrives and then dropped. pg's result
+ * would keep all of them until the last one: for 10,000 clients several MB alive across
+ * scavenges, promoted into the old generation by every reload (BENCHMARKS.md, session 21).
+ * One statement, so one snapshot, as a plain query. If `take` throws, the remaining rows
+ * are skipped and the call rejects with that error once the query has ended.
+ */
+export async function eachRow<R>(pool: Pool, text: string, take: (row: R) => void): Promise<void> {
+  const client = await pool.connect();
+  // A failed query hands its connection back to be closed, as Pool.query does; one whose
+  // rows a `take` refused ended normally and goes back to the pool.
+  let failed: Error | undefined;
+  try {
+    await new Promise<void>((resolve, reject) => {
+      let thrown: Error | undefined;
+      const query = new pg.Query(text);
+      // A row listener and no callback: pg hands each row over and does not accumulate them.
+      query.on('row', (row: R) => {
+        if (thrown) return;
+        try {
+          take(row);
+        } catch (err) {
+          thrown = err as Error;
+        }
+      });
+      query.once('error', (err: Error) => reject((failed = err)));
+      query.once('end', () => (thrown ? reject(thrown) : resolve()));
+      client.query(query);
+    });
+  } finally {
+    client.release(failed);
+  }
+}
+
 export interface Migration {
   version: number;
   name: string;

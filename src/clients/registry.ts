@@ -1,5 +1,5 @@
 import { hash } from 'node:crypto';
-import type { Pool } from '../db.js';
+import { eachRow, type Pool } from '../db.js';
 import type { Logger } from '../logger.js';
 import { refreshCredential, sha256 } from './credentials.js';
 
@@ -72,6 +72,17 @@ function clientRecord(
   };
 }
 
+interface ClientRow {
+  id: string;
+  name: string;
+  workspace_id: string | null;
+  pool: string;
+  assigned_credential: string | null;
+  token_sha256: Buffer;
+  last_used_at: Date | null;
+  last_served_generation: string | null;
+}
+
 export interface ClientCounts {
   active: number;
   stale: number;
@@ -110,8 +121,9 @@ export class ClientRegistry {
   #dirty: Client[] = [];
   /** Starts at 1: a new record (queuedIn 0) is never taken as queued. */
   #epoch = 1;
-  #loadSeq = 0;
-  #appliedSeq = 0;
+  /** The reload in progress, and the one asked for while it runs (see reload()). */
+  #running: Promise<void> | undefined;
+  #next: Promise<void> | undefined;
   #platformTableMissingLogged = false;
   #onReload: (() => void) | undefined;
 
@@ -131,21 +143,27 @@ export class ClientRegistry {
     return this.#tokenSeen.size + this.#credentialSeen.size;
   }
 
-  /** Reload every client from the database (start, NOTIFY, periodic safety net). */
-  async reload(): Promise<void> {
-    const seq = ++this.#loadSeq;
-    const rows = await this.#pool.query<{
-      id: string;
-      name: string;
-      workspace_id: string | null;
-      pool: string;
-      assigned_credential: string | null;
-      token_sha256: Buffer;
-      last_used_at: Date | null;
-      last_served_generation: string | null;
-    }>('SELECT id, name, workspace_id, pool, assigned_credential, token_sha256, last_used_at, last_served_generation FROM broker_clients WHERE revoked_at IS NULL');
-    const byToken = new Map<string, Client>();
-    const byCredential = new Map<string, Client>();
+  /**
+   * Reload every client from the database (start, NOTIFY, periodic safety net). Reloads never
+   * overlap: one asked for while another runs starts when that one ends (so it reads what
+   * was committed before it was asked for), and every caller meanwhile shares it. A burst of
+   * NOTIFYs then costs two reads, not one read of every client per NOTIFY.
+   */
+  reload(): Promise<void> {
+    if (this.#running === undefined) {
+      this.#running = this.#reload().finally(() => (this.#running = undefined));
+      return this.#running;
+    }
+    this.#next ??= this.#running
+      .catch(() => undefined)
+      .then(() => {
+        this.#next = undefined;
+        return this.reload();
+      });
+    return this.#next;
+  }
+
+  async #reload(): Promise<void> {
     // Values most clients share (pool, credential and generation names) as one string each,
     // not one per row: 10,000 clients are held for the life of the process.
     const shared = new Map<string, string>();
@@ -156,55 +174,62 @@ export class ClientRegistry {
       shared.set(v, v);
       return v;
     };
-    const add = (key: string, c: Client) => {
-      byToken.set(key, c);
-      byCredential.set(c.refreshCredentialSha, c);
-    };
-    // A client this replica already holds keeps its derived values (and its map key): a
-    // reload of 10,000 clients then allocates rows, not 10,000 new hashes and strings, which
-    // is what held the process's RSS up after each reload. The token hash itself is not
-    // kept (a Buffer per client): the binary key names it.
-    const withCredential = (tokenSha: Buffer, prev: Client | undefined) => {
-      if (prev) return { refreshCredential: prev.refreshCredential, refreshCredentialSha: prev.refreshCredentialSha, etagTag: prev.etagTag };
-      const credential = refreshCredential(this.#secret, tokenSha);
-      const credentialSha = sha256(credential);
-      return { refreshCredential: credential, refreshCredentialSha: credentialSha.toString('latin1'), etagTag: credentialSha.toString('base64url', 0, 12) };
-    };
-    const known = (tokenSha: Buffer): [string, Client | undefined] => {
-      const key = tokenSha.toString('latin1');
-      const prev = this.#byToken.get(key);
-      return [prev ? prev.tokenKey : key, prev];
-    };
-    for (const r of rows.rows) {
-      const [key, prev] = known(r.token_sha256);
-      add(
-        key,
-        clientRecord(
-          { id: r.id, name: r.name, kind: 'broker', workspaceId: r.workspace_id, pool: intern(r.pool), assigned: intern(r.assigned_credential) ?? undefined },
-          key,
-          withCredential(r.token_sha256, prev),
-          // Keep what this replica saw more recently than its last flush.
-          Math.max(prev?.lastSeenAt ?? 0, r.last_used_at?.getTime() ?? 0),
-          prev && prev.lastSeenAt >= (r.last_used_at?.getTime() ?? 0) ? prev.lastGeneration : (intern(r.last_served_generation) ?? undefined),
-        ),
-      );
-    }
-    if (this.#platformTokens) {
-      for (const { tokenSha, ...c } of await this.#loadPlatformTokens()) {
-        const [key, prev] = known(tokenSha);
-        add(key, clientRecord(c, key, withCredential(tokenSha, prev), prev?.lastSeenAt ?? 0, prev?.lastGeneration));
+    // A client this replica already holds is the same record, updated where the row says
+    // something new: a reload of 10,000 unchanged clients then allocates rows and nothing
+    // that outlives them. New records, strings and maps on every reload were promoted into
+    // the old generation (about 5 MB a reload of 10,000 clients, a full GC every reload or
+    // two; BENCHMARKS.md, session 21). Reloads never overlap (reload()), so an older read
+    // never lands after a newer one. The token hash itself is not kept (a Buffer per
+    // client): the binary key names it.
+    const records: Client[] = [];
+    let held = 0;
+    const take = (tokenSha: Buffer, c: Pick<Client, 'id' | 'name' | 'kind' | 'workspaceId' | 'pool' | 'assigned'>, lastSeenAt: number, lastGeneration: string | undefined) => {
+      const prev = this.#byToken.get(tokenSha.toString('latin1'));
+      if (prev === undefined || prev.kind !== c.kind) {
+        const key = tokenSha.toString('latin1');
+        const credential = refreshCredential(this.#secret, tokenSha);
+        const credentialSha = sha256(credential);
+        records.push(clientRecord(c, key, { refreshCredential: credential, refreshCredentialSha: credentialSha.toString('latin1'), etagTag: credentialSha.toString('base64url', 0, 12) }, lastSeenAt, lastGeneration));
+        return;
       }
+      held += 1;
+      if (prev.id !== c.id) prev.id = c.id;
+      if (prev.name !== c.name) prev.name = c.name;
+      if (prev.workspaceId !== c.workspaceId) prev.workspaceId = c.workspaceId;
+      if (prev.pool !== c.pool) prev.pool = c.pool;
+      if (prev.assigned !== c.assigned) prev.assigned = c.assigned;
+      // Keep what this replica saw more recently than its last flush.
+      if (lastSeenAt > prev.lastSeenAt) {
+        prev.lastSeenAt = lastSeenAt;
+        prev.lastGeneration = lastGeneration;
+      }
+      records.push(prev);
+    };
+    await eachRow<ClientRow>(this.#pool, 'SELECT id, name, workspace_id, pool, assigned_credential, token_sha256, last_used_at, last_served_generation FROM broker_clients WHERE revoked_at IS NULL', (r) =>
+      take(
+        r.token_sha256,
+        { id: r.id, name: r.name, kind: 'broker', workspaceId: r.workspace_id, pool: intern(r.pool), assigned: intern(r.assigned_credential) ?? undefined },
+        r.last_used_at?.getTime() ?? 0,
+        intern(r.last_served_generation) ?? undefined,
+      ),
+    );
+    if (this.#platformTokens) await this.#eachPlatformToken((tokenSha, c) => take(tokenSha, c, 0, undefined));
+    // The same clients as before (each row a record already held, as many as held): the
+    // maps stay as they are. Otherwise new maps of the records, and a remembered secret
+    // stays remembered while the hash it matched is still live; a revoked or re-issued one
+    // is forgotten here.
+    if (held !== records.length || held !== this.#byToken.size) {
+      const byToken = new Map<string, Client>();
+      const byCredential = new Map<string, Client>();
+      for (const c of records) {
+        byToken.set(c.tokenKey, c);
+        byCredential.set(c.refreshCredentialSha, c);
+      }
+      this.#byToken = byToken;
+      this.#byCredential = byCredential;
+      this.#tokenSeen = ClientRegistry.#carried(this.#tokenSeen, byToken, (c) => c.tokenKey);
+      this.#credentialSeen = ClientRegistry.#carried(this.#credentialSeen, byCredential, (c) => c.refreshCredentialSha);
     }
-    // Apply unless a reload that started later has already been applied: an older read
-    // must never overwrite a newer one (a revoked client would come back).
-    if (seq < this.#appliedSeq) return;
-    this.#appliedSeq = seq;
-    this.#byToken = byToken;
-    this.#byCredential = byCredential;
-    // A remembered secret stays remembered, now pointing at its client's new record, while
-    // the hash it matched is still live; a revoked or re-issued one is forgotten here.
-    this.#tokenSeen = ClientRegistry.#carried(this.#tokenSeen, byToken, (c) => c.tokenKey);
-    this.#credentialSeen = ClientRegistry.#carried(this.#credentialSeen, byCredential, (c) => c.refreshCredentialSha);
     this.#onReload?.();
   }
 
@@ -218,26 +243,26 @@ export class ClientRegistry {
     this.#onReload = fn;
   }
 
-  async #loadPlatformTokens(): Promise<Array<Pick<Client, 'id' | 'name' | 'kind' | 'workspaceId' | 'pool' | 'assigned'> & { tokenSha: Buffer }>> {
+  async #eachPlatformToken(take: (tokenSha: Buffer, c: Pick<Client, 'id' | 'name' | 'kind' | 'workspaceId' | 'pool' | 'assigned'>) => void): Promise<void> {
     const exists = await this.#pool.query<{ t: string | null }>("SELECT to_regclass('workspace_auth_tokens')::text AS t");
     if (!exists.rows[0]?.t) {
       if (!this.#platformTableMissingLogged) {
         this.#platformTableMissingLogged = true;
         this.#logger.warn({ event: 'platform_tokens_unavailable' }, 'PLATFORM_WORKSPACE_TOKENS is true but the database has no workspace_auth_tokens table; only broker clients can read');
       }
-      return [];
+      return;
     }
     // Read-only use of the platform's table.
-    const r = await this.#pool.query<{ workspace_id: string; token_hash: Buffer }>('SELECT workspace_id::text AS workspace_id, token_hash FROM workspace_auth_tokens WHERE revoked_at IS NULL');
-    return r.rows.map((row) => ({
-      id: `platform:${row.workspace_id}`,
-      name: `workspace:${row.workspace_id}`,
-      kind: 'platform' as const,
-      workspaceId: row.workspace_id,
-      pool: 'default',
-      assigned: undefined,
-      tokenSha: row.token_hash,
-    }));
+    await eachRow<{ workspace_id: string; token_hash: Buffer }>(this.#pool, 'SELECT workspace_id::text AS workspace_id, token_hash FROM workspace_auth_tokens WHERE revoked_at IS NULL', (row) =>
+      take(row.token_hash, {
+        id: `platform:${row.workspace_id}`,
+        name: `workspace:${row.workspace_id}`,
+        kind: 'platform',
+        workspaceId: row.workspace_id,
+        pool: 'default',
+        assigned: undefined,
+      }),
+    );
   }
 
   /**

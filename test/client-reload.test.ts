@@ -1,0 +1,199 @@
+/**
+ * The client registry's reload: reloads never overlap (a burst of NOTIFYs reads the table
+ * twice, and a reload asked for while one runs reads what was committed before it was asked
+ * for), and a reload of clients already held keeps their records and maps, updating a record
+ * in place where its row says something new (nothing new is held, so nothing is promoted).
+ */
+import { strict as assert } from 'node:assert';
+import { randomBytes } from 'node:crypto';
+import { test } from 'node:test';
+import { loadCredentialSecret } from '../src/clients/credentials.js';
+import { ClientRegistry, type Client } from '../src/clients/registry.js';
+import { createPool, eachRow, migrate, type Pool } from '../src/db.js';
+import { bulkInsert } from './helpers/bulk-clients.js';
+import { LogCapture } from './helpers/logs.js';
+import { useSuite } from './helpers/suite.js';
+
+const suite = useSuite();
+
+interface Setup {
+  pool: Pool;
+  registry: ClientRegistry;
+  tokens: string[];
+  /** How many times the registry read broker_clients. */
+  reads: () => number;
+  /** Holds the next read of broker_clients until release() (to make a reload slow). */
+  hold: () => { release: () => void; started: Promise<void> };
+  end: () => Promise<void>;
+}
+
+async function setup(n: number): Promise<Setup> {
+  const logs = new LogCapture();
+  const pool = createPool(await suite.pg.newDatabase(), logs.logger, 4);
+  await migrate(pool, logs.logger);
+  const secret = await loadCredentialSecret(pool, randomBytes(32));
+  const bulk = bulkInsert(secret, n, { prefix: 'reload' });
+  await pool.query(bulk.text, bulk.values);
+  let reads = 0;
+  let gate: { wait: Promise<void>; started: () => void } | undefined;
+  // The registry's reads of broker_clients, counted and (with hold()) held back before they are sent.
+  const isRead = (q: unknown) => /FROM broker_clients WHERE revoked_at IS NULL/.test(typeof q === 'string' ? q : String((q as { text?: unknown } | null)?.text ?? ''));
+  const gated = async (q: unknown) => {
+    if (!isRead(q)) return;
+    reads += 1;
+    const g = gate;
+    gate = undefined;
+    if (g) {
+      g.started();
+      await g.wait;
+    }
+  };
+  const counted = new Proxy(pool, {
+    get(target, prop, receiver) {
+      if (prop === 'connect') {
+        return async () => {
+          const client = await target.connect();
+          const original = client.query.bind(client) as (...a: unknown[]) => unknown;
+          return new Proxy(client, {
+            get(c, p, r) {
+              if (p !== 'query') return Reflect.get(c, p, r) as unknown;
+              return (...args: unknown[]) => {
+                if (!isRead(args[0])) return original(...args);
+                void gated(args[0]).then(() => original(...args));
+                return args[0];
+              };
+            },
+          });
+        };
+      }
+      if (prop === 'query') {
+        return async (...args: unknown[]) => {
+          await gated(args[0]);
+          return (target.query as (...a: unknown[]) => Promise<unknown>)(...args);
+        };
+      }
+      return Reflect.get(target, prop, receiver) as unknown;
+    },
+  }) as unknown as Pool;
+  const registry = new ClientRegistry({ pool: counted, logger: logs.logger, credentialSecret: secret, platformTokens: false });
+  return {
+    pool,
+    registry,
+    tokens: bulk.tokens,
+    reads: () => reads,
+    hold: () => {
+      let release = () => undefined as void;
+      let started = () => undefined as void;
+      const wait = new Promise<void>((r) => (release = r));
+      const began = new Promise<void>((r) => (started = r));
+      gate = { wait, started };
+      return { release, started: began };
+    },
+    end: () => pool.end(),
+  };
+}
+
+test('client reloads never overlap: a burst of 20 reads the table twice; one asked for during a read sees what was committed before it asked', async () => {
+  const s = await setup(3);
+  try {
+    await s.registry.reload();
+    const before = s.reads();
+    const held = s.hold();
+    const first = s.registry.reload();
+    await held.started;
+    // Committed while the first read is under way: only a read that starts later sees it.
+    await s.pool.query("UPDATE broker_clients SET revoked_at = now() WHERE name = 'reload-0'");
+    const burst = Array.from({ length: 20 }, () => s.registry.reload());
+    held.release();
+    await Promise.all([first, ...burst]);
+    assert.equal(s.reads() - before, 2, 'the running read and one after it');
+    assert.equal(s.registry.authenticate(s.tokens[0] ?? ''), undefined, 'the revoke committed before the burst asked is applied');
+    assert.equal(s.registry.size, 2);
+    // A failed reload rejects its callers and leaves the next one free to run.
+    const broken = s.hold();
+    const failing = s.registry.reload();
+    await broken.started;
+    await s.pool.query('ALTER TABLE broker_clients RENAME TO broker_clients_gone');
+    broken.release();
+    await assert.rejects(failing);
+    await s.pool.query('ALTER TABLE broker_clients_gone RENAME TO broker_clients');
+    await s.registry.reload();
+    assert.equal(s.registry.size, 2);
+  } finally {
+    await s.end();
+  }
+});
+
+test('a reload of the same clients keeps every record and both maps; a changed row updates its record in place; a new client is added and a revoked one dropped with its remembered secret', async () => {
+  const s = await setup(4);
+  try {
+    await s.registry.reload();
+    const byName = () => new Map([...s.registry.all()].map((c) => [c.name, c] as [string, Client]));
+    const first = byName();
+    // Remember two secrets (a match is remembered as presented).
+    assert.equal(s.registry.authenticate(s.tokens[1] ?? '')?.name, 'reload-1');
+    assert.equal(s.registry.authenticate(s.tokens[2] ?? '')?.name, 'reload-2');
+    assert.equal(s.registry.remembered, 2);
+
+    await s.registry.reload();
+    const second = byName();
+    for (const [name, c] of first) assert.equal(second.get(name), c, `${name}: the same record`);
+    assert.equal(s.registry.remembered, 2);
+
+    await s.pool.query("UPDATE broker_clients SET assigned_credential = 'team-b', last_used_at = now(), last_served_generation = 'g-9' WHERE name = 'reload-1'");
+    await s.registry.reload();
+    const updated = byName().get('reload-1');
+    assert.equal(updated, first.get('reload-1'), 'updated in place');
+    assert.equal(updated?.assigned, 'team-b');
+    assert.equal(updated?.lastGeneration, 'g-9');
+    assert.ok((updated?.lastSeenAt ?? 0) > 0);
+    assert.equal(s.registry.matchedBefore(s.tokens[1] ?? ''), updated);
+
+    // What this replica saw after the stored last-seen wins over the older row.
+    const served = Date.now() + 60_000;
+    s.registry.markServed(updated as Client, 'g-10', served);
+    await s.registry.reload();
+    assert.equal(updated?.lastSeenAt, served);
+    assert.equal(updated?.lastGeneration, 'g-10');
+
+    await s.pool.query("UPDATE broker_clients SET revoked_at = now() WHERE name = 'reload-2'");
+    const added = bulkInsert(await loadCredentialSecret(s.pool, randomBytes(32)), 1, { prefix: 'added' });
+    await s.pool.query(added.text, added.values);
+    await s.registry.reload();
+    const third = byName();
+    assert.deepEqual([...third.keys()].sort(), ['added-0', 'reload-0', 'reload-1', 'reload-3']);
+    for (const name of ['reload-0', 'reload-1', 'reload-3']) assert.equal(third.get(name), first.get(name), `${name}: still the same record`);
+    assert.equal(s.registry.authenticate(s.tokens[2] ?? ''), undefined, 'revoked');
+    assert.equal(s.registry.matchedBefore(s.tokens[2] ?? ''), undefined, 'its remembered secret forgotten');
+    assert.equal(s.registry.matchedBefore(s.tokens[1] ?? ''), updated, 'the other remembered secret stays');
+    assert.equal(s.registry.authenticate(added.tokens[0] ?? '')?.name, 'added-0');
+    assert.equal(s.registry.byRefreshCredential(third.get('reload-3')?.refreshCredential ?? '')?.name, 'reload-3');
+  } finally {
+    await s.end();
+  }
+});
+
+test('eachRow hands every row over as it arrives; a take that throws rejects once the query has ended, and the connection goes back', async () => {
+  // One connection (createPool gives up on one after 5 s): a connection not handed back fails the last query.
+  const pool = createPool(await suite.pg.newDatabase(), new LogCapture().logger, 1);
+  try {
+    const seen: number[] = [];
+    await eachRow<{ n: number }>(pool, 'SELECT generate_series(1, 2500) AS n', (r) => seen.push(r.n));
+    assert.equal(seen.length, 2500);
+    assert.deepEqual(seen.slice(0, 3), [1, 2, 3]);
+    let calls = 0;
+    await assert.rejects(
+      eachRow<{ n: number }>(pool, 'SELECT generate_series(1, 10) AS n', (r) => {
+        calls += 1;
+        if (r.n === 3) throw new Error('row 3 is bad');
+      }),
+      /row 3 is bad/,
+    );
+    assert.equal(calls, 3, 'the rows after the throw are skipped');
+    await assert.rejects(eachRow(pool, 'SELECT * FROM no_such_table', () => undefined), /no_such_table/);
+    // The pool's one connection is free again (a leak would time out here).
+    assert.equal((await pool.query<{ one: number }>('SELECT 1 AS one')).rows[0]?.one, 1);
+  } finally {
+    await pool.end();
+  }
+});
