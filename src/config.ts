@@ -78,7 +78,7 @@ export const ENV_VARIABLES = {
   POOL_SWITCH_PERCENT: int({ minimum: 1, maximum: 100, default: 90, description: 'a usage percentage 1-100 at which a credential counts as nearly exhausted' }),
   ADMIN_TOKEN: optional(str({ minLength: 16, description: 'a secret of at least 16 characters' })),
   METRICS_TOKEN: optional(str({ minLength: 16, description: 'a secret of at least 16 characters' })),
-  // prom-client's GC histogram costs 2-4 % of the CPU at tens of thousands of requests a second (src/metrics.ts).
+  // prom-client's GC histogram costs about 2 % of the CPU at tens of thousands of requests a second (src/metrics.ts).
   METRICS_GC_DURATION: bool({ default: true, description: 'true or false' }),
   REFRESH_TOKEN_EXPOSURE: choice(['proxy', 'omit', 'raw'], { default: 'proxy', description: 'one of proxy, omit, raw' }),
   PLATFORM_WORKSPACE_TOKENS: bool({ default: false, description: 'true or false' }),

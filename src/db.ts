@@ -39,35 +39,66 @@ export function createPool(connectionString: string, logger: Logger, max = 10, o
 }
 
 /**
- * Every row of one query, handed to `take` as it arrives and then dropped. pg's result
- * would keep all of them until the last one: for 10,000 clients several MB alive across
- * scavenges, promoted into the old generation by every reload (BENCHMARKS.md, session 21).
- * One statement, so one snapshot, as a plain query. If `take` throws, the remaining rows
- * are skipped and the call rejects with that error once the query has ended.
+ * A query whose rows go to its 'row' listeners only. pg keeps every row of a result until
+ * the last one arrives when the query has a callback (and `query_timeout` gives every query
+ * one); for 10,000 clients that is several MB alive across scavenges, promoted into the old
+ * generation by every reload (BENCHMARKS.md, session 21). pg decides per result, when the
+ * row description arrives, whether to keep rows; this says no after it has.
  */
-export async function eachRow<R>(pool: Pool, text: string, take: (row: R) => void): Promise<void> {
+type RowDescriptionHandler = { handleRowDescription(this: unknown, msg: unknown): void };
+const baseRowDescription = (pg.Query.prototype as unknown as RowDescriptionHandler).handleRowDescription;
+export class RowsNotKept extends pg.Query {
+  // Not in pg's types: the handler pg's connection calls when a result's columns arrive.
+  handleRowDescription(msg: unknown): void {
+    baseRowDescription.call(this, msg);
+    (this as unknown as { _accumulateRows: boolean })._accumulateRows = false;
+  }
+}
+
+/**
+ * Every row of one query, handed to `take` as it arrives and then dropped. One statement,
+ * so one snapshot, as a plain query. If `take` throws, the remaining rows are skipped and the
+ * call rejects with that error once the query has ended. A query that has not ended after
+ * `timeoutMs` (a connection that went silent) rejects and its connection is closed: a caller
+ * that waits for it (the client registry's reloads, one at a time) is never stuck behind it.
+ */
+export async function eachRow<R>(pool: Pool, text: string, take: (row: R) => void, timeoutMs = 60_000): Promise<void> {
   const client = await pool.connect();
   // A failed query hands its connection back to be closed, as Pool.query does; one whose
   // rows a `take` refused ended normally and goes back to the pool.
   let failed: Error | undefined;
+  let timer: NodeJS.Timeout | undefined;
   try {
     await new Promise<void>((resolve, reject) => {
+      let settled = false;
       let thrown: Error | undefined;
-      const query = new pg.Query(text);
-      // A row listener and no callback: pg hands each row over and does not accumulate them.
+      const settle = (err: Error | undefined) => {
+        if (settled) return;
+        settled = true;
+        if (err) reject(err);
+        else resolve();
+      };
+      const query = new RowsNotKept(text, undefined, (err: Error | undefined) => {
+        if (err) failed = err;
+        settle(err ?? thrown);
+      });
       query.on('row', (row: R) => {
-        if (thrown) return;
+        if (settled || thrown) return;
         try {
           take(row);
         } catch (err) {
           thrown = err as Error;
         }
       });
-      query.once('error', (err: Error) => reject((failed = err)));
-      query.once('end', () => (thrown ? reject(thrown) : resolve()));
+      timer = setTimeout(() => {
+        failed = new Error(`the query did not complete within ${timeoutMs / 1000} s`);
+        settle(failed);
+      }, timeoutMs);
+      timer.unref();
       client.query(query);
     });
   } finally {
+    clearTimeout(timer);
     client.release(failed);
   }
 }

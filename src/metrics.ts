@@ -9,7 +9,7 @@ type DefaultCollector = (registry: Registry, config: { prefix: string; eventLoop
  * nodejs_gc_duration_seconds: that histogram is fed by a PerformanceObserver on 'gc', and
  * Node builds each GC's entry with deprecated accessors (new functions, maps and a Map per
  * collection), about 0.1 ms per collection and a few KB that outlive two scavenges, so
- * at tens of thousands of requests a second it costs 2-4 % of the CPU and grows the
+ * at tens of thousands of requests a second it costs about 2 % of the CPU and grows the
  * old generation until a full GC (docs/performance.md, "The GC histogram").
  * collectDefaultMetrics has no way to leave one out, so the others are registered one by
  * one, from the list prom-client itself keeps (a collector added upstream comes along).

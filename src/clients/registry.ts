@@ -40,6 +40,8 @@ export interface Client {
    * Set's add() on every request was a measured share of serving (BENCHMARKS.md, session 16).
    */
   queuedIn: number;
+  /** The registry's reload that last read this record's row (0: none yet): a row listed twice counts once. */
+  readIn: number;
 }
 
 /**
@@ -69,6 +71,7 @@ function clientRecord(
     lastSeenAt,
     lastGeneration,
     queuedIn: 0,
+    readIn: 0,
   };
 }
 
@@ -124,6 +127,7 @@ export class ClientRegistry {
   /** The reload in progress, and the one asked for while it runs (see reload()). */
   #running: Promise<void> | undefined;
   #next: Promise<void> | undefined;
+  #reads = 0;
   #platformTableMissingLogged = false;
   #onReload: (() => void) | undefined;
 
@@ -182,7 +186,9 @@ export class ClientRegistry {
     // never lands after a newer one. The token hash itself is not kept (a Buffer per
     // client): the binary key names it.
     const records: Client[] = [];
+    const read = ++this.#reads;
     let held = 0;
+    let changed = false;
     const take = (tokenSha: Buffer, c: Pick<Client, 'id' | 'name' | 'kind' | 'workspaceId' | 'pool' | 'assigned'>, lastSeenAt: number, lastGeneration: string | undefined) => {
       const prev = this.#byToken.get(tokenSha.toString('latin1'));
       if (prev === undefined || prev.kind !== c.kind) {
@@ -192,45 +198,58 @@ export class ClientRegistry {
         records.push(clientRecord(c, key, { refreshCredential: credential, refreshCredentialSha: credentialSha.toString('latin1'), etagTag: credentialSha.toString('base64url', 0, 12) }, lastSeenAt, lastGeneration));
         return;
       }
-      held += 1;
-      if (prev.id !== c.id) prev.id = c.id;
-      if (prev.name !== c.name) prev.name = c.name;
-      if (prev.workspaceId !== c.workspaceId) prev.workspaceId = c.workspaceId;
-      if (prev.pool !== c.pool) prev.pool = c.pool;
-      if (prev.assigned !== c.assigned) prev.assigned = c.assigned;
+      // A hash listed twice (the platform's table need not be unique) is one client, counted once.
+      if (prev.readIn !== read) {
+        prev.readIn = read;
+        held += 1;
+        records.push(prev);
+      }
+      if (prev.id !== c.id || prev.name !== c.name || prev.workspaceId !== c.workspaceId || prev.pool !== c.pool || prev.assigned !== c.assigned) {
+        changed = true;
+        if (prev.id !== c.id) prev.id = c.id;
+        if (prev.name !== c.name) prev.name = c.name;
+        if (prev.workspaceId !== c.workspaceId) prev.workspaceId = c.workspaceId;
+        if (prev.pool !== c.pool) prev.pool = c.pool;
+        if (prev.assigned !== c.assigned) prev.assigned = c.assigned;
+      }
       // Keep what this replica saw more recently than its last flush.
       if (lastSeenAt > prev.lastSeenAt) {
         prev.lastSeenAt = lastSeenAt;
         prev.lastGeneration = lastGeneration;
       }
-      records.push(prev);
     };
-    await eachRow<ClientRow>(this.#pool, 'SELECT id, name, workspace_id, pool, assigned_credential, token_sha256, last_used_at, last_served_generation FROM broker_clients WHERE revoked_at IS NULL', (r) =>
-      take(
-        r.token_sha256,
-        { id: r.id, name: r.name, kind: 'broker', workspaceId: r.workspace_id, pool: intern(r.pool), assigned: intern(r.assigned_credential) ?? undefined },
-        r.last_used_at?.getTime() ?? 0,
-        intern(r.last_served_generation) ?? undefined,
-      ),
-    );
-    if (this.#platformTokens) await this.#eachPlatformToken((tokenSha, c) => take(tokenSha, c, 0, undefined));
-    // The same clients as before (each row a record already held, as many as held): the
-    // maps stay as they are. Otherwise new maps of the records, and a remembered secret
-    // stays remembered while the hash it matched is still live; a revoked or re-issued one
-    // is forgotten here.
-    if (held !== records.length || held !== this.#byToken.size) {
-      const byToken = new Map<string, Client>();
-      const byCredential = new Map<string, Client>();
-      for (const c of records) {
-        byToken.set(c.tokenKey, c);
-        byCredential.set(c.refreshCredentialSha, c);
+    let complete = false;
+    try {
+      await eachRow<ClientRow>(this.#pool, 'SELECT id, name, workspace_id, pool, assigned_credential, token_sha256, last_used_at, last_served_generation FROM broker_clients WHERE revoked_at IS NULL', (r) =>
+        take(
+          r.token_sha256,
+          { id: r.id, name: r.name, kind: 'broker', workspaceId: r.workspace_id, pool: intern(r.pool), assigned: intern(r.assigned_credential) ?? undefined },
+          r.last_used_at?.getTime() ?? 0,
+          intern(r.last_served_generation) ?? undefined,
+        ),
+      );
+      if (this.#platformTokens) await this.#eachPlatformToken((tokenSha, c) => take(tokenSha, c, 0, undefined));
+      // The same clients as before (each row a record already held, as many as held): the
+      // maps stay as they are. Otherwise new maps of the records, and a remembered secret
+      // stays remembered while the hash it matched is still live; a revoked or re-issued one
+      // is forgotten here.
+      if (held !== records.length || held !== this.#byToken.size) {
+        const byToken = new Map<string, Client>();
+        const byCredential = new Map<string, Client>();
+        for (const c of records) {
+          byToken.set(c.tokenKey, c);
+          byCredential.set(c.refreshCredentialSha, c);
+        }
+        this.#byToken = byToken;
+        this.#byCredential = byCredential;
+        this.#tokenSeen = ClientRegistry.#carried(this.#tokenSeen, byToken, (c) => c.tokenKey);
+        this.#credentialSeen = ClientRegistry.#carried(this.#credentialSeen, byCredential, (c) => c.refreshCredentialSha);
       }
-      this.#byToken = byToken;
-      this.#byCredential = byCredential;
-      this.#tokenSeen = ClientRegistry.#carried(this.#tokenSeen, byToken, (c) => c.tokenKey);
-      this.#credentialSeen = ClientRegistry.#carried(this.#credentialSeen, byCredential, (c) => c.refreshCredentialSha);
+      complete = true;
+    } finally {
+      // Assignments are recounted after every read that changed a record, even one that then failed.
+      if (complete || changed) this.#onReload?.();
     }
-    this.#onReload?.();
   }
 
   /** Every live client (broker clients and platform tokens). */
