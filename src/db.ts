@@ -38,6 +38,9 @@ export function createPool(connectionString: string, logger: Logger, max = 10, o
   return pool;
 }
 
+type RowDescriptionHandler = { handleRowDescription(this: unknown, msg: unknown): void };
+const baseRowDescription = (pg.Query.prototype as unknown as RowDescriptionHandler).handleRowDescription;
+
 /**
  * A query whose rows go to its 'row' listeners only. pg keeps every row of a result until
  * the last one arrives when the query has a callback (and `query_timeout` gives every query
@@ -45,8 +48,6 @@ export function createPool(connectionString: string, logger: Logger, max = 10, o
  * generation by every reload (BENCHMARKS.md, session 21). pg decides per result, when the
  * row description arrives, whether to keep rows; this says no after it has.
  */
-type RowDescriptionHandler = { handleRowDescription(this: unknown, msg: unknown): void };
-const baseRowDescription = (pg.Query.prototype as unknown as RowDescriptionHandler).handleRowDescription;
 export class RowsNotKept extends pg.Query {
   // Not in pg's types: the handler pg's connection calls when a result's columns arrive.
   handleRowDescription(msg: unknown): void {

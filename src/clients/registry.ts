@@ -190,9 +190,9 @@ export class ClientRegistry {
     let held = 0;
     let changed = false;
     const take = (tokenSha: Buffer, c: Pick<Client, 'id' | 'name' | 'kind' | 'workspaceId' | 'pool' | 'assigned'>, lastSeenAt: number, lastGeneration: string | undefined) => {
-      const prev = this.#byToken.get(tokenSha.toString('latin1'));
+      const key = tokenSha.toString('latin1');
+      const prev = this.#byToken.get(key);
       if (prev === undefined || prev.kind !== c.kind) {
-        const key = tokenSha.toString('latin1');
         const credential = refreshCredential(this.#secret, tokenSha);
         const credentialSha = sha256(credential);
         records.push(clientRecord(c, key, { refreshCredential: credential, refreshCredentialSha: credentialSha.toString('latin1'), etagTag: credentialSha.toString('base64url', 0, 12) }, lastSeenAt, lastGeneration));
@@ -206,11 +206,11 @@ export class ClientRegistry {
       }
       if (prev.id !== c.id || prev.name !== c.name || prev.workspaceId !== c.workspaceId || prev.pool !== c.pool || prev.assigned !== c.assigned) {
         changed = true;
-        if (prev.id !== c.id) prev.id = c.id;
-        if (prev.name !== c.name) prev.name = c.name;
-        if (prev.workspaceId !== c.workspaceId) prev.workspaceId = c.workspaceId;
-        if (prev.pool !== c.pool) prev.pool = c.pool;
-        if (prev.assigned !== c.assigned) prev.assigned = c.assigned;
+        prev.id = c.id;
+        prev.name = c.name;
+        prev.workspaceId = c.workspaceId;
+        prev.pool = c.pool;
+        prev.assigned = c.assigned;
       }
       // Keep what this replica saw more recently than its last flush.
       if (lastSeenAt > prev.lastSeenAt) {
