@@ -290,3 +290,25 @@ test('eachRow keeps no row (with and without query_timeout, which gives every pg
     }
   }
 });
+
+test('a database connection that dies under a reload: that reload rejects, nothing is half-applied, and the next one reads again', async () => {
+  const s = await setup(3);
+  try {
+    await s.registry.reload();
+    const before = [...s.registry.all()];
+    const held = s.hold('before');
+    const dying = s.registry.reload();
+    await held.started;
+    // Every other connection of this database (the registry's among them) is killed before the read is sent.
+    await s.pool.query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()');
+    await s.pool.query("UPDATE broker_clients SET revoked_at = now() WHERE name = 'reload-2'");
+    held.release();
+    await assert.rejects(dying);
+    assert.deepEqual([...s.registry.all()], before, 'the failed read changed nothing');
+    await s.registry.reload();
+    assert.equal(s.registry.size, 2);
+    assert.equal(s.registry.authenticate(s.tokens[2] ?? ''), undefined);
+  } finally {
+    await s.end();
+  }
+});
