@@ -164,23 +164,42 @@ function etagOf(body: string): string {
 class ClientDocument implements Rendered {
   readonly generation: string;
   readonly #t: Template;
+  readonly #client: Client;
   readonly #credential: string;
-  readonly #tag: string;
   #body: string | undefined;
 
   constructor(t: Template, client: Client) {
     this.#t = t;
+    this.#client = client;
     this.#credential = client.refreshCredential;
-    this.#tag = client.etagTag;
     this.generation = t.generation;
   }
 
+  /**
+   * `"<template hash>-<client tag>"`, kept on the client record while the template is the
+   * same: a string built and flattened per request (and each template part converted) was
+   * a measured share of serving (BENCHMARKS.md, session 22). A record's tag never changes
+   * (it is derived from the token the record is keyed by), so the template prefix alone
+   * says whether the kept one is current.
+   */
   get etag(): string {
-    return `${this.#t.etagOpen}${this.#tag}"`;
+    const c = this.#client;
+    const open = this.#t.etagOpen;
+    if (c.etagFor !== open) {
+      c.etag = open + c.etagTag + '"';
+      c.etagFor = open;
+    }
+    return c.etag;
   }
 
   get platformEtag(): string {
-    return `${this.#t.etagOpen}${this.#tag}-v"`;
+    const c = this.#client;
+    const open = this.#t.etagOpen;
+    if (c.platformEtagFor !== open) {
+      c.platformEtag = open + c.etagTag + '-v"';
+      c.platformEtagFor = open;
+    }
+    return c.platformEtag;
   }
 
   get body(): string {

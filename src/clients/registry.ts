@@ -27,6 +27,15 @@ export interface Client {
   /** The client's part of a served ETag (a prefix of that hash), computed once. */
   etagTag: string;
   /**
+   * The client's last served ETags, each with the template prefix (`"<hash>-`) it was built
+   * for ('' until served): a poll of an unchanged document then builds no ETag string, and
+   * Node's header check reads one it already flattened (serving.ts, ClientDocument).
+   */
+  etagFor: string;
+  etag: string;
+  platformEtagFor: string;
+  platformEtag: string;
+  /**
    * When this replica last served it (ms since the epoch); 0 when never. Always a number, so
    * V8 keeps the field an unboxed double that markServed overwrites in place: a field that
    * may hold undefined keeps each request's new timestamp object alive until the client's
@@ -68,6 +77,10 @@ function clientRecord(
     refreshCredential: d.refreshCredential,
     refreshCredentialSha: d.refreshCredentialSha,
     etagTag: d.etagTag,
+    etagFor: '',
+    etag: '',
+    platformEtagFor: '',
+    platformEtag: '',
     lastSeenAt,
     lastGeneration,
     queuedIn: 0,

@@ -58,7 +58,8 @@ export function lazyChildLoggerFactory(logger: FastifyBaseLogger, bindings: Bind
  * process (replicas never collide in practice) and a counter.
  */
 export function requestIdGenerator(): () => string {
-  const prefix = Math.random().toString(36).slice(2, 10).padEnd(8, '0');
+  const prefix = `${Math.random().toString(36).slice(2, 10).padEnd(8, '0')}-`;
   let n = 0;
-  return () => `${prefix}-${(++n).toString(36)}`;
+  // A concatenation of two strings, not a template: a template's parts are each converted to a string per call.
+  return () => prefix + (++n).toString(36);
 }
