@@ -8,6 +8,7 @@ import { AuthFailures } from './http/auth.js';
 import { errorHandler, frameworkErrorHandler, notFoundHandler, sendProblem } from './http/problem.js';
 import { FastLane } from './http/lane.js';
 import { lazyChildLoggerFactory, requestIdGenerator } from './http/request-logger.js';
+import { wallClock } from './lib/time.js';
 import type { Logger } from './logger.js';
 import { labelled, type BrokerMetrics } from './metrics.js';
 import { adminRoutes } from './routes/admin.js';
@@ -150,7 +151,10 @@ export async function buildApp(o: AppOptions): Promise<FastifyInstance> {
       for (const a of core.assignments.assigned()) metrics.poolAssignedClients.set({ pool: a.pool, credential: a.credential }, a.clients);
     },
   });
-  await app.register(workspaceRoutes, { lane, clients: core.clients, served: renderers, metrics, now, platformTokens: o.config.PLATFORM_WORKSPACE_TOKENS === true });
+  // The lane's routes take the wall time from the clock reading the lane made anyway (a
+  // clock injected for tests is asked directly).
+  const nowAt = o.now ? () => now() : wallClock();
+  await app.register(workspaceRoutes, { lane, clients: core.clients, served: renderers, metrics, now, nowAt, platformTokens: o.config.PLATFORM_WORKSPACE_TOKENS === true });
   await app.register(shimRoutes, {
     lane,
     clients: core.clients,

@@ -4,6 +4,7 @@ import { connect, type AddressInfo } from 'node:net';
 import { describe, test } from 'node:test';
 import inject, { type InjectOptions, type Response } from 'light-my-request';
 import { digits, FastLane, LANE_BODY_LIMIT } from '../src/http/lane.js';
+import { WALL_CLOCK_WINDOW_MS } from '../src/lib/time.js';
 import { ShimTokens } from '../src/serving.js';
 import { ADMIN_TOKEN, injectUnshed, type TestApp } from './helpers/app.js';
 import { findLeaks } from './helpers/logs.js';
@@ -28,13 +29,14 @@ interface Setup extends TestApp {
 }
 
 async function setup(
-  o: { platformTokens?: boolean; maxEventLoopDelayMs?: number; pressureSampleIntervalMs?: number; exposure?: 'proxy' | 'omit' | 'raw'; extra?: Record<string, unknown> } = {},
+  o: { platformTokens?: boolean; maxEventLoopDelayMs?: number; pressureSampleIntervalMs?: number; exposure?: 'proxy' | 'omit' | 'raw'; extra?: Record<string, unknown>; realClock?: boolean } = {},
 ): Promise<Setup> {
   const upstream = await suite.upstream();
   const lane = new FastLane();
   const clock = heldClock();
-  const { extra, ...options } = o;
-  const t = await suite.app({ databaseUrl: await suite.pg.newDatabase(), upstreamUrl: upstream.url, lane, clientReloadMs: 200, now: clock.now, ...options });
+  const { extra, realClock, ...options } = o;
+  // realClock: the app's own clock, as in production (no clock injected).
+  const t = await suite.app({ databaseUrl: await suite.pg.newDatabase(), upstreamUrl: upstream.url, lane, clientReloadMs: 200, ...(realClock ? {} : { now: clock.now }), ...options });
   const admin = { authorization: `Bearer ${ADMIN_TOKEN}` };
   // One test sets a 100 ms event-loop-delay limit: its set-up is sent again if shed.
   const seeded = await injectUnshed(t.app, { method: 'PUT', url: '/admin/credential', headers: admin, payload: upstream.seed(extra ? { extra } : {}) });
@@ -556,6 +558,40 @@ describe('fast lane', () => {
     assert.deepEqual(reads, [1, 1, 1]);
     const seen = [...t.core.clients.all()].find((c) => c.name === 'ws-1');
     assert.ok(seen && seen.lastSeenAt > 0);
+  });
+
+  test('the fast lane takes the wall time from its own clock reading: Date.now() once per 100 ms, not once per answer, and the last-seen time it writes is the wall time', async () => {
+    const realNow = Date.now;
+    let calls = 0;
+    // Counted from before the app is made, so whatever keeps a reference to Date.now counts too.
+    Date.now = () => {
+      calls++;
+      return realNow();
+    };
+    try {
+      const t = await setup({ realClock: true });
+      const auth = { authorization: `Bearer ${t.token}` };
+      const answeredBefore = t.lane.answered;
+      const before = calls;
+      const started = performance.now();
+      const wallStart = realNow();
+      for (let i = 0; i < 300; i++) {
+        const url = i % 2 ? '/codex-auth' : `/workspaces/${t.workspaceId}/secrets/values`;
+        assert.equal((await viaServer(t, { method: 'GET', url, headers: auth })).statusCode, 200);
+      }
+      const elapsed = performance.now() - started;
+      const wallEnd = realNow();
+      const read = calls - before;
+      assert.equal(t.lane.answered - answeredBefore, 300, 'every answer came from the lane');
+      // One read per window (plus the background work's own: reloads every 200 ms here).
+      const windows = Math.ceil(elapsed / WALL_CLOCK_WINDOW_MS) + 1;
+      assert.ok(read <= 2 * windows + 10 && read < 150, `${read} Date.now() calls for 300 answers in ${elapsed.toFixed(0)} ms`);
+      const seen = [...t.core.clients.all()].find((c) => c.name === 'ws-1');
+      assert.ok(seen && seen.lastSeenAt >= wallStart - 1 && seen.lastSeenAt <= wallEnd + 1, `last seen ${seen?.lastSeenAt} within [${wallStart}, ${wallEnd}]`);
+      assert.ok(Number.isInteger(seen.lastSeenAt), 'whole milliseconds, as Date.now() gives');
+    } finally {
+      Date.now = realNow;
+    }
   });
 
   test('/healthz through the fast lane says at once what changed (the listener, the uptime), as Fastify does, with its body\'s length', async () => {

@@ -5,11 +5,13 @@ import { http } from '../lib/node-http.js';
 
 /**
  * Answers one request of a hot GET route, or declines with 0 so Fastify answers it. It
- * writes the response itself and returns its status code.
+ * writes the response itself and returns its status code. `t0`: performance.now() when
+ * the lane took the request (the request-duration metric's start), for a route that needs
+ * the time (see lib/time.ts, wallClock).
  */
-export type LaneRoute = (req: IncomingMessage, res: ServerResponse) => number;
+export type LaneRoute = (req: IncomingMessage, res: ServerResponse, t0: number) => number;
 /** The same, given the one path parameter as it appears in the URL (not decoded: a route declines anything it does not accept verbatim). */
-export type ParamLaneRoute = (req: IncomingMessage, res: ServerResponse, param: string) => number;
+export type ParamLaneRoute = (req: IncomingMessage, res: ServerResponse, param: string, t0: number) => number;
 /** The same for a POST route, given the whole body as the client sent it. */
 export type BodyLaneRoute = (req: IncomingMessage, res: ServerResponse, body: Buffer) => number;
 
@@ -93,7 +95,7 @@ interface ServerOptions {
  */
 export class FastLane {
   /** Exact GET paths: a handful, compared in turn (cheaper than hashing each request's URL for a Map). */
-  readonly #routes: Array<Entry<LaneRoute>> = [];
+  readonly #routes: Array<Entry<ParamLaneRoute>> = [];
   readonly #params: Array<Entry<ParamLaneRoute> & { prefix: string; suffix: string }> = [];
   readonly #posts: Array<Entry<BodyLaneRoute>> = [];
   /** Fastify's own request handler: where a POST whose body the lane read goes when declined. */
@@ -138,7 +140,8 @@ export class FastLane {
   /** A route of one exact path (no query string). */
   get(path: string, route: LaneRoute): void {
     if (this.#routes.some((e) => e.label === path)) throw new Error(`fast lane: ${path} is already served`);
-    this.#routes.push({ method: 'GET', label: path, route, ok: undefined, notModified: undefined });
+    // Run as a parameter route whose parameter is '' (one #run for both kinds).
+    this.#routes.push({ method: 'GET', label: path, route: (req, res, _param, t0) => route(req, res, t0), ok: undefined, notModified: undefined });
   }
 
   /** A route with one parameter between a fixed prefix and suffix; `label` is its Fastify route (the metric's label). */
@@ -228,14 +231,14 @@ export class FastLane {
       if (e.label === path) {
         if (this.#underPressure()) return false;
         const t0 = performance.now();
-        return this.#answered(e, this.#run(e.route, req, res, ''), t0);
+        return this.#answered(e, this.#run(e.route, req, res, '', t0), t0);
       }
     }
     for (const p of this.#params) {
       if (path.length > p.prefix.length + p.suffix.length && path.startsWith(p.prefix) && path.endsWith(p.suffix)) {
         if (this.#underPressure()) return false;
         const t0 = performance.now();
-        return this.#answered(p, this.#run(p.route, req, res, path.slice(p.prefix.length, path.length - p.suffix.length)), t0);
+        return this.#answered(p, this.#run(p.route, req, res, path.slice(p.prefix.length, path.length - p.suffix.length), t0), t0);
       }
     }
     return false;
@@ -293,9 +296,9 @@ export class FastLane {
     return true;
   }
 
-  #run(route: ParamLaneRoute, req: IncomingMessage, res: ServerResponse, param: string): number {
+  #run(route: ParamLaneRoute, req: IncomingMessage, res: ServerResponse, param: string, t0: number): number {
     try {
-      return route(req, res, param);
+      return route(req, res, param, t0);
     } catch (err) {
       if (!res.headersSent) return 0;
       // Cannot happen with the routes as written (nothing throws after writeHead); if it

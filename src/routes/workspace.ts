@@ -16,6 +16,11 @@ export interface WorkspaceRoutesOptions {
   served: ServedCredentials;
   metrics: BrokerMetrics;
   now: () => number;
+  /**
+   * The lane's clock: the wall time at a performance.now() reading the lane already took
+   * (lib/time.ts, wallClock); default now().
+   */
+  nowAt?: (perfNow: number) => number;
   /** Platform workspace tokens are accepted on the drop-in route only. */
   platformTokens: boolean;
 }
@@ -124,12 +129,13 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
    * credential has one length), converted once instead of twice per request by Node.
    */
   const counts = (route: string) => ({ ok: tokenServed(route, 'ok'), notModified: tokenServed(route, 'not_modified'), length: digits() });
-  const answer = (req: IncomingMessage, res: ServerResponse, count: ReturnType<typeof counts>, allowPlatform: boolean, workspaceId: string | undefined): number => {
+  const nowAt = o.nowAt ?? (() => o.now());
+  const answer = (req: IncomingMessage, res: ServerResponse, count: ReturnType<typeof counts>, allowPlatform: boolean, workspaceId: string | undefined, t0: number): number => {
     const client = clientOf(req.headers.authorization, allowPlatform);
     if (!client || (workspaceId !== undefined && !mayRead(client, workspaceId))) return 0;
-    // One clock read for the credential's state (whether the client keeps its assignment),
-    // the availability check and the last-seen time.
-    const now = o.now();
+    // One time for the credential's state (whether the client keeps its assignment), the
+    // availability check and the last-seen time, from the lane's own clock reading.
+    const now = nowAt(t0);
     const credential = o.served.for(client, now);
     if (!credential || credential.renderer.unavailable(now)) return 0;
     // Everything that could throw comes before the first side effect (markServed, the
@@ -172,6 +178,6 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
   };
   const codexAuthCounts = counts('/codex-auth');
   const dropInCounts = counts(dropIn);
-  lane.get('/codex-auth', (req, res) => answer(req, res, codexAuthCounts, false, undefined));
-  lane.getParam(dropIn, '/workspaces/', '/secrets/values', (req, res, id) => (UUID.test(id) ? answer(req, res, dropInCounts, o.platformTokens, id) : 0));
+  lane.get('/codex-auth', (req, res, t0) => answer(req, res, codexAuthCounts, false, undefined, t0));
+  lane.getParam(dropIn, '/workspaces/', '/secrets/values', (req, res, id, t0) => (UUID.test(id) ? answer(req, res, dropInCounts, o.platformTokens, id, t0) : 0));
 }
