@@ -19,13 +19,17 @@ export interface Client {
    * SHA-256 of the client's token as a 32-character binary (latin1) string: the registry's
    * key for it, kept across reloads (half the bytes of its hex: 48 against 80 per key).
    */
-  tokenKey: string;
+  readonly tokenKey: string;
   /** The derived broker refresh credential (proxy mode serves it, /oauth/token accepts it). */
-  refreshCredential: string;
+  readonly refreshCredential: string;
   /** SHA-256 of refreshCredential (binary string, like tokenKey), computed once: the shim's lookup key. */
-  refreshCredentialSha: string;
-  /** The client's part of a served ETag (a prefix of that hash), computed once. */
-  etagTag: string;
+  readonly refreshCredentialSha: string;
+  /**
+   * The client's part of a served ETag (a prefix of that hash), computed once. Like the
+   * token key and the refresh credential it never changes on a record (a reload updates a
+   * record in place only for the same token): the ETags kept below rely on that.
+   */
+  readonly etagTag: string;
   /**
    * The client's last served ETags, each with the template prefix (`"<hash>-`) it was built
    * for ('' until served): a poll of an unchanged document then builds no ETag string, and

@@ -33,17 +33,22 @@ export const WALL_CLOCK_WINDOW_MS = 100;
  * arrival): Date.now() is read once per WALL_CLOCK_WINDOW_MS, and in between the
  * monotonic clock's progress since that read is added. On Linux both clocks run at the
  * same rate (NTP slews both), so the answer is Date.now()'s to within a millisecond; when
- * the wall clock is stepped, it follows within the window. A clock read was a measured
- * share of a served request (BENCHMARKS.md, session 22). `readWall` and `readPerf` are
- * seams for tests.
+ * the wall clock is stepped, it follows within the window. One case it does not follow at
+ * once: the monotonic clock stands still while the host is suspended, so for up to one
+ * window after a resume the answer is behind by the time suspended (a server is not
+ * suspended; a laptop running it may be). A clock read was a measured share of a served
+ * request (BENCHMARKS.md, session 22). `readWall` and `readPerf` are seams for tests.
  */
 export function wallClock(readWall: () => number = Date.now, readPerf: () => number = () => performance.now()): (perfNow: number) => number {
   let perf0 = Number.NEGATIVE_INFINITY;
   let wall0 = 0;
   return (perfNow) => {
     if (perfNow - perf0 >= WALL_CLOCK_WINDOW_MS || perfNow < perf0 - WALL_CLOCK_WINDOW_MS) {
+      // The wall clock between two monotonic readings: a pause between the reads moves
+      // the anchor by half of it, not all of it.
+      const before = readPerf();
       wall0 = readWall();
-      perf0 = readPerf();
+      perf0 = (before + readPerf()) / 2;
     }
     return Math.floor(wall0 + (perfNow - perf0));
   };
