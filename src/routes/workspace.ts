@@ -18,9 +18,9 @@ export interface WorkspaceRoutesOptions {
   now: () => number;
   /**
    * The lane's clock: the wall time at a performance.now() reading the lane already took
-   * (lib/time.ts, wallClock); default now().
+   * (lib/time.ts, wallClock; the app passes an injected clock through instead).
    */
-  nowAt?: (perfNow: number) => number;
+  nowAt: (perfNow: number) => number;
   /** Platform workspace tokens are accepted on the drop-in route only. */
   platformTokens: boolean;
 }
@@ -129,7 +129,7 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
    * credential has one length), converted once instead of twice per request by Node.
    */
   const counts = (route: string) => ({ ok: tokenServed(route, 'ok'), notModified: tokenServed(route, 'not_modified'), length: digits() });
-  const nowAt = o.nowAt ?? (() => o.now());
+  const nowAt = o.nowAt;
   const answer = (req: IncomingMessage, res: ServerResponse, count: ReturnType<typeof counts>, allowPlatform: boolean, workspaceId: string | undefined, t0: number): number => {
     const client = clientOf(req.headers.authorization, allowPlatform);
     if (!client || (workspaceId !== undefined && !mayRead(client, workspaceId))) return 0;
