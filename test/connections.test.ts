@@ -1,13 +1,15 @@
 import { strict as assert } from 'node:assert';
 import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as http from 'node:http';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { describe, test } from 'node:test';
 import Fastify from 'fastify';
 import { loadConfig } from '../src/config.js';
 import { ConfigError } from '../src/errors.js';
-import { guardConnections, serverTimeouts } from '../src/http/connection-limits.js';
+import { guardConnections, serverTimeouts, type HttpLimitsConfig } from '../src/http/connection-limits.js';
+import { FastLane } from '../src/http/lane.js';
 import { connectionCap, FD_RESERVE, guardMemoryUsage, openFileLimit } from '../src/lib/fd-limit.js';
 import { LogCapture } from './helpers/logs.js';
 import { freePort } from './helpers/pg.js';
@@ -156,11 +158,40 @@ describe('out of file descriptors', () => {
   });
 });
 
+/** A Fastify app on the broker's server (the lane's factory, no lane route) with its connection guards. */
+function guardedApp(limits: Partial<HttpLimitsConfig>) {
+  const app = Fastify({ serverFactory: new FastLane().serverFactory, ...serverTimeouts(limits) });
+  guardConnections(app.server, limits, new LogCapture().logger);
+  return app;
+}
+
+/** GET path n times, one after another, on one kept-alive connection; the statuses. */
+async function keptAlive(port: number, path: string, n: number): Promise<number[]> {
+  const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+  const sockets = new Set<net.Socket>();
+  const statuses: number[] = [];
+  try {
+    for (let i = 0; i < n; i++) {
+      statuses.push(
+        await new Promise<number>((resolve, reject) => {
+          const req = http.get({ host: '127.0.0.1', port, path, agent }, (res) => {
+            res.resume();
+            res.on('end', () => resolve(res.statusCode ?? 0));
+          });
+          req.on('socket', (s) => sockets.add(s));
+          req.on('error', reject);
+        }),
+      );
+    }
+  } finally {
+    agent.destroy();
+  }
+  assert.equal(sockets.size, 1, 'every request went over the same connection');
+  return statuses;
+}
+
 test('a connection that sends nothing is closed after HTTP_CONNECTION_TIMEOUT_SECONDS, while a request slower than that is still answered', async () => {
-  const logs = new LogCapture();
-  const limits = { HTTP_CONNECTION_TIMEOUT_SECONDS: 0.3 };
-  const app = Fastify(serverTimeouts(limits));
-  guardConnections(app.server, limits, logs.logger);
+  const app = guardedApp({ HTTP_CONNECTION_TIMEOUT_SECONDS: 0.3 });
   let release: () => void = () => undefined;
   const gate = new Promise<void>((r) => (release = r));
   app.get('/slow', async () => {
@@ -178,6 +209,39 @@ test('a connection that sends nothing is closed after HTTP_CONNECTION_TIMEOUT_SE
     const r = await slow;
     assert.equal(r.status, 200);
     assert.deepEqual(await r.json(), { ok: true });
+  } finally {
+    await app.close();
+  }
+});
+
+test('the nothing-sent deadline is armed once per connection, not again at every kept-alive request, and a slow request after the first is still answered', async () => {
+  // A deadline no other timer here has, to tell its arming apart from the keep-alive one's.
+  const app = guardedApp({ HTTP_CONNECTION_TIMEOUT_SECONDS: 0.377 });
+  const armed: number[] = [];
+  app.server.prependListener('connection', (socket: net.Socket) => {
+    const setTimeout = socket.setTimeout.bind(socket);
+    socket.setTimeout = (ms: number, cb?: () => void) => {
+      if (ms > 0) armed.push(ms);
+      return setTimeout(ms, cb);
+    };
+  });
+  let slow = false;
+  app.get('/maybe-slow', async () => {
+    // Past the nothing-sent deadline: were it armed during the request, it would cut it.
+    if (slow) await new Promise((r) => setTimeout(r, 1_000));
+    return { ok: true };
+  });
+  const address = await app.listen({ port: 0, host: '127.0.0.1' });
+  const port = Number(new URL(address).port);
+  try {
+    assert.deepEqual(await keptAlive(port, '/maybe-slow', 20), Array(20).fill(200));
+    assert.equal(armed.filter((ms) => ms === 377).length, 1, `the nothing-sent deadline armed once for 20 requests (armed: ${armed.join(', ')})`);
+    assert.equal(armed.filter((ms) => ms !== 377).length, 20, 'the keep-alive deadline after each answer');
+    assert.equal(app.server.listeners('request').length, 1, 'one request listener: no second one to run per request');
+    armed.length = 0;
+    slow = true;
+    assert.deepEqual(await keptAlive(port, '/maybe-slow', 2), [200, 200]);
+    assert.equal(armed.filter((ms) => ms === 377).length, 1);
   } finally {
     await app.close();
   }

@@ -80,12 +80,6 @@ export function guardConnections(server: Server, c: Partial<HttpLimitsConfig>, l
   }
   server.maxConnections = cap;
 
-  // The inactivity deadline would also cut a request whose answer takes longer than it (a
-  // shim call waiting on the upstream). Node itself lifts it for every request after a
-  // connection's first; lift it for the first too. The headers and request deadlines still
-  // hold, and once answered, the keep-alive deadline takes over.
-  server.on('request', (req) => req.socket.setTimeout(0));
-
   const dropped = throttle(10_000);
   server.on('drop', () =>
     dropped((skipped) =>

@@ -1,4 +1,5 @@
 import type { IncomingMessage, Server, ServerOptions as HttpServerOptions, ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import { Readable } from 'node:stream';
 import { http } from '../lib/node-http.js';
@@ -113,13 +114,25 @@ export class FastLane {
   readonly serverFactory = (handler: (req: IncomingMessage, res: ServerResponse) => void, o: ServerOptions): Server => {
     this.#fastify = handler;
     const server = http.createServer(o.http ?? {}, (req, res) => {
+      // The connection's inactivity deadline ends with its first request (see below).
+      const socket = req.socket;
+      if (socket.timeout) socket.setTimeout(0);
       if (!this.serve(req, res)) handler(req, res);
     });
-    // What Fastify sets on the server it builds itself (fastify/lib/server.js).
+    // What Fastify sets on the server it builds itself (fastify/lib/server.js), but for one:
     if (o.keepAliveTimeout !== undefined) server.keepAliveTimeout = o.keepAliveTimeout;
     if (o.requestTimeout !== undefined) server.requestTimeout = o.requestTimeout;
-    if (o.connectionTimeout !== undefined) server.setTimeout(o.connectionTimeout);
     if (o.maxRequestsPerSocket !== undefined && o.maxRequestsPerSocket > 0) server.maxRequestsPerSocket = o.maxRequestsPerSocket;
+    // Fastify's connectionTimeout, the inactivity deadline of a connection that has not sent a
+    // request yet (a connect-and-wait flood; Node 20's headers deadline does not cover a socket
+    // that never sends a byte). Fastify gives it to server.setTimeout(), and Node then arms it
+    // again at every request after the first, a timer per request that the request itself
+    // must disarm at once (the deadline would otherwise cut an answer that waits on the
+    // upstream longer than it). Armed here once per connection instead and disarmed by the
+    // first request: a kept-alive connection then has only Node's keep-alive deadline
+    // between requests, and no deadline during one but the headers and request deadlines.
+    const connectionTimeout = o.connectionTimeout ?? 0;
+    if (connectionTimeout > 0) server.on('connection', (socket: Socket) => socket.setTimeout(connectionTimeout));
     return server;
   };
 
