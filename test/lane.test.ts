@@ -1,6 +1,6 @@
 import { strict as assert } from 'node:assert';
 import { createHash, randomBytes, randomUUID } from 'node:crypto';
-import { connect, type AddressInfo } from 'node:net';
+import { connect, type AddressInfo, type Socket } from 'node:net';
 import { describe, test } from 'node:test';
 import inject, { type InjectOptions, type Response } from 'light-my-request';
 import { digits, FastLane, LANE_BODY_LIMIT } from '../src/http/lane.js';
@@ -229,6 +229,59 @@ describe('fast lane', () => {
         answers.push(expected.body);
       } finally {
         t.clock.release();
+      }
+    }
+  });
+
+  test('the fast lane sends an ASCII answer in one write of one string (header lines and body), and any other with Node\'s end(body) as before: the same bytes either way', async () => {
+    for (const note of ['plain ascii', 'é ü 🔑 \u2028']) {
+      const t = await setup({ extra: { note } });
+      // What each answer's socket was asked to write: a plain write (one chunk) or a writev (several).
+      const writes: string[] = [];
+      t.app.server.on('connection', (socket: Socket) => {
+        const s = socket as Socket & { _write: (...a: unknown[]) => unknown; _writev: (...a: unknown[]) => unknown };
+        const write = s._write.bind(s);
+        const writev = s._writev.bind(s);
+        s._write = (...a: unknown[]) => (writes.push('write'), write(...a));
+        s._writev = (...a: unknown[]) => (writes.push(`writev of ${(a[0] as unknown[]).length}`), writev(...a));
+      });
+      await t.app.listen({ port: 0, host: '127.0.0.1' });
+      const base = `http://127.0.0.1:${(t.app.server.address() as AddressInfo).port}`;
+      const auth = { authorization: `Bearer ${t.token}` };
+      const shim = JSON.stringify({ grant_type: 'refresh_token', refresh_token: `${t.refreshCredential}.AAAAAAAAAAAA` });
+      const asks: Array<[string, RequestInit, InjectOptions]> = [
+        ['/codex-auth', { headers: auth }, { method: 'GET', url: '/codex-auth', headers: auth }],
+        [`/workspaces/${t.workspaceId}/secrets/values`, { headers: auth }, { method: 'GET', url: `/workspaces/${t.workspaceId}/secrets/values`, headers: auth }],
+        ['/oauth/token', { method: 'POST', headers: { 'content-type': 'application/json' }, body: shim }, { method: 'POST', url: '/oauth/token', headers: { 'content-type': 'application/json' }, payload: shim }],
+        ['/healthz', {}, { method: 'GET', url: '/healthz' }],
+      ];
+      // Each app closed before the next opens: the file's apps share one Postgres.
+      try {
+        for (const [url, init, same] of asks) {
+          writes.length = 0;
+          const before = t.lane.answered;
+          let ascii = true;
+          t.clock.hold();
+          try {
+            const res = await fetch(`${base}${url}`, init);
+            const bytes = Buffer.from(await res.arrayBuffer());
+            assert.equal(t.lane.answered, before + 1, `the lane answered ${url}`);
+            const expected = await viaFastify(t, same);
+            answers.push(expected.body);
+            const text = (b: string) => b.replace(/"uptimeSeconds":\d+/, '');
+            assert.equal(text(bytes.toString('utf8')), text(expected.body), `${note}: ${url}`);
+            assert.equal(res.headers.get('content-length'), String(bytes.length));
+            ascii = bytes.every((b) => b < 0x80);
+          } finally {
+            t.clock.release();
+          }
+          // The note is in the documents only (/healthz and the shim's answer never carry it).
+          if (note !== 'plain ascii' && !['/healthz', '/oauth/token'].includes(url)) assert.equal(ascii, false, `${url} carries the note`);
+          // Any other body is Node's end(body) as before (Node 20 and 22: a writev of the two; Node 24: one write).
+          if (ascii) assert.deepEqual(writes, ['write'], `${note}: ${url}`);
+        }
+      } finally {
+        await t.close();
       }
     }
   });

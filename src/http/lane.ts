@@ -16,6 +16,34 @@ export type ParamLaneRoute = (req: IncomingMessage, res: ServerResponse, param: 
 /** The same for a POST route, given the whole body as the client sent it. */
 export type BodyLaneRoute = (req: IncomingMessage, res: ServerResponse, body: Buffer) => number;
 
+/** Node's own response (not a subclass that writes differently, like light-my-request's for inject()). */
+const NODE_RESPONSE = http.ServerResponse.prototype;
+type HeldHeader = ServerResponse & { _header?: unknown; _headerSent?: unknown };
+
+/**
+ * Send a whole answer: the status, the header lines (a flat list of names and values) and
+ * the body, with `latin1` when the body is ASCII (its Latin-1 bytes are its UTF-8 bytes:
+ * Node copies the characters instead of encoding them).
+ *
+ * `res.end(body)` on Node 20 and 22 corks the socket and queues two writes (the header
+ * lines with the body, then an empty one that carries the end), which the uncork sends as
+ * one writev: two queue entries, a chunk list and a native buffer the writev copies both
+ * into, per request. Node keeps a response's header lines as a string until its first
+ * write and sends them joined with it (`_header`, which writeHead sets; the same on Node 20
+ * to 26): an ASCII body joined to them there, and an end() with no body, go out as one
+ * plain write of one string, as a 304 (no body) always has. Node 24 sends `end(body)` that
+ * way itself. Only Node's own ServerResponse, only an ASCII body, and only while the
+ * header lines are still a string not yet sent; otherwise `end(body)` as before.
+ */
+export function writeAnswer(res: ServerResponse, status: number, headers: string[], body: string, ascii: boolean): void {
+  res.writeHead(status, headers);
+  const held = res as HeldHeader;
+  if (ascii && Object.getPrototypeOf(res) === NODE_RESPONSE && typeof held._header === 'string' && held._headerSent === false) {
+    held._header += body;
+    res.end();
+  } else res.end(body, ascii ? 'latin1' : 'utf8');
+}
+
 /**
  * A number's decimal text, converted again only when the number changes: a header value
  * that is usually the same number (a content-length) is then a string Node neither

@@ -5,7 +5,7 @@ import type { Client } from '../clients/registry.js';
 import { unusable } from '../credential.js';
 import { sha256 } from '../clients/credentials.js';
 import { AuthFailures, bearerToken, sameSecret } from '../http/auth.js';
-import type { FastLane } from '../http/lane.js';
+import { type FastLane, writeAnswer } from '../http/lane.js';
 import { isAscii } from '../serving.js';
 import { sendProblem, sendUnauthorized } from '../http/problem.js';
 import { isoFromSeconds } from '../lib/time.js';
@@ -63,7 +63,7 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
     body: string;
     bytes: string;
     /** The body is ASCII (unless the replica id is not): written as Latin-1, copied instead of encoded. */
-    encoding: 'latin1' | 'utf8';
+    ascii: boolean;
   }
   let last: Health | undefined;
   const health = (): Health => {
@@ -78,7 +78,7 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
     const listener = connected ? 'connected' : 'disconnected';
     const body = `{"status":"${status}","credentialState":"${state}","writebackPending":${pending},"listener":"${listener}","replicaId":${JSON.stringify(replicaId)},"uptimeSeconds":${uptime}}`;
     const bytes = Buffer.byteLength(body);
-    last = { state, pending, connected, replicaId, uptime, body, bytes: String(bytes), encoding: isAscii(body, bytes) ? 'latin1' : 'utf8' };
+    last = { state, pending, connected, replicaId, uptime, body, bytes: String(bytes), ascii: isAscii(body, bytes) };
     return last;
   };
   app.get('/healthz', (_req, reply) => {
@@ -87,8 +87,7 @@ export async function opsRoutes(app: FastifyInstance, o: OpsRoutesOptions): Prom
   const lane = o.lane;
   lane?.get('/healthz', (req, res) => {
     const h = health();
-    res.writeHead(200, ['x-request-id', lane.requestId(req), 'content-type', 'application/json; charset=utf-8', 'content-length', h.bytes]);
-    res.end(h.body, h.encoding);
+    writeAnswer(res, 200, ['x-request-id', lane.requestId(req), 'content-type', 'application/json; charset=utf-8', 'content-length', h.bytes], h.body, h.ascii);
     return 200;
   });
 

@@ -1,7 +1,7 @@
 import type { FastifyError, FastifyInstance, FastifyReply } from 'fastify';
 import { splitServedRefreshToken } from '../clients/credentials.js';
 import type { Client, ClientRegistry } from '../clients/registry.js';
-import { digits, type FastLane } from '../http/lane.js';
+import { digits, type FastLane, writeAnswer } from '../http/lane.js';
 import { labelled, type BrokerMetrics } from '../metrics.js';
 import type { Refresher } from '../refresher.js';
 import type { ServedCredential, ServedCredentials, ShimTokens } from '../serving.js';
@@ -217,8 +217,7 @@ export async function shimRoutes(app: FastifyInstance, o: ShimRoutesOptions): Pr
     ];
     o.clients.markServed(client, current.generation, nowMs);
     served('ok');
-    res.writeHead(200, headers);
-    res.end(out, current.ascii ? 'latin1' : 'utf8');
+    writeAnswer(res, 200, headers, out, current.ascii);
     return 200;
   });
 }

@@ -3,7 +3,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { UUID } from '../clients/client-store.js';
 import type { Client, ClientRegistry } from '../clients/registry.js';
 import { bearerOf } from '../http/auth.js';
-import { digits, type FastLane } from '../http/lane.js';
+import { digits, type FastLane, writeAnswer } from '../http/lane.js';
 import { sendProblem, sendUnauthorized } from '../http/problem.js';
 import { labelled, type BrokerMetrics } from '../metrics.js';
 import type { Rendered, ServedCredentials } from '../serving.js';
@@ -170,10 +170,7 @@ export async function workspaceRoutes(app: FastifyInstance, o: WorkspaceRoutesOp
     ];
     o.clients.markServed(client, doc.generation, now);
     count.ok.inc();
-    res.writeHead(200, headers);
-    // An ASCII body's Latin-1 bytes are its UTF-8 bytes: Node then copies the characters
-    // (as it writes the header lines) instead of encoding them.
-    res.end(body, doc.ascii ? 'latin1' : 'utf8');
+    writeAnswer(res, 200, headers, body, doc.ascii);
     return 200;
   };
   const codexAuthCounts = counts('/codex-auth');
