@@ -286,6 +286,59 @@ describe('fast lane', () => {
     }
   });
 
+  test('pipelined requests on one connection get whole answers, in order: an answer in one write waits behind the one before it', async () => {
+    const t = await setup();
+    try {
+      await t.app.listen({ port: 0, host: '127.0.0.1' });
+      const port = (t.app.server.address() as AddressInfo).port;
+      const auth = `authorization: Bearer ${t.token}\r\n`;
+      const asks = [
+        { path: '/codex-auth', head: auth },
+        { path: '/healthz', head: '' },
+        { path: `/workspaces/${t.workspaceId}/secrets/values`, head: auth },
+        { path: '/codex-auth', head: `${auth}x-request-id: fourth\r\n` },
+        { path: '/codex-auth', head: 'authorization: Bearer cab_unknown\r\n' },
+      ];
+      const before = t.lane.answered;
+      const raw = await new Promise<Buffer>((resolve, reject) => {
+        const chunks: Buffer[] = [];
+        const s = connect(port, '127.0.0.1', () => {
+          // Every request in one packet; the last asks the server to close, which ends the read.
+          s.write(asks.map((a, i) => `GET ${a.path} HTTP/1.1\r\nhost: x\r\n${a.head}${i === asks.length - 1 ? 'connection: close\r\n' : ''}\r\n`).join(''));
+        });
+        s.on('data', (d: Buffer) => chunks.push(d));
+        s.on('end', () => resolve(Buffer.concat(chunks)));
+        s.on('error', reject);
+      });
+      assert.equal(t.lane.answered - before, 4, 'the lane answered the four it serves; Fastify the unknown token');
+      const answersRead: Array<{ status: number; headers: Record<string, string>; body: string }> = [];
+      let at = 0;
+      while (at < raw.length) {
+        const end = raw.indexOf('\r\n\r\n', at);
+        assert.ok(end > at, 'a whole header block');
+        const [statusLine = '', ...lines] = raw.subarray(at, end).toString('latin1').split('\r\n');
+        const headers = Object.fromEntries(lines.map((l) => [l.slice(0, l.indexOf(':')).toLowerCase(), l.slice(l.indexOf(':') + 1).trim()]));
+        const length = Number(headers['content-length']);
+        const body = raw.subarray(end + 4, end + 4 + length).toString('utf8');
+        answersRead.push({ status: Number(statusLine.split(' ')[1]), headers, body });
+        answers.push(body);
+        at = end + 4 + length;
+      }
+      assert.deepEqual(
+        answersRead.map((a) => a.status),
+        [200, 200, 200, 200, 401],
+      );
+      for (const [i, a] of asks.slice(0, 4).entries()) {
+        const expected = await viaFastify(t, { method: 'GET', url: a.path, headers: a.path === '/healthz' ? {} : { authorization: `Bearer ${t.token}` } });
+        const text = (b: string) => b.replace(/"uptimeSeconds":\d+/, '');
+        assert.equal(text(answersRead[i]?.body ?? ''), text(expected.body), a.path);
+      }
+      assert.equal(answersRead[3]?.headers['x-request-id'], 'fourth');
+    } finally {
+      await t.close();
+    }
+  });
+
   test('the fast lane declines everything but the plain success, and Fastify answers it as before', async () => {
     const t = await setup();
     const auth = { authorization: `Bearer ${t.token}` };
