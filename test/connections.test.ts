@@ -215,36 +215,47 @@ test('a connection that sends nothing is closed after HTTP_CONNECTION_TIMEOUT_SE
 });
 
 test('the nothing-sent deadline is armed once per connection, not again at every kept-alive request, and a slow request after the first is still answered', async () => {
-  // A deadline no other timer here has, to tell its arming apart from the keep-alive one's.
-  const app = guardedApp({ HTTP_CONNECTION_TIMEOUT_SECONDS: 0.377 });
+  // A deadline no other timer here has, to tell its arming apart from the keep-alive one's;
+  // long enough that a loaded machine still sends each connection's first request within it.
+  const app = guardedApp({ HTTP_CONNECTION_TIMEOUT_SECONDS: 1.5 });
   const armed: number[] = [];
   app.server.prependListener('connection', (socket: net.Socket) => {
-    const setTimeout = socket.setTimeout.bind(socket);
+    const arm = socket.setTimeout.bind(socket);
     socket.setTimeout = (ms: number, cb?: () => void) => {
       if (ms > 0) armed.push(ms);
-      return setTimeout(ms, cb);
+      return arm(ms, cb);
     };
   });
-  let slow = false;
+  let calls = 0;
+  let slowSecond = false;
   app.get('/maybe-slow', async () => {
+    calls++;
     // Past the nothing-sent deadline: were it armed during the request, it would cut it.
-    if (slow) await new Promise((r) => setTimeout(r, 1_000));
+    if (slowSecond && calls === 2) await new Promise((r) => setTimeout(r, 2_000));
     return { ok: true };
   });
   const address = await app.listen({ port: 0, host: '127.0.0.1' });
   const port = Number(new URL(address).port);
   try {
     assert.deepEqual(await keptAlive(port, '/maybe-slow', 20), Array(20).fill(200));
-    assert.equal(armed.filter((ms) => ms === 377).length, 1, `the nothing-sent deadline armed once for 20 requests (armed: ${armed.join(', ')})`);
-    assert.equal(armed.filter((ms) => ms !== 377).length, 20, 'the keep-alive deadline after each answer');
+    assert.equal(armed.filter((ms) => ms === 1_500).length, 1, `the nothing-sent deadline armed once for 20 requests (armed: ${armed.join(', ')})`);
+    assert.equal(armed.filter((ms) => ms !== 1_500).length, 20, 'the keep-alive deadline after each answer');
     assert.equal(app.server.listeners('request').length, 1, 'one request listener: no second one to run per request');
     armed.length = 0;
-    slow = true;
+    calls = 0;
+    slowSecond = true;
     assert.deepEqual(await keptAlive(port, '/maybe-slow', 2), [200, 200]);
-    assert.equal(armed.filter((ms) => ms === 377).length, 1);
+    assert.equal(armed.filter((ms) => ms === 1_500).length, 1);
   } finally {
     await app.close();
   }
+});
+
+test('guardConnections refuses a server that Node re-arms the inactivity deadline on at every kept-alive request (Fastify\'s own server, given connectionTimeout)', () => {
+  const app = Fastify(serverTimeouts({ HTTP_CONNECTION_TIMEOUT_SECONDS: 10 }));
+  assert.throws(() => guardConnections(app.server, {}, new LogCapture().logger), /FastLane\.serverFactory/);
+  // The lane's server, given the same deadline, is accepted (guardedApp).
+  assert.equal(guardedApp({ HTTP_CONNECTION_TIMEOUT_SECONDS: 10 }).server.timeout, 0);
 });
 
 test('60 idle connections against MAX_CONNECTIONS=20: 20 are held, 40 refused at once, /healthz answers again once they go, and the broker never exits', async () => {

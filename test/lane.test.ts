@@ -12,6 +12,7 @@ import { useSuite } from './helpers/suite.js';
 import { blockEventLoop, waitFor } from './helpers/wait.js';
 
 const suite = useSuite();
+const NODE_MAJOR = Number(process.versions.node.split('.')[0]);
 const secrets: string[] = [];
 const answers: string[] = [];
 
@@ -277,8 +278,10 @@ describe('fast lane', () => {
           }
           // The note is in the documents only (/healthz and the shim's answer never carry it).
           if (note !== 'plain ascii' && !['/healthz', '/oauth/token'].includes(url)) assert.equal(ascii, false, `${url} carries the note`);
-          // Any other body is Node's end(body) as before (Node 20 and 22: a writev of the two; Node 24: one write).
+          // Any other body is Node's end(body) as before: on Node 20 and 22 a writev of the two
+          // (Node 24 and later send end(body) as one write themselves).
           if (ascii) assert.deepEqual(writes, ['write'], `${note}: ${url}`);
+          else if (NODE_MAJOR < 24) assert.deepEqual(writes, ['writev of 2'], `${note}: ${url}`);
         }
       } finally {
         await t.close();
@@ -292,12 +295,13 @@ describe('fast lane', () => {
       await t.app.listen({ port: 0, host: '127.0.0.1' });
       const port = (t.app.server.address() as AddressInfo).port;
       const auth = `authorization: Bearer ${t.token}\r\n`;
+      // The first goes to Fastify (an unknown token): the lane's answers queue behind it too.
       const asks = [
+        { path: '/codex-auth', head: 'authorization: Bearer cab_unknown\r\n' },
         { path: '/codex-auth', head: auth },
         { path: '/healthz', head: '' },
         { path: `/workspaces/${t.workspaceId}/secrets/values`, head: auth },
-        { path: '/codex-auth', head: `${auth}x-request-id: fourth\r\n` },
-        { path: '/codex-auth', head: 'authorization: Bearer cab_unknown\r\n' },
+        { path: '/codex-auth', head: `${auth}x-request-id: fifth\r\n` },
       ];
       const before = t.lane.answered;
       const raw = await new Promise<Buffer>((resolve, reject) => {
@@ -326,14 +330,15 @@ describe('fast lane', () => {
       }
       assert.deepEqual(
         answersRead.map((a) => a.status),
-        [200, 200, 200, 200, 401],
+        [401, 200, 200, 200, 200],
       );
-      for (const [i, a] of asks.slice(0, 4).entries()) {
+      for (const [i, a] of asks.entries()) {
+        if (i === 0) continue;
         const expected = await viaFastify(t, { method: 'GET', url: a.path, headers: a.path === '/healthz' ? {} : { authorization: `Bearer ${t.token}` } });
         const text = (b: string) => b.replace(/"uptimeSeconds":\d+/, '');
         assert.equal(text(answersRead[i]?.body ?? ''), text(expected.body), a.path);
       }
-      assert.equal(answersRead[3]?.headers['x-request-id'], 'fourth');
+      assert.equal(answersRead[4]?.headers['x-request-id'], 'fifth');
     } finally {
       await t.close();
     }

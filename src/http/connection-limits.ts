@@ -21,8 +21,9 @@ export function serverTimeouts(c: Partial<HttpLimitsConfig>) {
   const requestTimeout = ms(setting(c, 'HTTP_REQUEST_TIMEOUT_SECONDS'));
   return {
     // Socket inactivity: the one deadline Node applies to a socket that never sends a byte
-    // (the headers deadline does not cover it on Node 20). See guardConnections for why a
-    // request in progress lifts it.
+    // (the headers deadline does not cover it on Node 20). The server must be built by
+    // FastLane.serverFactory, which arms it once per connection and lifts it at the first
+    // request (guardConnections refuses a server that Node would re-arm it on per request).
     connectionTimeout: ms(setting(c, 'HTTP_CONNECTION_TIMEOUT_SECONDS')),
     keepAliveTimeout: ms(setting(c, 'HTTP_KEEP_ALIVE_TIMEOUT_SECONDS')),
     requestTimeout,
@@ -79,6 +80,12 @@ export function guardConnections(server: Server, c: Partial<HttpLimitsConfig>, l
     );
   }
   server.maxConnections = cap;
+  // A server given the deadline with server.setTimeout() (Fastify's own server, when built
+  // without the lane's factory) has Node arm it again as every kept-alive request begins,
+  // and nothing here would lift it: it would cut an answer that waits on the upstream.
+  if (server.timeout > 0) {
+    throw new Error(`guardConnections: the server re-arms a ${server.timeout} ms inactivity deadline at every kept-alive request (server.setTimeout); build it with FastLane.serverFactory, which arms the nothing-sent deadline once per connection`);
+  }
 
   const dropped = throttle(10_000);
   server.on('drop', () =>

@@ -18,12 +18,12 @@ export type BodyLaneRoute = (req: IncomingMessage, res: ServerResponse, body: Bu
 
 /** Node's own response (not a subclass that writes differently, like light-my-request's for inject()). */
 const NODE_RESPONSE = http.ServerResponse.prototype;
-type HeldHeader = ServerResponse & { _header?: unknown; _headerSent?: unknown };
+type HeldHeader = ServerResponse & { _header?: unknown; _headerSent?: unknown; _hasBody?: unknown; chunkedEncoding?: unknown };
 
 /**
- * Send a whole answer: the status, the header lines (a flat list of names and values) and
- * the body, with `latin1` when the body is ASCII (its Latin-1 bytes are its UTF-8 bytes:
- * Node copies the characters instead of encoding them).
+ * Send a whole answer: the status, the header lines (a flat list of names and values, with
+ * the body's content-length) and the body, with `latin1` when the body is ASCII (its
+ * Latin-1 bytes are its UTF-8 bytes: Node copies the characters instead of encoding them).
  *
  * `res.end(body)` on Node 20 and 22 corks the socket and queues two writes (the header
  * lines with the body, then an empty one that carries the end), which the uncork sends as
@@ -31,14 +31,24 @@ type HeldHeader = ServerResponse & { _header?: unknown; _headerSent?: unknown };
  * into, per request. Node keeps a response's header lines as a string until its first
  * write and sends them joined with it (`_header`, which writeHead sets; the same on Node 20
  * to 26): an ASCII body joined to them there, and an end() with no body, go out as one
- * plain write of one string, as a 304 (no body) always has. Node 24 sends `end(body)` that
- * way itself. Only Node's own ServerResponse, only an ASCII body, and only while the
- * header lines are still a string not yet sent; otherwise `end(body)` as before.
+ * plain write of one string, as a 304 (no body) always has. Node 24 and 26 send `end(body)`
+ * that way themselves. Only Node's own ServerResponse, only an ASCII body, only while the header
+ * lines are still a string not yet sent, and only where Node would send the body as it is
+ * (the response has a body: not HEAD, 204 or 304; a content-length, so no chunked framing;
+ * no strictContentLength check); otherwise `end(body)` as before.
  */
 export function writeAnswer(res: ServerResponse, status: number, headers: string[], body: string, ascii: boolean): void {
   res.writeHead(status, headers);
   const held = res as HeldHeader;
-  if (ascii && Object.getPrototypeOf(res) === NODE_RESPONSE && typeof held._header === 'string' && held._headerSent === false) {
+  if (
+    ascii &&
+    Object.getPrototypeOf(res) === NODE_RESPONSE &&
+    typeof held._header === 'string' &&
+    held._headerSent === false &&
+    held._hasBody === true &&
+    held.chunkedEncoding === false &&
+    !res.strictContentLength
+  ) {
     held._header += body;
     res.end();
   } else res.end(body, ascii ? 'latin1' : 'utf8');
@@ -154,7 +164,7 @@ export class FastLane {
     // Fastify's connectionTimeout, the inactivity deadline of a connection that has not sent a
     // request yet (a connect-and-wait flood; Node 20's headers deadline does not cover a socket
     // that never sends a byte). Fastify gives it to server.setTimeout(), and Node then arms it
-    // again at every request after the first, a timer per request that the request itself
+    // again as every kept-alive request begins, a timer per request that the request itself
     // must disarm at once (the deadline would otherwise cut an answer that waits on the
     // upstream longer than it). Armed here once per connection instead and disarmed by the
     // first request: a kept-alive connection then has only Node's keep-alive deadline
