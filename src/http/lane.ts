@@ -18,7 +18,8 @@ export type BodyLaneRoute = (req: IncomingMessage, res: ServerResponse, body: Bu
 
 /** Node's own response (not a subclass that writes differently, like light-my-request's for inject()). */
 const NODE_RESPONSE = http.ServerResponse.prototype;
-type HeldHeader = ServerResponse & { _header?: unknown; _headerSent?: unknown; _hasBody?: unknown; chunkedEncoding?: unknown };
+/** What writeAnswer reads of a response that Node's typings leave out (its internals). */
+type HeldHeader = ServerResponse & { _header?: unknown; _headerSent?: unknown; _hasBody?: unknown };
 
 /**
  * Send a whole answer: the status, the header lines (a flat list of names and values, with
@@ -46,7 +47,7 @@ export function writeAnswer(res: ServerResponse, status: number, headers: string
     typeof held._header === 'string' &&
     held._headerSent === false &&
     held._hasBody === true &&
-    held.chunkedEncoding === false &&
+    !res.chunkedEncoding &&
     !res.strictContentLength
   ) {
     held._header += body;
